@@ -1,1 +1,43 @@
-"""stablestep.curvature"""
+r"""stablestep.curvature: the Hessian's top eigenvalue and the one Adam actually sees.
+
+- :func:`hvp`, :class:`HessianOperator`: Hessian-vector products by double backward,
+  without the ``create_graph`` reference-cycle leak.
+- :func:`lanczos_top`: Lanczos with full re-orthogonalisation and warm start.
+- :func:`sharpness`: :math:`\lambda_{\max}(H)`; :func:`preconditioned_sharpness`:
+  :math:`\lambda_{\max}(P^{-1}H)` with :math:`P` from the optimizer's own state;
+  :func:`stability_threshold`: the bound that applies (GD 2, heavy ball 2+2mu, Nesterov,
+  Adam (2+2 b1)/(1-b1)); :func:`max_stable_lr`: seed 003's answer as a :class:`StableLR`.
+- :class:`CurvatureProbe`: what the Monitor calls every ``curvature_every`` steps.
+"""
+
+from stablestep.curvature.hvp import HessianOperator, hvp
+from stablestep.curvature.lanczos import EigenResult, LanczosConfig, lanczos_top
+from stablestep.curvature.probe import CurvatureProbe, ProbeConfig
+from stablestep.curvature.stability import (
+    PreconditionedOperator,
+    StableLR,
+    max_stable_lr,
+    preconditioned_sharpness,
+    preconditioner_diag,
+    sharpness,
+    stability_threshold,
+    top_eigen,
+)
+
+__all__ = [
+    "CurvatureProbe",
+    "EigenResult",
+    "HessianOperator",
+    "LanczosConfig",
+    "PreconditionedOperator",
+    "ProbeConfig",
+    "StableLR",
+    "hvp",
+    "lanczos_top",
+    "max_stable_lr",
+    "preconditioned_sharpness",
+    "preconditioner_diag",
+    "sharpness",
+    "stability_threshold",
+    "top_eigen",
+]
