@@ -1,0 +1,220 @@
+r"""Per-step statistics of gradients, updates and Adam's state (pure functions).
+
+The Monitor gathers tensors and calls these; they return plain ``{name: float}``
+dicts keyed by :mod:`stablestep.telemetry.names`. Everything is read through
+:mod:`stablestep.optim.inspect`, so torch's Adam/AdamW/SGD and stablestep's
+optimizers (either epsilon convention) are handled in one place.
+
+Adam statistics, for parameter coordinates :math:`i` after step :math:`t`
+(:math:`\hat v = v / (1-\beta_2^t)`, ``max_exp_avg_sq`` under AMSGrad, and
+:math:`\epsilon_t` the epsilon in PyTorch's convention, see
+:func:`stablestep.optim.inspect.epsilon_t`):
+
+* effective step :math:`s_i = \frac{\mathrm{lr}/(1-\beta_1^t)}{\sqrt{\hat v_i} + \epsilon_t}`
+  (the diagonal of :math:`P^{-1}`): quantiles p50/p90/p99 from a fixed uniform sample of
+  coordinates (:class:`CoordinateSample`), and the exact max;
+* epsilon share :math:`\frac{1}{n}\#\{i : \sqrt{\hat v_i} < \epsilon_t\}`;
+* stale second moment :math:`r_i = g_i^2 / \max(\hat v_i, \epsilon_t^2)` (StableAdamW's
+  ``RMS`` uses the same clamp): ``g2v_rms`` :math:`= \sqrt{\tfrac1n \sum_i r_i}` and
+  ``g2v_max`` :math:`= \max_i r_i`;
+* AMSGrad gap :math:`\sum_i (\max v_i - v_i) / \sum_i \max v_i`.
+
+Update statistics (:math:`u = \theta_{t+1} - \theta_t`): ``update_norm`` :math:`\|u\|`,
+``update_ratio`` :math:`\|u\|/\|\theta_t\|`, ``update_cos``
+:math:`\langle u, -g\rangle / (\|u\|\,\|g\|)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from stablestep.optim import inspect
+from stablestep.telemetry import names as N
+
+QUANTILES = ((0.5, N.EFF_STEP_P50), (0.9, N.EFF_STEP_P90), (0.99, N.EFF_STEP_P99))
+
+
+class CoordinateSample:
+    """A fixed uniform sample of ``size`` coordinates across a list of tensors.
+
+    Quantiles over hundreds of millions of coordinates are estimated from the sample
+    (drawn once, uniformly with replacement, with a seeded generator, so the curve is
+    consistent across steps) instead of sorting every coordinate. The rank error of a
+    sample quantile has standard deviation :math:`\\sqrt{q(1-q)/\\text{size}}`: about
+    0.0004 for p99 with the default 65,536 coordinates. When the tensors hold no
+    more than ``size`` coordinates, all of them are used and the quantiles are exact.
+    """
+
+    def __init__(self, numels: Sequence[int], size: int = 65536, *, seed: int = 0):
+        if size < 1:
+            raise ValueError(f"Invalid quantile sample size: {size}")
+        total = int(sum(numels))
+        self.total = total
+        self.exact = total <= size
+        self.index: list[torch.Tensor | None] = []
+        if self.exact:
+            self.index = [None] * len(numels)
+            return
+        gen = torch.Generator().manual_seed(seed)
+        # with replacement: O(size) memory however many coordinates there are
+        flat = torch.randint(0, total, (size,), generator=gen).sort().values
+        start = 0
+        for n in numels:
+            lo = int(torch.searchsorted(flat, start))
+            hi = int(torch.searchsorted(flat, start + n))
+            self.index.append(flat[lo:hi] - start)
+            start += n
+
+    def take(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The sampled coordinates of tensor ``i`` (``x`` must have that tensor's size)."""
+        idx = self.index[i]
+        flat = x.reshape(-1)
+        if idx is None:
+            return flat
+        if idx.device != flat.device:
+            idx = self.index[i] = idx.to(flat.device)
+        return flat[idx]
+
+
+def quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """Quantiles with linear interpolation between order statistics (``torch.quantile``'s
+    default), from one sort; NaN for an empty input."""
+    n = values.numel()
+    if n == 0:
+        return [math.nan] * len(qs)
+    s = values.double().sort().values
+    out = []
+    for q in qs:
+        r = q * (n - 1)
+        lo = int(math.floor(r))
+        hi = min(lo + 1, n - 1)
+        out.append(float(s[lo] + (s[hi] - s[lo]) * (r - lo)))
+    return out
+
+
+def adam_state_stats(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[tuple[str, torch.Tensor, dict]],
+    sample: CoordinateSample,
+    *,
+    top_k: int = 0,
+) -> dict[str, float]:
+    """Adam statistics (module docstring) over ``params`` = ``[(name, p, group)]``.
+
+    ``sample`` was built from the numels of ``params`` in this order. Parameters
+    without Adam state yet (or without a gradient) are left out; an empty dict is
+    returned when none has any. With ``top_k > 0`` the ``top_k`` tensors with the
+    largest effective step also get ``eff_step_max/<name>``, ``eps_share/<name>``
+    and ``g2v_rms/<name>``.
+    """
+    own = callable(getattr(optimizer, "effective_step", None))
+    samples: list[torch.Tensor] = []
+    eff_max: list[torch.Tensor] = []
+    per: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
+    n_total = 0
+    eps_count: list[torch.Tensor] = []
+    g2v_sum: list[torch.Tensor] = []
+    g2v_max: list[torch.Tensor] = []
+    gap_num: list[torch.Tensor] = []
+    gap_den: list[torch.Tensor] = []
+    for i, (name, p, group) in enumerate(params):
+        h = inspect.group_hyper(optimizer, group)
+        t = inspect.step_count(optimizer, p)
+        v = inspect.second_moment(optimizer, p, h.amsgrad) if h.kind == "adam" else None
+        if v is None or t == 0 or p.grad is None:
+            continue
+        bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
+        eps_t = inspect.epsilon_t(h, t)
+        if own:
+            eff = inspect.effective_step(optimizer, p, group)
+            samples.append(sample.take(i, eff))
+            e_max = eff.max()
+        else:  # same formula as inspect.effective_step, on the sample and min(v) only
+            scale = h.lr / bc1
+            samples.append(scale / ((sample.take(i, v) / bc2).sqrt() + eps_t))
+            e_max = scale / ((v.min() / bc2).sqrt() + eps_t)
+        eff_max.append(e_max)
+        n = p.numel()
+        n_total += n
+        cnt = torch.count_nonzero(v < (eps_t * eps_t * bc2))
+        eps_count.append(cnt)
+        g = p.grad.detach()
+        r = (g * g).div_((v / bc2).clamp_(min=eps_t * eps_t))
+        rs = r.sum(dtype=torch.float64)
+        g2v_sum.append(rs)
+        g2v_max.append(r.max())
+        per.append((name, e_max, cnt, rs, n))
+        if h.amsgrad:
+            state = optimizer.state[p]
+            if "max_exp_avg_sq" in state:
+                gap_num.append(
+                    (state["max_exp_avg_sq"] - state["exp_avg_sq"]).sum(dtype=torch.float64)
+                )
+                gap_den.append(state["max_exp_avg_sq"].sum(dtype=torch.float64))
+    if not samples:
+        return {}
+    out: dict[str, float] = {}
+    q = quantiles(torch.cat([s.reshape(-1).float() for s in samples]), [q for q, _ in QUANTILES])
+    for (_, key), val in zip(QUANTILES, q, strict=True):
+        out[key] = val
+    out[N.EFF_STEP_MAX] = float(torch.stack([e.float() for e in eff_max]).max())
+    out[N.EPS_SHARE] = float(sum(int(c) for c in eps_count)) / n_total
+    out[N.G2V_RMS] = math.sqrt(float(sum(float(s) for s in g2v_sum)) / n_total)
+    out[N.G2V_MAX] = float(torch.stack([m.float() for m in g2v_max]).max())
+    if gap_den:
+        den = float(sum(float(d) for d in gap_den))
+        out[N.AMSGRAD_GAP] = float(sum(float(x) for x in gap_num)) / den if den > 0 else 0.0
+    if top_k > 0:
+        worst = sorted(per, key=lambda r: -float(r[1]))[:top_k]
+        for name, e_max, cnt, rs, n in worst:
+            out[f"{N.EFF_STEP_MAX}/{name}"] = float(e_max)
+            out[f"{N.EPS_SHARE}/{name}"] = int(cnt) / n
+            out[f"{N.G2V_RMS}/{name}"] = math.sqrt(float(rs) / n)
+    return out
+
+
+def update_stats(
+    names: Sequence[str],
+    before: Sequence[torch.Tensor],
+    after: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    top_k: int = 0,
+) -> dict[str, float]:
+    """``param_norm``, ``update_norm``, ``update_ratio``, ``update_cos`` (module docstring)
+    from parameter snapshots before and after the step and the step's gradients.
+
+    With ``top_k > 0``, ``update_ratio/<name>`` for the ``top_k`` tensors with the
+    largest ratio.
+    """
+    if not before:
+        return {}
+    upd = torch._foreach_sub(list(after), list(before))
+    u_norms = torch._foreach_norm(upd)
+    p_norms = torch._foreach_norm(list(before))
+    g_norms = torch._foreach_norm(list(grads))
+    dots = [
+        torch.dot(u.reshape(-1).double(), g.reshape(-1).double())
+        for u, g in zip(upd, grads, strict=True)
+    ]
+    u2 = torch.stack([x.double() for x in u_norms]).square()
+    p2 = torch.stack([x.double() for x in p_norms]).square()
+    g2 = torch.stack([x.double() for x in g_norms]).square()
+    u_norm, p_norm, g_norm = (float(x.sum().sqrt()) for x in (u2, p2, g2))
+    dot = float(torch.stack(dots).sum())
+    out = {N.PARAM_NORM: p_norm, N.UPDATE_NORM: u_norm}
+    if p_norm > 0:
+        out[N.UPDATE_RATIO] = u_norm / p_norm
+    if u_norm > 0 and g_norm > 0:
+        out[N.UPDATE_COS] = -dot / (u_norm * g_norm)
+    if top_k > 0:
+        ratios = (u2.sqrt() / p2.sqrt()).tolist()
+        order = sorted(
+            (i for i, r in enumerate(ratios) if math.isfinite(r)), key=lambda i: -ratios[i]
+        )
+        for i in order[:top_k]:
+            out[f"{N.UPDATE_RATIO}/{names[i]}"] = ratios[i]
+    return out
