@@ -22,7 +22,6 @@ _LAZY = {
     "curvature": "stablestep.curvature",
     "diagnose": "stablestep.diagnosis",
     "Finding": "stablestep.diagnosis",
-    "Guard": "stablestep.guard",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,1 +1,0 @@
-"""stablestep.integrations"""
