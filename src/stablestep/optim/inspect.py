@@ -57,7 +57,7 @@ def _as_float(x: Any) -> float:
 
 
 def group_hyper(optimizer: torch.optim.Optimizer, group: dict) -> GroupHyper:
-    """Return the normalised hyperparameters of ``group`` (a member of ``optimizer.param_groups``)."""
+    """Return the normalised hyperparameters of ``group`` (one of ``optimizer.param_groups``)."""
     lr = _as_float(group["lr"])
     if "betas" in group:
         b1, b2 = (float(b) for b in group["betas"])
@@ -96,7 +96,9 @@ def step_count(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> int:
     return int(step.item()) if isinstance(step, torch.Tensor) else int(step)
 
 
-def second_moment(optimizer: torch.optim.Optimizer, p: torch.Tensor, amsgrad: bool) -> torch.Tensor | None:
+def second_moment(
+    optimizer: torch.optim.Optimizer, p: torch.Tensor, amsgrad: bool
+) -> torch.Tensor | None:
     """The raw second-moment estimate Adam divides by (``max_exp_avg_sq`` under AMSGrad)."""
     state = optimizer.state.get(p, {})
     key = "max_exp_avg_sq" if amsgrad and "max_exp_avg_sq" in state else "exp_avg_sq"

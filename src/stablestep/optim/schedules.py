@@ -1,0 +1,172 @@
+r"""Learning-rate schedules as plain ``step -> value`` callables.
+
+Every schedule is a :class:`Schedule`: call it with a step count (0 for the first step)
+and it returns a float. They are *multipliers* by default (value 1 at the start), so they
+plug straight into :class:`torch.optim.lr_scheduler.LambdaLR` with any optimizer, ours
+included::
+
+    opt = stablestep.Adam(model.parameters(), lr=3e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, schedules.linear_warmup(500) * schedules.cosine(20_000, alpha=0.1))
+    ...; opt.step(); sched.step()
+
+Compose with ``*`` (product of two schedules or a schedule and a number) and
+:func:`join` (one schedule after another, like ``optax.join_schedules``).
+
+:func:`bias_correction` is *not* a schedule: it is the factor Adam applies internally
+(see its docstring and seed 002).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+__all__ = [
+    "Schedule",
+    "bias_correction",
+    "constant",
+    "cosine",
+    "exponential_decay",
+    "inverse_sqrt",
+    "join",
+    "linear_warmup",
+]
+
+
+class Schedule:
+    """A named ``step -> float`` function; ``*`` multiplies schedules (or scales by a number)."""
+
+    def __init__(self, fn: Callable[[int], float], name: str) -> None:
+        self._fn = fn
+        self.name = name
+
+    def __call__(self, step: int) -> float:
+        """Value at ``step`` (number of steps already taken, so 0 for the first step)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return float(self._fn(step))
+
+    def __mul__(self, other: Schedule | float) -> Schedule:
+        if isinstance(other, Schedule):
+            return Schedule(lambda s: self(s) * other(s), f"{self.name} * {other.name}")
+        k = float(other)
+        return Schedule(lambda s: self(s) * k, f"{self.name} * {k:g}")
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"Schedule({self.name})"
+
+
+def _positive_int(name: str, value: int) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
+
+
+def constant(value: float = 1.0) -> Schedule:
+    """The constant schedule ``value``."""
+    return Schedule(lambda s: value, f"constant({value:g})")
+
+
+def exponential_decay(decay_steps: int, decay_rate: float, *, staircase: bool = False) -> Schedule:
+    r"""``tf.train.exponential_decay`` / Keras ``ExponentialDecay`` as a multiplier.
+
+    .. math:: f(s) = r^{\,s/T}\quad(\text{staircase: } r^{\lfloor s/T\rfloor})
+
+    Multiply by the initial value for TF's absolute form: seed 002's
+    ``tf.train.exponential_decay(0.15, step, 1, 0.9999)`` is
+    ``exponential_decay(1, 0.9999) * 0.15``.
+    """
+    decay_steps = _positive_int("decay_steps", decay_steps)
+    if not decay_rate > 0.0:
+        raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
+    if staircase:
+        return Schedule(
+            lambda s: decay_rate ** (s // decay_steps),
+            f"exponential_decay({decay_steps}, {decay_rate:g}, staircase=True)",
+        )
+    return Schedule(
+        lambda s: decay_rate ** (s / decay_steps),
+        f"exponential_decay({decay_steps}, {decay_rate:g})",
+    )
+
+
+def inverse_sqrt(alpha: float = 1.0, *, offset: int = 1) -> Schedule:
+    r"""The Adam paper's :math:`\alpha_t = \alpha/\sqrt{t}` (seed 002), :math:`t` = step + offset.
+
+    With the default ``offset=1``, step 0 (the first update, Adam's :math:`t = 1`) gives
+    ``alpha``.
+    """
+    offset = _positive_int("offset", offset)
+    return Schedule(lambda s: alpha / math.sqrt(s + offset), f"inverse_sqrt({alpha:g})")
+
+
+def linear_warmup(warmup_steps: int, *, start: float = 0.0) -> Schedule:
+    r"""Linear ramp from ``start`` to 1 over ``warmup_steps``, then 1.
+
+    .. math:: f(s) = \mathrm{start} + (1-\mathrm{start})\min(1, s/W)
+    """
+    warmup_steps = _positive_int("warmup_steps", warmup_steps)
+    return Schedule(
+        lambda s: start + (1.0 - start) * min(1.0, s / warmup_steps),
+        f"linear_warmup({warmup_steps})",
+    )
+
+
+def cosine(decay_steps: int, *, alpha: float = 0.0) -> Schedule:
+    r"""Cosine decay (Loshchilov & Hutter 2017; Keras ``CosineDecay`` as a multiplier).
+
+    .. math:: f(s) = \alpha + (1-\alpha)\,\tfrac12\big(1+\cos(\pi\min(s,T)/T)\big)
+    """
+    decay_steps = _positive_int("decay_steps", decay_steps)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return Schedule(
+        lambda s: alpha
+        + (1.0 - alpha) * 0.5 * (1.0 + math.cos(math.pi * min(s, decay_steps) / decay_steps)),
+        f"cosine({decay_steps}, alpha={alpha:g})",
+    )
+
+
+def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
+    """Run ``schedules[i]`` from ``boundaries[i-1]`` on, each restarted at its own step 0.
+
+    ``len(boundaries) == len(schedules) - 1``, boundaries strictly increasing (as
+    ``optax.join_schedules``). Example: warmup for 100 steps, then inverse-sqrt decay:
+    ``join([linear_warmup(100), inverse_sqrt()], [100])``.
+    """
+    if len(boundaries) != len(schedules) - 1:
+        raise ValueError(
+            "need len(boundaries) == len(schedules) - 1, "
+            f"got {len(boundaries)} and {len(schedules)}"
+        )
+    increasing = all(b > a for a, b in zip(boundaries, boundaries[1:], strict=False))
+    if not increasing or any(b < 0 for b in boundaries):
+        raise ValueError(
+            f"boundaries must be non-negative and strictly increasing, got {boundaries}"
+        )
+    starts = [0, *boundaries]
+
+    def fn(s: int) -> float:
+        i = sum(1 for b in boundaries if s >= b)
+        return schedules[i](s - starts[i])
+
+    return Schedule(fn, "join(" + ", ".join(x.name for x in schedules) + ")")
+
+
+def bias_correction(t: int, b1: float = 0.9, b2: float = 0.999) -> float:
+    r"""Adam's effective step multiplier :math:`\sqrt{1-b_2^t}/(1-b_1^t)` at step ``t >= 1``.
+
+    TF writes Adam as ``lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)``; seed 002 asks whether this
+    is a learning-rate decay. It is not: it compensates the zero initialisation of ``m`` and
+    ``v`` and tends to **1** as ``t`` grows (``bias_correction(1) = 0.316`` for the default
+    betas, ``bias_correction(10_000) = 1.0000``), so a decay must be added separately.
+    """
+    if isinstance(t, bool) or int(t) != t or t < 1:
+        raise ValueError(f"t must be an integer >= 1, got {t}")
+    for i, b in enumerate((b1, b2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+    return math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
