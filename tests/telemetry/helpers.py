@@ -13,7 +13,9 @@ def tiny_problem(seed: int = 0, width: int = 16):
     x = torch.randn(64, 6, generator=g)
     y = torch.sin(x.sum(1, keepdim=True))
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
+    )
     return model, x, y
 
 
@@ -35,7 +37,9 @@ def reference_stats(opt, model, before, grads, *, eps_mode="torch"):
     out["update_norm"] = u_norm
     out["update_ratio"] = u_norm / p_norm
     if u_norm > 0:
-        out["update_cos"] = -sum(float((u * x).sum()) for u, x in zip(upd, g, strict=True)) / (u_norm * g_norm)
+        out["update_cos"] = -sum(float((u * x).sum()) for u, x in zip(upd, g, strict=True)) / (
+            u_norm * g_norm
+        )
     group = opt.param_groups[0]
     if "betas" not in group:
         return out

@@ -19,7 +19,9 @@ OPTIMIZERS = {
     "adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=3e-2, amsgrad=True),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
     # TensorFlow/Keras convention declared through the param group (inspect reads it)
-    "adam-tf": lambda ps: torch.optim.Adam([{"params": list(ps), "eps_mode": "tf"}], lr=3e-2, eps=1e-3),
+    "adam-tf": lambda ps: torch.optim.Adam(
+        [{"params": list(ps), "eps_mode": "tf"}], lr=3e-2, eps=1e-3
+    ),
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
 }
@@ -94,7 +96,9 @@ def test_sampled_quantiles_within_5_percent_of_exact():
     sample = CoordinateSample(sizes, 65536)
     assert not sample.exact
     est = quantiles(torch.cat([sample.take(i, x) for i, x in enumerate(xs)]), [0.5, 0.9, 0.99])
-    exact = torch.quantile(torch.cat(xs)[::4].double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.double))
+    exact = torch.quantile(
+        torch.cat(xs)[::4].double(), torch.tensor([0.5, 0.9, 0.99], dtype=torch.double)
+    )
     for e, x in zip(est, exact.tolist(), strict=True):
         assert abs(e / x - 1) < 0.05
 
@@ -102,7 +106,9 @@ def test_sampled_quantiles_within_5_percent_of_exact():
 def test_monitor_quantiles_from_sample_match_exact(tmp_path):
     # 270k Adam coordinates, sample of 20k: estimates from the store vs torch.quantile
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 16))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 16)
+    )
     x, y = torch.randn(32, 512), torch.randn(32, 16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     mon = Monitor(model, opt, store=tmp_path / "s.db", quantile_sample=20000, state_every=1)
@@ -113,8 +119,9 @@ def test_monitor_quantiles_from_sample_match_exact(tmp_path):
         mon.observe(loss)
         opt.step()
     mon.close()
-    ref = reference_stats(opt, model, [p.detach() for p in model.parameters()],
-                          [p.grad for p in model.parameters()])
+    ref = reference_stats(
+        opt, model, [p.detach() for p in model.parameters()], [p.grad for p in model.parameters()]
+    )
     run = open_run(tmp_path / "s.db")
     for k in ("eff_step_p50", "eff_step_p90", "eff_step_p99"):
         assert abs(run.series(k)[1][-1] / ref[k] - 1) < 0.05, k

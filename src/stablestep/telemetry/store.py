@@ -253,14 +253,14 @@ class RunWriter:
         self._metrics: list[tuple[int, int, int, float]] = []
         self._events: list[tuple[int, int, str, str]] = []
         self._closed = False
+        row = self._con.execute("SELECT id FROM runs WHERE name = ?", (run,)).fetchone()
+        if row is not None and resume_from is None:
+            self._con.close()
+            raise ValueError(
+                f"run {run!r} already exists in {self.path}; choose another run name "
+                "or resume it with Monitor.load_state_dict()"
+            )
         with self._con:
-            row = self._con.execute("SELECT id FROM runs WHERE name = ?", (run,)).fetchone()
-            if row is not None and resume_from is None:
-                self._con.close()
-                raise ValueError(
-                    f"run {run!r} already exists in {self.path}; choose another run name "
-                    "or resume it with Monitor.load_state_dict()"
-                )
             if row is None:
                 cur = self._con.execute(
                     "INSERT INTO runs (name, config, created_at) VALUES (?, ?, ?)",
