@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import stablestep
 from stablestep.telemetry import Monitor, open_run
 from stablestep.telemetry.probes import CoordinateSample, quantiles
 
@@ -22,6 +23,8 @@ OPTIMIZERS = {
     "adam-tf": lambda ps: torch.optim.Adam(
         [{"params": list(ps), "eps_mode": "tf"}], lr=3e-2, eps=1e-3
     ),
+    "ss-adam-tf": lambda ps: stablestep.Adam(ps, lr=3e-2, eps=1e-3, eps_mode="tf"),
+    "ss-adamw-amsgrad": lambda ps: stablestep.AdamW(ps, lr=3e-2, amsgrad=True, weight_decay=0.1),
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
 }
@@ -32,7 +35,7 @@ def test_stored_statistics_equal_definitions(tmp_path, kind):
     torch.manual_seed(0)
     model, x, y = tiny_problem()
     opt = OPTIMIZERS[kind](model.parameters())
-    eps_mode = "tf" if kind == "adam-tf" else "torch"
+    eps_mode = "tf" if kind.endswith("adam-tf") else "torch"
     expected = {}
     with Monitor(model, opt, store=tmp_path / "s.db", run=kind, state_every=1) as mon:
         for step in range(12):
@@ -126,3 +129,21 @@ def test_monitor_quantiles_from_sample_match_exact(tmp_path):
     for k in ("eff_step_p50", "eff_step_p90", "eff_step_p99"):
         assert abs(run.series(k)[1][-1] / ref[k] - 1) < 0.05, k
     assert run.series("eff_step_max")[1][-1] == pytest.approx(ref["eff_step_max"], rel=1e-5)
+
+
+def test_eps_free_optimizer_uses_its_own_effective_step(tmp_path):
+    # AdamAtan2 has no epsilon: the Monitor asks the optimizer for its effective step
+    model, x, y = tiny_problem()
+    opt = stablestep.AdamAtan2(model.parameters(), lr=1e-2)
+    with Monitor(model, opt, store=tmp_path / "s.db", state_every=1) as mon:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            mon.observe(loss)
+            opt.step()
+        run = mon.read()
+    assert run.events == []
+    want = max(float(opt.effective_step(p).max()) for p in model.parameters())
+    assert run.series("eff_step_max")[1][-1] == pytest.approx(want, rel=1e-6)
+    assert run.series("eps_share")[1].tolist() == [0.0] * 5

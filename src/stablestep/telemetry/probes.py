@@ -142,7 +142,8 @@ def adam_state_stats(
         cnt = torch.count_nonzero(v < (eps_t * eps_t * bc2))
         eps_count.append(cnt)
         g = p.grad.detach()
-        r = (g * g).div_((v / bc2).clamp_(min=eps_t * eps_t))
+        floor = max(eps_t * eps_t, torch.finfo(v.dtype).tiny)  # eps-free optimizers: 0/0 -> 0
+        r = (g * g).div_((v / bc2).clamp_(min=floor))
         rs = r.sum(dtype=torch.float64)
         g2v_sum.append(rs)
         g2v_max.append(r.max())
