@@ -1,0 +1,197 @@
+"""``diagnose(source)``: run the online detectors over a trace and explain each incident.
+
+The same detectors the guard uses live are replayed record by record, so what the
+diagnosis reports is what an online monitor would have seen at that step. Incidents
+are then grouped: excursions that start before the previous one recovered form one
+episode; an episode that never recovers is a *divergence* (one regime finding, however
+many sub-peaks it has); ``min_spikes`` or more recovered spikes not explained by
+outlier batches or overflows are one *periodic-spikes* finding with their period and
+regularity.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stablestep.diagnosis.detectors import (
+    DivergenceConfig,
+    Excursion,
+    NonFiniteDetector,
+    PeriodicConfig,
+    SpikeConfig,
+    SpikeDetector,
+)
+from stablestep.diagnosis.explain import Incident, classify, remedies
+from stablestep.diagnosis.findings import Finding, Remedy
+from stablestep.diagnosis.sources import load
+from stablestep.diagnosis.trace import Trace
+from stablestep.telemetry import names
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """Settings of the offline diagnosis (the detectors' own configs inside)."""
+
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    periodic: PeriodicConfig = field(default_factory=PeriodicConfig)
+
+
+def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[int]]:
+    n = len(trace)
+    spike_cfg = cfg.spike
+    if n < 4 * spike_cfg.warmup:  # short excerpts: the first records are the baseline
+        spike_cfg = SpikeConfig(**{**spike_cfg.__dict__, "warmup": max(1, n // 4)})
+    spike, nonfinite = SpikeDetector(spike_cfg), NonFiniteDetector()
+    gnf = trace.metric(names.GRAD_NONFINITE)
+    nf_steps = []
+    for i, (st, loss) in enumerate(zip(trace.steps.tolist(), trace.loss.tolist(), strict=True)):
+        bad = st in trace.nonfinite_steps or (gnf is not None and np.nan_to_num(gnf[i]) > 0)
+        if nonfinite.update(st, loss, nonfinite=bad):
+            nf_steps.append(st)
+        if math.isfinite(loss):
+            spike.update(st, loss)
+    return spike.finish(), nf_steps
+
+
+def _episodes(excs: list[Excursion]) -> list[list[Excursion]]:
+    """Chain excursions that begin where the previous one ended without recovering."""
+    out: list[list[Excursion]] = []
+    for e in excs:
+        if out and not out[-1][-1].recovered and out[-1][-1].end == e.onset:
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out
+
+
+def _incident(chain: list[Excursion], kind: str, nonfinite_at: int | None = None) -> Incident:
+    peak = max(chain, key=lambda e: e.peak)
+    return Incident(onset=chain[0].onset, detected=chain[0].detected, kind=kind,
+                    peak=peak.peak, peak_step=peak.peak_step, baseline=chain[0].baseline,
+                    recovered=chain[-1].recovered, jump=chain[0].jump, nonfinite_at=nonfinite_at)
+
+
+def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
+                      cfg: DiagnoseConfig) -> str:
+    """An excursion that did not recover is a divergence if it reached a non-finite value,
+    outlasted ``patience`` records, or ended the log still ``factor`` above its baseline
+    after at least 5 records; otherwise the log simply ends during a spike."""
+    if nf_at is not None:
+        return "divergence"
+    i0 = int(np.searchsorted(trace.steps, chain[0].onset))
+    end = chain[-1].end
+    i1 = len(trace) if end is None else int(np.searchsorted(trace.steps, end))
+    if end is not None and i1 - i0 >= cfg.spike.patience:
+        return "divergence"
+    tail = trace.loss[i0:i1]
+    tail = tail[np.isfinite(tail)]
+    if end is None and tail.size >= 5 and tail[-1] >= cfg.divergence.factor * chain[0].baseline:
+        return "divergence"
+    return "spike"
+
+
+def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> list[Finding]:
+    """Findings for one normalised trace, ordered by step."""
+    cfg = config or DiagnoseConfig()
+    excs, nf_steps = _replay(trace, cfg)
+    incidents: list[Incident] = []
+    consumed_nf: set[int] = set()
+    for chain in _episodes(excs):
+        last = chain[-1]
+        nf_inside = [s for s in nf_steps if s >= chain[0].onset and (last.end is None
+                                                                     or s <= last.end)]
+        nf_at = nf_inside[0] if nf_inside else None
+        consumed_nf.update(nf_inside)
+        kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, cfg)
+        if kind == "divergence":  # one regime, however many sub-peaks
+            incidents.append(_incident(chain, kind, nf_at))
+        else:  # spikes on the way down from another are spikes of their own
+            incidents.extend(_incident([e], "spike") for e in chain)
+    for s in nf_steps:
+        if s not in consumed_nf:
+            incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,
+                                      peak_step=s, baseline=math.nan, recovered=False))
+    incidents.sort(key=lambda i: i.onset)
+    explained = [(inc, *classify(trace, inc)) for inc in incidents]
+    findings: list[Finding] = []
+    recurring = [x for x in explained if x[0].kind == "spike"
+                 and x[1] not in ("gradient-outlier", "non-finite")]
+    grouped = len(recurring) >= cfg.periodic.min_spikes and (
+        _cv([x[0].onset for x in recurring]) <= cfg.periodic.max_cv or len(recurring) >= 10)
+    if grouped:
+        findings.append(_periodic(trace, recurring))
+    for inc, mech, conf, ev in explained:
+        if grouped and any(inc is r[0] for r in recurring):
+            continue
+        if inc.nonfinite_at is not None:
+            ev["non_finite_at"] = inc.nonfinite_at
+        kind = inc.kind
+        findings.append(Finding(step=inc.onset, kind=kind, mechanism=mech, confidence=conf,
+                                evidence=ev, remedies=remedies(trace, mech, inc, ev)))
+    for f in findings:
+        if trace.name:
+            f.evidence["run"] = trace.name
+    findings.sort(key=lambda f: f.step)
+    return findings
+
+
+def _cv(steps: list[int]) -> float:
+    gaps = np.diff(steps).astype(float)
+    if gaps.size < 2 or gaps.mean() <= 0:
+        return math.inf
+    return float(np.std(gaps, ddof=1) / np.mean(gaps))
+
+
+def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, Any]]]) -> Finding:
+    steps = [inc.onset for inc, *_ in spikes]
+    gaps = np.diff(steps).astype(float)
+    period = float(np.median(gaps))
+    cv = _cv(steps)
+    mechs = [m for _, m, _, _ in spikes]
+    mech = statistics.mode(mechs)
+    share = mechs.count(mech) / len(mechs)
+    first = next(x for x in spikes if x[1] == mech)
+    inc, _, conf, ev = first
+    ev = dict(ev)
+    ev.update({"n_spikes": len(spikes), "spike_steps": steps, "period": period,
+               "interval_cv": cv, "mechanism_share": share,
+               "peak_over_baseline_median": float(np.median(
+                   [i.peak / i.baseline for i, *_ in spikes if i.baseline > 0]))})
+    rem = remedies(trace, mech, inc, ev, period=period)
+    if mech == "unknown":
+        ev["suspected"] = "adaptive-edge-of-stability"
+        rem.append(Remedy(
+            "amsgrad", True,
+            "recurring spikes that recover by themselves are the signature of Adam's adaptive "
+            "edge of stability (v decays as the loss flattens); amsgrad keeps v from "
+            "decaying: if the spikes vanish with it, that was the mechanism"))
+    return Finding(step=steps[0], kind="periodic-spikes", mechanism=mech,
+                   confidence=min(conf, 0.3 + 0.7 * share) if mech != "unknown" else conf,
+                   evidence=ev, remedies=rem)
+
+
+def diagnose(source: Any, *, run: str | None = None,
+             config: DiagnoseConfig | None = None) -> list[Finding]:
+    """Find every spike, divergence, non-finite value and periodic spiking in ``source``
+    and explain each with a mechanism, its evidence and computed remedies.
+
+    ``source``: a path (run store, CSV, TensorBoard dir, Keras history JSON, JSON of
+    arrays, llm.c-style text log), a ``Run`` from :func:`stablestep.open_run`, or a
+    :class:`~stablestep.diagnosis.trace.Trace`. ``run`` picks one run of a multi-run
+    source; otherwise every run is diagnosed and findings carry ``evidence["run"]``.
+
+    Example::
+
+        for f in stablestep.diagnose("runs/demo.db"):
+            print(f.step, f.kind, f.mechanism, [r.to_dict() for r in f.remedies])
+    """
+    findings: list[Finding] = []
+    for trace in load(source, run=run):
+        findings.extend(diagnose_trace(trace, config=config))
+    return findings

@@ -1,0 +1,453 @@
+r"""Online detectors: O(1) work and memory per step, explicit windows and thresholds.
+
+Each detector is fed one record at a time (``update(step, value)``), returns an
+:class:`Alarm` or ``None``, and round-trips through ``state_dict()`` /
+``load_state_dict()`` so a resumed run continues identically. Printing, raising and
+acting are someone else's job (the diagnosis, the guard, the CLI).
+
+The spike detector works on :math:`y_t = \log \ell_t` (a spike is multiplicative) and
+keeps exponential moving statistics with span ``window`` (:math:`\alpha = 2/(w+1)`):
+
+.. math::
+
+    \mu_t = \mu_{t-1} + \alpha (y_t - \mu_{t-1}),\quad
+    d_t = y_t - y_{t-1},\quad \tau_t = \tau_{t-1} + \alpha (d_t - \tau_{t-1}),\quad
+    s_t = s_{t-1} + \alpha (2\max(d_t - \tau_{t-1}, 0) - s_{t-1})
+
+(level, trend, and noise as twice the mean *upward* one-step residual, winsorised at
+``max(4 s, min_rise)`` after warmup, so a fast-falling loss does not blunt the detector).
+An instability grows geometrically over several steps before it is large, so the
+detector measures the
+excess over the *start of the current rise*, not over a lagging mean:
+:math:`e_t = y_t - b_t`, :math:`b_t = \max(\min(\mu, y_{\text{rise start}}), \mu - 2 s)`,
+and alarms when :math:`e_t \ge \max(\text{min\_rise}, z\,s)` and the rise is confirmed
+(two rising records in a row, or a single jump :math:`e_t \ge` ``jump``). Statistics are
+frozen during an excursion, which ends when the loss is back within
+``max(min_rise, recover * peak excess)`` of the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One detection: ``step`` the detector fired at, ``onset`` where the incident began."""
+
+    step: int
+    onset: int
+    kind: str
+    value: float
+    baseline: float
+    score: float
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    """Settings of :class:`SpikeDetector` (log-loss units: 0.02 is a 2% rise)."""
+
+    window: int = 50
+    warmup: int = 10
+    z: float = 8.0
+    min_rise: float = 0.05
+    jump: float = 0.4
+    recover: float = 0.5
+    patience: int = 200
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise ValueError(f"Invalid window: {self.window} (need >= 2)")
+        if self.warmup < 0:
+            raise ValueError(f"Invalid warmup: {self.warmup} (need >= 0)")
+        for name in ("z", "min_rise", "jump"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)} (need > 0)")
+        if not 0 < self.recover < 1:
+            raise ValueError(f"Invalid recover: {self.recover} (need 0 < recover < 1)")
+
+
+@dataclass
+class Excursion:
+    """An episode of the loss above its baseline, from onset to recovery (or not)."""
+
+    onset: int
+    detected: int
+    baseline: float  # loss units
+    peak: float
+    peak_step: int
+    end: int | None = None
+    recovered: bool = False
+    jump: bool = False
+    trough: float = math.inf  # lowest log-loss since the peak
+    trough_step: int = -1
+
+
+@dataclass
+class _SpikeState:
+    n: int = 0
+    prev_y: float = math.nan
+    prev2_y: float = math.nan
+    level: float = math.nan
+    trend: float = 0.0
+    noise: float = 0.0
+    rise_start_y: float = math.nan
+    rise_start_step: int = -1
+    rise_len: int = 0
+    prev_step: int = -1
+    excursion: dict | None = None
+    excursions: list = field(default_factory=list)
+
+
+class SpikeDetector:
+    """Find loss spikes at their onset (see module docstring for the statistics).
+
+    Example::
+
+        det = SpikeDetector(SpikeConfig(window=50, warmup=10))
+        for step, loss in enumerate(losses):
+            alarm = det.update(step, loss)
+            if alarm: ...
+        det.excursions  # every episode with onset, peak and recovery
+    """
+
+    def __init__(self, config: SpikeConfig | None = None) -> None:
+        self.config = config or SpikeConfig()
+        self._s = _SpikeState()
+
+    @property
+    def excursions(self) -> list[Excursion]:
+        """Finished and ongoing excursions, oldest first."""
+        out = [Excursion(**e) for e in self._s.excursions]
+        if self._s.excursion is not None:
+            out.append(Excursion(**self._s.excursion))
+        return out
+
+    @property
+    def in_excursion(self) -> bool:
+        """Whether the loss is currently in an alarmed excursion."""
+        return self._s.excursion is not None
+
+    def update(self, step: int, loss: float) -> Alarm | None:
+        """Feed the loss of ``step``; non-finite or non-positive losses are ignored."""
+        if not (math.isfinite(loss) and loss > 0):
+            return None
+        c, s = self.config, self._s
+        y = math.log(loss)
+        a = 2.0 / (c.window + 1)
+        if s.n == 0:
+            s.n, s.level, s.prev_y, s.rise_start_y, s.prev_step = 1, y, y, y, step
+            s.rise_start_step = step
+            return None
+        # rising-run bookkeeping
+        if y > s.prev_y:
+            s.rise_len += 1
+            if s.rise_len == 1:
+                s.rise_start_y, s.rise_start_step = s.prev_y, step
+        else:
+            s.rise_len = 0
+        alarm = None
+        if s.excursion is not None:
+            e = s.excursion
+            base_y = math.log(e["baseline"])
+            excess_peak = math.log(e["peak"]) - base_y
+            if y - base_y <= max(c.min_rise, c.recover * excess_peak):
+                e["end"], e["recovered"] = step, True
+                self._close()
+            elif (y - e["trough"] >= max(c.jump, c.z * s.noise)
+                  and e["trough_step"] > e["peak_step"]):
+                # a new spike on the way down from the previous one (recurring spikes)
+                # (the new one keeps the episode's baseline, so recovery means back to it)
+                e["end"] = step
+                self._close()
+                alarm = Alarm(step=step, onset=step, kind="spike", value=loss,
+                              baseline=math.exp(e["trough"]),
+                              score=(y - e["trough"]) / max(s.noise, 1e-12))
+                s.excursion = asdict(Excursion(onset=step, detected=step, baseline=e["baseline"],
+                                               peak=loss, peak_step=step, jump=True))
+            elif step - e["detected"] > c.patience:
+                e["end"] = step
+                self._close()
+                s.level, s.trend = y, 0.0
+            if s.excursion is not None:
+                e = s.excursion
+                if y > math.log(e["peak"]):
+                    e["peak"], e["peak_step"] = loss, step
+                if e["peak_step"] == step or y < e["trough"]:
+                    e["trough"], e["trough_step"] = y, step
+            self._shift(y, step)
+            return alarm
+        base = max(min(s.level, s.rise_start_y if s.rise_len else s.prev_y), s.level - 2 * s.noise)
+        excess = y - base
+        thr = max(c.min_rise, c.z * s.noise)
+        prev_excess = s.prev_y - base
+        confirmed = excess >= c.jump or (s.rise_len >= 2 and prev_excess >= thr / 3)
+        if s.n >= c.warmup and excess >= thr and confirmed:
+            is_jump = s.rise_len < 2 or prev_excess < thr / 3
+            onset = step if is_jump else s.rise_start_step
+            alarm = Alarm(step=step, onset=onset, kind="spike", value=loss,
+                          baseline=math.exp(base), score=excess / max(s.noise, 1e-12))
+            s.excursion = asdict(Excursion(onset=onset, detected=step, baseline=math.exp(base),
+                                           peak=loss, peak_step=step, jump=is_jump))
+        else:
+            d = y - s.prev_y
+            resid = d - s.trend
+            s.trend += a * (d - s.trend)
+            up = max(resid, 0.0)
+            if s.n >= c.warmup:  # winsorise: one odd record moves the noise scale little
+                up = min(up, max(4.0 * s.noise, c.min_rise))
+            s.noise += a * (2.0 * up - s.noise)
+            s.level += a * (y - s.level)
+        s.n += 1
+        self._shift(y, step)
+        return alarm
+
+    def _shift(self, y: float, step: int) -> None:
+        self._s.prev2_y, self._s.prev_y, self._s.prev_step = self._s.prev_y, y, step
+
+    def _close(self) -> None:
+        self._s.excursions.append(self._s.excursion)
+        self._s.excursion = None
+        self._s.rise_len = 0
+
+    def finish(self) -> list[Excursion]:
+        """Return all excursions (an unfinished one keeps ``end=None``)."""
+        return self.excursions
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        st = asdict(self._s)
+        return {"config": asdict(self.config), "state": st}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.config = SpikeConfig(**state["config"])
+        st = dict(state["state"])
+        st["excursions"] = [dict(e) for e in st["excursions"]]
+        st["excursion"] = dict(st["excursion"]) if st["excursion"] is not None else None
+        self._s = _SpikeState(**st)
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    """Settings of :class:`DivergenceDetector`.
+
+    ``factor``: loss growth over the running minimum that counts as divergence;
+    ``min_steps``: records the growth must be sustained over; ``window``: span of the
+    minimum's memory (records).
+    """
+
+    factor: float = 4.0
+    min_steps: int = 3
+    window: int = 100
+    warmup: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.factor > 1:
+            raise ValueError(f"Invalid factor: {self.factor} (need > 1)")
+        if self.min_steps < 1:
+            raise ValueError(f"Invalid min_steps: {self.min_steps} (need >= 1)")
+        if self.window < 1:
+            raise ValueError(f"Invalid window: {self.window} (need >= 1)")
+
+
+class DivergenceDetector:
+    r"""Sustained geometric growth: the loss has risen ``min_steps`` records in a row and
+    stands ``factor`` above its (slowly forgetting) running minimum.
+
+    The minimum forgets at rate :math:`1/\text{window}` in log space,
+    :math:`m_t = \min(y_t, m_{t-1} + \log(\text{factor}) / \text{window})`, so a slow
+    legitimate rise (e.g. a new data phase) is not divergence while a blow-up is.
+    Fires once per divergence; re-arms when the loss falls back under the bar.
+    """
+
+    def __init__(self, config: DivergenceConfig | None = None) -> None:
+        self.config = config or DivergenceConfig()
+        self._s: dict[str, Any] = {"n": 0, "min": math.nan, "prev": math.nan,
+                                   "rising": 0, "rise_start": -1, "fired": False}
+
+    def update(self, step: int, loss: float) -> Alarm | None:
+        """Feed one loss; ``inf`` counts as growth, ``nan`` is ignored."""
+        c, s = self.config, self._s
+        if math.isnan(loss) or loss <= 0:
+            return None
+        y = math.log(loss) if math.isfinite(loss) else math.inf
+        if s["n"] == 0:
+            s.update(n=1, min=y, prev=y)
+            return None
+        if y > s["prev"]:
+            if s["rising"] == 0:
+                s["rise_start"] = step
+            s["rising"] += 1
+        else:
+            s["rising"] = 0
+        bar = s["min"] + math.log(c.factor)
+        alarm = None
+        if (not s["fired"] and s["n"] >= c.warmup and y >= bar
+                and s["rising"] >= c.min_steps):
+            s["fired"] = True
+            alarm = Alarm(step=step, onset=s["rise_start"], kind="divergence",
+                          value=loss, baseline=math.exp(s["min"]), score=y - s["min"])
+        elif s["fired"] and y < bar:
+            s["fired"] = False
+        if not s["fired"]:
+            s["min"] = min(y, s["min"] + math.log(c.factor) / c.window)
+        s["prev"] = y
+        s["n"] += 1
+        return alarm
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        return {"config": asdict(self.config), "state": dict(self._s)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.config = DivergenceConfig(**state["config"])
+        self._s = dict(state["state"])
+
+
+class NonFiniteDetector:
+    """Fires on the first non-finite record of each run of them (loss, gradient count...)."""
+
+    def __init__(self) -> None:
+        self._s: dict[str, Any] = {"bad": False, "count": 0}
+
+    def update(self, step: int, value: float, *, nonfinite: bool = False) -> Alarm | None:
+        """``value`` non-finite, or ``nonfinite=True`` (e.g. NaN gradients seen), is bad."""
+        bad = nonfinite or not math.isfinite(value)
+        alarm = None
+        if bad and not self._s["bad"]:
+            self._s["count"] += 1
+            alarm = Alarm(step=step, onset=step, kind="non-finite", value=value,
+                          baseline=math.nan, score=math.inf)
+        self._s["bad"] = bad
+        return alarm
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        return dict(self._s)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self._s = dict(state)
+
+
+@dataclass(frozen=True)
+class PeriodicConfig:
+    """Settings of :class:`PeriodicDetector`: spikes needed, and the largest coefficient
+    of variation of the intervals still called (approximately) periodic."""
+
+    min_spikes: int = 4
+    max_cv: float = 1.5
+
+    def __post_init__(self) -> None:
+        if self.min_spikes < 3:
+            raise ValueError(f"Invalid min_spikes: {self.min_spikes} (need >= 3)")
+        if not self.max_cv > 0:
+            raise ValueError(f"Invalid max_cv: {self.max_cv} (need > 0)")
+
+
+class PeriodicDetector:
+    r"""Recurring spikes: period and regularity from the spike times, O(1) per spike.
+
+    Intervals :math:`\Delta_i` between consecutive spikes are summarised with Welford's
+    running mean and variance; ``period`` is the mean interval and ``cv`` its
+    coefficient of variation :math:`\sigma_\Delta/\bar\Delta` (0 = perfectly periodic).
+    """
+
+    def __init__(self, config: PeriodicConfig | None = None) -> None:
+        self.config = config or PeriodicConfig()
+        self._s: dict[str, Any] = {"count": 0, "last": None, "first": None, "mean": 0.0,
+                                   "m2": 0.0, "fired": False}
+
+    @property
+    def count(self) -> int:
+        """Spikes seen."""
+        return int(self._s["count"])
+
+    @property
+    def period(self) -> float:
+        """Mean interval between spikes (steps); ``nan`` before two spikes."""
+        return self._s["mean"] if self._s["count"] >= 2 else math.nan
+
+    @property
+    def cv(self) -> float:
+        """Coefficient of variation of the intervals; ``nan`` before three spikes."""
+        k = self._s["count"] - 1
+        if k < 2 or self._s["mean"] <= 0:
+            return math.nan
+        return math.sqrt(self._s["m2"] / (k - 1)) / self._s["mean"]
+
+    def update(self, spike_step: int) -> Alarm | None:
+        """Register a spike at ``spike_step``; fires once the pattern is established."""
+        s = self._s
+        if s["last"] is not None:
+            d = float(spike_step - s["last"])
+            k = s["count"]  # intervals after this one
+            delta = d - s["mean"]
+            s["mean"] += delta / k
+            s["m2"] += delta * (d - s["mean"])
+        else:
+            s["first"] = spike_step
+        s["last"] = spike_step
+        s["count"] += 1
+        c = self.config
+        if not s["fired"] and s["count"] >= c.min_spikes and self.cv <= c.max_cv:
+            s["fired"] = True
+            return Alarm(step=spike_step, onset=s["first"], kind="periodic-spikes",
+                         value=self.period, baseline=math.nan, score=self.cv)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        return {"config": asdict(self.config), "state": dict(self._s)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.config = PeriodicConfig(**state["config"])
+        self._s = dict(state["state"])
+
+
+class PrecursorDetector:
+    r"""Early warning on a positive telemetry signal (``g2v_rms``, ``eff_step_max``...):
+    fires when :math:`\log x_t` exceeds its running mean by ``z`` mean absolute deviations
+    (and by at least ``min_rise``), after ``warmup`` records. Statistics are EMAs of span
+    ``window``, not updated by alarmed records."""
+
+    def __init__(self, *, window: int = 50, warmup: int = 10, z: float = 8.0,
+                 min_rise: float = math.log(3.0)) -> None:
+        if window < 2:
+            raise ValueError(f"Invalid window: {window} (need >= 2)")
+        self.window, self.warmup, self.z, self.min_rise = window, warmup, z, min_rise
+        self._s: dict[str, Any] = {"n": 0, "mean": 0.0, "dev": 0.0}
+
+    def update(self, step: int, value: float) -> Alarm | None:
+        """Feed one value; non-finite or non-positive values are ignored."""
+        if not (math.isfinite(value) and value > 0):
+            return None
+        s, y = self._s, math.log(value)
+        if s["n"] == 0:
+            s.update(n=1, mean=y, dev=0.0)
+            return None
+        excess = y - s["mean"]
+        if s["n"] >= self.warmup and excess >= max(self.min_rise, self.z * s["dev"]):
+            return Alarm(step=step, onset=step, kind="precursor", value=value,
+                         baseline=math.exp(s["mean"]), score=excess / max(s["dev"], 1e-12))
+        a = 2.0 / (self.window + 1)
+        s["dev"] += a * (abs(excess) - s["dev"])
+        s["mean"] += a * excess
+        s["n"] += 1
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for checkpoints."""
+        return {"window": self.window, "warmup": self.warmup, "z": self.z,
+                "min_rise": self.min_rise, "state": dict(self._s)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.window, self.warmup = state["window"], state["warmup"]
+        self.z, self.min_rise = state["z"], state["min_rise"]
+        self._s = dict(state["state"])

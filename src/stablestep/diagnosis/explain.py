@@ -1,0 +1,309 @@
+r"""Name the mechanism of an incident from the numbers around its onset, and compute remedies.
+
+Decision, in order (DESIGN.md's vocabulary):
+
+1. ``non-finite``: a NaN/Inf appeared while the loss was not already blowing up
+   (an overflow, not an optimizer instability; Adam is not blamed).
+2. ``gradient-outlier``: at the onset the gradient norm is ``z >= 6`` robust standard
+   deviations above its running statistics (median and MAD of :math:`\log\|g\|` over
+   the previous ``window`` records), it was normal (``z < 3``) just before, and the
+   measured curvature (when recorded) is under its bound.
+3. ``lr-too-high``: :math:`\mathrm{lr}\,\lambda_{\max}(H)` above the GD bound
+   (2, or :math:`2+2\mu` with heavy-ball momentum) for a non-Adam optimizer; or, for
+   Adam, :math:`\lambda_{\max}(P^{-1}H)` above :math:`(2+2\beta_1)/(1-\beta_1)` and the
+   loss never recovers (a divergence, not a self-stabilising spike).
+4. ``adaptive-edge-of-stability``: Adam's preconditioned sharpness at/above 90% of
+   :math:`(2+2\beta_1)/(1-\beta_1)`; or, without curvature, the effective step or
+   :math:`g^2/\hat v` surging (3x its running median) just before the onset.
+5. ``unknown``: otherwise, naming the signals that were missing.
+
+Remedies (computed for this run):
+
+- eps: the effective step is at most :math:`\alpha_t/\epsilon` per coordinate, so
+  :math:`\lambda_{\max}(P^{-1}H) \le \alpha_t \lambda_{\max}(H)/\epsilon`; keeping it under
+  :math:`(2+2\beta_1)/(1-\beta_1)` needs
+  :math:`\epsilon \ge \alpha_t\,\lambda_{\max}(H)\,(1-\beta_1)/(2+2\beta_1)` with
+  :math:`\alpha_t = \mathrm{lr}/(1-\beta_1^t)`; in the TF convention
+  :math:`\hat\epsilon = \epsilon\sqrt{1-\beta_2^t}`.
+- lr: the preconditioned sharpness scales with lr, so
+  :math:`\mathrm{lr}' = 0.9\,\mathrm{lr}\cdot\text{threshold}/\lambda_{\max}(P^{-1}H)`;
+  for GD :math:`\mathrm{lr}' = 0.9\,(2+2\mu)/\lambda_{\max}(H)`.
+- clip: :math:`\exp(\mathrm{median} + 3\cdot 1.4826\,\mathrm{MAD})` of :math:`\log\|g\|`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stablestep.diagnosis.findings import Remedy
+from stablestep.diagnosis.trace import Trace
+from stablestep.telemetry import names
+
+ADAM_SIGNALS = (names.EFF_STEP_MAX, names.G2V_RMS)
+CURVATURE_SIGNALS = (names.SHARPNESS, names.PRECOND_SHARPNESS)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """An episode found by the detectors, before explanation."""
+
+    onset: int
+    detected: int
+    kind: str  # spike | divergence | non-finite
+    peak: float
+    peak_step: int
+    baseline: float
+    recovered: bool
+    jump: bool = False
+    nonfinite_at: int | None = None
+
+
+def _sig(x: float, digits: int = 2) -> float:
+    """Round up to ``digits`` significant digits (remedies err on the safe side for eps)."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    e = math.floor(math.log10(x)) - digits + 1
+    return math.ceil(x / 10**e) * 10**e
+
+
+def _sig_down(x: float, digits: int = 2) -> float:
+    if x <= 0 or not math.isfinite(x):
+        return x
+    e = math.floor(math.log10(x)) - digits + 1
+    return math.floor(x / 10**e) * 10**e
+
+
+def _index(trace: Trace, step: int) -> int:
+    return int(np.searchsorted(trace.steps, step, side="left"))
+
+
+def grad_stats(trace: Trace, step: int, *, window: int = 50) -> dict[str, float] | None:
+    """Robust running statistics of log grad norm over ``window`` records before ``step``
+    and the z-scores at ``step`` and the max over the 3 records before it."""
+    g = trace.metric(names.GRAD_NORM)
+    if g is None:
+        return None
+    i = _index(trace, step)
+    hist = g[max(0, i - window - 3): max(0, i - 3)]
+    hist = np.log(hist[np.isfinite(hist) & (hist > 0)])
+    if hist.size < 5 or i >= len(trace) or not (math.isfinite(g[i]) and g[i] > 0):
+        return None
+    med = float(np.median(hist))
+    mad = float(np.median(np.abs(hist - med))) * 1.4826
+    scale = max(mad, 0.05)  # a floor: +5% in log units counts as one sigma at least
+
+    def z(v: float) -> float:
+        return (math.log(v) - med) / scale if math.isfinite(v) and v > 0 else math.nan
+
+    prev = [z(float(v)) for v in g[max(0, i - 3): i]]
+    prev = [p for p in prev if math.isfinite(p)]
+    return {"z": z(float(g[i])), "z_before": max(prev) if prev else 0.0, "value": float(g[i]),
+            "median": math.exp(med), "clip": math.exp(med + 3 * scale)}
+
+
+def _surge(trace: Trace, name: str, step: int, *, window: int = 50, lead: int = 5) -> float | None:
+    """Max of ``name`` over the ``lead`` records up to ``step`` divided by its median
+    over the ``window`` records before those."""
+    arr = trace.metric(name)
+    if arr is None:
+        return None
+    i = _index(trace, step)
+    recent = arr[max(0, i - lead): i + 1]
+    hist = arr[max(0, i - lead - window): max(0, i - lead)]
+    recent, hist = recent[np.isfinite(recent)], hist[np.isfinite(hist) & (hist > 0)]
+    if recent.size == 0 or hist.size < 3:
+        return None
+    return float(np.max(recent) / np.median(hist))
+
+
+def curvature(trace: Trace, inc: Incident) -> dict[str, float]:
+    """Curvature numbers at the incident: last values at or before detection."""
+    out: dict[str, float] = {}
+    lookback = None
+    for name in (names.SHARPNESS, names.PRECOND_SHARPNESS, names.PRECOND_THRESHOLD,
+                 names.LR_SHARPNESS, names.GD_THRESHOLD):
+        v = trace.value_at(name, inc.detected, lookback=lookback)
+        if v is not None:
+            out[name] = v
+    lr = lr_at(trace, inc.onset)
+    if names.LR_SHARPNESS not in out and names.SHARPNESS in out and lr is not None:
+        out[names.LR_SHARPNESS] = lr * out[names.SHARPNESS]
+    if names.GD_THRESHOLD not in out and names.LR_SHARPNESS in out:
+        out[names.GD_THRESHOLD] = 2.0 + 2.0 * float(trace.hyper.get("momentum", 0.0) or 0.0)
+    b1 = trace.hyper.get("beta1")
+    if names.PRECOND_THRESHOLD not in out and names.PRECOND_SHARPNESS in out and b1 is not None:
+        out[names.PRECOND_THRESHOLD] = (2 + 2 * b1) / (1 - b1)
+    return out
+
+
+def lr_at(trace: Trace, step: int) -> float | None:
+    """The learning rate at ``step`` (logged ``lr`` metric, else the configured lr)."""
+    v = trace.value_at(names.LR, step)
+    if v is None:
+        v = trace.hyper.get("lr")
+    return float(v) if v is not None else None
+
+
+def _is_adam(trace: Trace) -> bool | None:
+    kind = trace.hyper.get("kind")
+    if kind is not None:
+        return kind == "adam"
+    if any(trace.has(n) for n in ADAM_SIGNALS + (names.PRECOND_SHARPNESS,)):
+        return True
+    return None
+
+
+def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
+    """Mechanism, confidence and evidence of one incident (rules in the module docstring)."""
+    ev: dict[str, Any] = {"detected_at": inc.detected, "baseline_loss": inc.baseline,
+                          "peak_loss": inc.peak, "peak_step": inc.peak_step,
+                          "recovered": inc.recovered}
+    if inc.baseline > 0 and math.isfinite(inc.peak):
+        ev["peak_over_baseline"] = inc.peak / inc.baseline
+    if inc.kind == "non-finite":
+        i = _index(trace, inc.onset)
+        before = trace.loss[max(0, i - 5): i]
+        before = before[np.isfinite(before)]
+        ev = {"first_non_finite_step": inc.onset,
+              "last_finite_loss": float(before[-1]) if before.size else None}
+        if before.size >= 2:
+            ev["loss_change_before"] = float(before[-1] / before[0])
+        g = trace.metric(names.GRAD_NONFINITE)
+        if g is not None:
+            ev["grad_nonfinite"] = float(np.nan_to_num(g[min(i, len(g) - 1)]))
+        return "non-finite", 0.95, ev
+    gs = grad_stats(trace, inc.onset)
+    curv = curvature(trace, inc)
+    ev.update({k: v for k, v in curv.items()})
+    ps, pthr = curv.get(names.PRECOND_SHARPNESS), curv.get(names.PRECOND_THRESHOLD)
+    lrs, gthr = curv.get(names.LR_SHARPNESS), curv.get(names.GD_THRESHOLD)
+    adam = _is_adam(trace)
+    if ps is not None and pthr:
+        ev["precond_ratio"] = ps / pthr
+    if lrs is not None and gthr:
+        ev["lr_sharpness_ratio"] = lrs / gthr
+    curv_high = None
+    if ps is not None and pthr:
+        curv_high = ps >= 0.9 * pthr
+    if lrs is not None and gthr and adam is False:
+        curv_high = bool(curv_high) or lrs > gthr
+    if gs is not None:
+        ev["grad_norm_z"] = gs["z"]
+        ev["grad_norm_z_before"] = gs["z_before"]
+        ev["grad_norm"] = gs["value"]
+    surges = {}
+    for name in ADAM_SIGNALS:
+        s = _surge(trace, name, inc.onset)
+        if s is not None:
+            surges[name] = s
+            ev[f"{name}_surge"] = s
+    share = trace.value_at(names.EPS_SHARE, inc.onset)
+    if share is not None:
+        ev[names.EPS_SHARE] = share
+    if gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True:
+        return "gradient-outlier", 0.9 if curv_high is False else 0.75, ev
+    if adam is False and lrs is not None and gthr and lrs > gthr:
+        return "lr-too-high", 0.9, ev
+    if ps is not None and pthr and ps >= 0.9 * pthr:
+        if inc.kind == "divergence" and ps > pthr:
+            return "lr-too-high", 0.8, ev
+        return "adaptive-edge-of-stability", 0.9 if ps >= pthr else 0.75, ev
+    if adam and any(v >= 3 for v in surges.values()) and ps is None:
+        return "adaptive-edge-of-stability", 0.6, ev
+    missing = [n for n in (names.GRAD_NORM,) + CURVATURE_SIGNALS + ADAM_SIGNALS
+               if not trace.has(n)]
+    ev["missing"] = missing
+    if inc.kind == "divergence" and inc.baseline > 0 and inc.peak > inc.baseline:
+        span = max(1, inc.peak_step - inc.onset)
+        ev["growth_per_step"] = (inc.peak / inc.baseline) ** (1.0 / span)
+    return "unknown", 0.3, ev
+
+
+def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any],
+             *, period: float | None = None) -> list[Remedy]:
+    """Computed remedies for ``mechanism`` (formulas in the module docstring)."""
+    h = trace.hyper
+    lr = lr_at(trace, inc.onset)
+    out: list[Remedy] = []
+    if mechanism == "non-finite":
+        i = _index(trace, inc.onset)
+        good = trace.steps[:i][np.isfinite(trace.loss[:i])]
+        if good.size:
+            out.append(Remedy("restore", int(good[-1]),
+                              f"last step with a finite loss before step {inc.onset}"))
+        out.append(Remedy("loss-scaling", "dynamic",
+                          "an overflow is a numeric-range problem: dynamic loss scaling "
+                          "(torch.amp.GradScaler) or bf16 instead of fp16"))
+        eps = h.get("eps")
+        if eps is not None and eps < 1e-7:
+            out.append(Remedy("set-eps", 1e-7,
+                              f"eps {eps:g} is below fp16's smallest subnormal 6e-8 and "
+                              "rounds to 0 if the optimizer state is kept in fp16"))
+        return out
+    if mechanism == "gradient-outlier":
+        out.append(Remedy("skip-batch", int(inc.onset),
+                          f"gradient norm {ev.get('grad_norm', math.nan):.3g} is "
+                          f"{ev.get('grad_norm_z', math.nan):.1f} robust sigmas above its "
+                          "running statistics while the curvature is normal"))
+        gs = grad_stats(trace, inc.onset)
+        if gs is not None:
+            out.append(Remedy("clip-grad-norm", _sig(gs["clip"]),
+                              f"exp(median + 3 sigma) of the running log gradient norm "
+                              f"(median {gs['median']:.3g})"))
+        return out
+    ps, pthr = ev.get(names.PRECOND_SHARPNESS), ev.get(names.PRECOND_THRESHOLD)
+    sharp = ev.get(names.SHARPNESS)
+    if mechanism == "adaptive-edge-of-stability":
+        b1 = h.get("beta1", 0.9)
+        if sharp is not None and lr is not None:
+            t = max(1, int(inc.onset))
+            lr_t = lr / (1 - b1**t)
+            eps_min = lr_t * sharp * (1 - b1) / (2 + 2 * b1)
+            if h.get("eps_mode") == "tf":
+                eps_min *= math.sqrt(1 - h.get("beta2", 0.999) ** t)
+            out.append(Remedy(
+                "set-eps", _sig(eps_min),
+                f"caps the effective step at lr_t/eps so lam_max(P^-1 H) <= lr_t*lam_max(H)/eps"
+                f" stays under {(2 + 2 * b1) / (1 - b1):.0f}: lr_t={lr_t:.3g}, "
+                f"lam_max(H)={sharp:.4g}" + (f", current eps {h['eps']:g}" if "eps" in h else "")))
+        if not h.get("amsgrad", False):
+            out.append(Remedy("amsgrad", True,
+                              "v never decreases, so P^-1 cannot grow when the loss flattens"))
+        if ps is not None and pthr and lr is not None:
+            new_lr = _sig_down(0.9 * lr * pthr / ps)
+            out.append(Remedy("set-lr", new_lr,
+                              f"lam_max(P^-1 H)={ps:.3g} scales with lr; 0.9*lr*{pthr:.0f}/"
+                              f"{ps:.3g} puts it under the threshold"))
+            steps = int(round(period)) if period and period > 1 else max(1, int(inc.onset))
+            out.append(Remedy("exponential-decay",
+                              {"decay_rate": round(min(0.9, pthr / ps), 3), "decay_steps": steps},
+                              f"lower lr by {pthr:.0f}/{ps:.3g} every {steps} steps"
+                              + (" (the spike period)" if period else "")))
+        return out
+    if mechanism == "lr-too-high":
+        gthr = ev.get(names.GD_THRESHOLD)
+        if _is_adam(trace) and ps is not None and pthr and lr is not None:
+            out.append(Remedy("set-lr", _sig_down(0.9 * lr * pthr / ps),
+                              f"largest stable lr is lr*{pthr:.0f}/lam_max(P^-1 H) = "
+                              f"{lr * pthr / ps:.3g}; 10% margin"))
+        elif sharp is not None and gthr:
+            out.append(Remedy("set-lr", _sig_down(0.9 * gthr / sharp),
+                              f"GD is stable iff lr*lam_max(H) < {gthr:g}; lam_max(H)="
+                              f"{sharp:.4g} gives lr < {gthr / sharp:.3g}; 10% margin"))
+        out.append(Remedy("warmup", max(100, 2 * int(inc.onset)) if inc.onset < 1000 else 1000,
+                          "a linear warmup lets curvature settle before the full lr"))
+        return out
+    missing = ev.get("missing", [])
+    if missing:
+        out.append(Remedy("record", missing,
+                          "the mechanism cannot be told from the loss alone: record these "
+                          "(stablestep.Monitor with curvature_loss=...) and diagnose again"))
+    if lr is not None:
+        out.append(Remedy("test-lr", _sig_down(lr / 3),
+                          "if the incident disappears at lr/3 it is a stability problem "
+                          "(lr-too-high or Adam's edge of stability), not the data"))
+    return out
