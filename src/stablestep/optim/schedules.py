@@ -161,8 +161,9 @@ def bias_correction(t: int, b1: float = 0.9, b2: float = 0.999) -> float:
 
     TF writes Adam as ``lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)``; seed 002 asks whether this
     is a learning-rate decay. It is not: it compensates the zero initialisation of ``m`` and
-    ``v`` and tends to **1** as ``t`` grows (``bias_correction(1) = 0.316`` for the default
-    betas, ``bias_correction(10_000) = 1.0000``), so a decay must be added separately.
+    ``v`` and tends to **1** as ``t`` grows. For the default betas it starts at 0.316,
+    dips to 0.153 at ``t = 10``, then *rises* monotonically (0.795 at ``t = 1000``, 0.99998
+    at ``t = 10_000``): if anything it is a warmup, and a decay must be added separately.
     """
     if isinstance(t, bool) or int(t) != t or t < 1:
         raise ValueError(f"t must be an integer >= 1, got {t}")
