@@ -56,17 +56,23 @@ def _eps_t(h: AdamStep, bc2: float) -> float:
 
 
 def _rms_scale(
-    ge: torch.Tensor, vd: torch.Tensor, bc2: float, eps_t: float, buf: torch.Tensor
+    ge: torch.Tensor, vd: torch.Tensor, bc2: float, eps_t: float, buf: torch.Tensor,
+    *, k: float = 1.0,
 ) -> float:
-    """:func:`_reference.clip_scale` in place on ``buf`` (``vd`` may be ``buf`` itself)."""
+    """:func:`_reference.clip_scale` in three passes over memory, on ``buf``.
+
+    ``vd`` holds the second moment divided by ``k`` (it may be ``buf`` itself), so that
+    ``mean(g^2 / max(k*vd/bc2, f)) = (bc2/k) * mean(g^2 / max(vd, f*bc2/k))`` with
+    ``f = max(eps_t^2, tiny)``; the sum is one ``dot(g / max(...), g)``.
+    """
     n = ge.numel()
     if n == 0:
         return 1.0
-    floor = max(eps_t * eps_t, torch.finfo(vd.dtype).tiny) * bc2
+    floor = max(eps_t * eps_t, torch.finfo(vd.dtype).tiny) * bc2 / k
     torch.clamp_min(vd, floor, out=buf)
-    buf.rsqrt_().mul_(ge)
-    ms = float(torch.linalg.vector_norm(buf)) ** 2 * bc2 / n
-    return 1.0 / max(1.0, math.sqrt(ms))
+    torch.div(ge, buf, out=buf)
+    ms = float(torch.dot(buf.reshape(-1), ge.reshape(-1))) * bc2 / (k * n)
+    return 1.0 / max(1.0, math.sqrt(max(ms, 0.0)))
 
 
 def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: AdamStep,
@@ -82,10 +88,15 @@ def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: 
             bc2 = 1 - h.beta2 ** ts[i]
             ge = grads[i].add(params[i], alpha=h.weight_decay) if l2 else grads[i]
             buf = scratch.like(ge)
-            torch.mul(exp_avg_sqs[i], h.beta2, out=buf).addcmul_(ge, ge, value=1 - h.beta2)
+            if h.beta2 > 0:  # buf = v_t / b2 in one pass
+                torch.addcmul(exp_avg_sqs[i], ge, ge, value=(1 - h.beta2) / h.beta2, out=buf)
+                k = h.beta2
+            else:
+                torch.mul(ge, ge, out=buf)
+                k = 1.0
             if h.amsgrad:
-                torch.maximum(buf, max_exp_avg_sqs[i], out=buf)
-            scales[i] = _rms_scale(ge, buf, bc2, _eps_t(h, bc2), buf)
+                torch.maximum(buf, max_exp_avg_sqs[i] / k, out=buf)
+            scales[i] = _rms_scale(ge, buf, bc2, _eps_t(h, bc2), buf, k=k)
 
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
