@@ -1,0 +1,210 @@
+"""Run a scenario: every variant trained under a :class:`stablestep.Monitor` into one
+run store, scored (final loss, spikes, divergence), diagnosed, and reported.
+
+Layout on disk for ``run_scenario(name, out=DIR)``::
+
+    DIR/run.sqlite    one run per variant (run name = variant name)
+    DIR/report.html   the self-contained report (stablestep.report)
+
+``run_all(out=DIR)`` puts each scenario in ``DIR/<name>/`` and writes ``DIR/index.html``;
+scenarios run in parallel processes, one store each, so no two processes write one file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from stablestep.lab import scenarios
+from stablestep.lab.config import Variant
+from stablestep.lab.scenarios import Scenario
+from stablestep.lab.spikes import spike_steps
+from stablestep.lab.train import train
+
+STORE_NAME = "run.sqlite"
+REPORT_NAME = "report.html"
+
+
+@dataclass
+class VariantOutcome:
+    """Scores of one variant: ``final_loss`` (whole data, NaN if diverged), ``spikes``
+    (start steps, :func:`stablestep.lab.spikes.spike_steps` with the scenario's factor),
+    ``diverged_at``, ``findings`` (``Finding.to_dict()`` of the diagnosis; ``None`` when
+    the diagnosis is unavailable), wall ``seconds``."""
+
+    name: str
+    label: str
+    role: str
+    final_loss: float
+    spikes: list[int]
+    diverged_at: int | None
+    findings: list[dict] | None
+    seconds: float
+
+    @property
+    def mechanisms(self) -> list[str]:
+        """Mechanisms named by the findings (in order, without repeats)."""
+        out: list[str] = []
+        for f in self.findings or []:
+            if f.get("mechanism") not in out:
+                out.append(f.get("mechanism"))
+        return out
+
+
+@dataclass
+class ScenarioOutcome:
+    """What :func:`run_scenario` produced: paths and one :class:`VariantOutcome` per variant."""
+
+    name: str
+    store: str
+    report: str | None
+    variants: list[VariantOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def variant(self, name: str) -> VariantOutcome:
+        """The outcome of variant ``name``."""
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"no variant {name!r} in {self.name!r}")
+
+
+def _diagnose(store: str, run: str) -> list[dict] | None:
+    try:
+        from stablestep.diagnosis import diagnose
+    except ImportError:
+        return None
+    return [f.to_dict() for f in diagnose(store, run=run)]
+
+
+def run_variant(
+    scenario: Scenario, variant: Variant, *, store: str, quick: bool = False
+) -> VariantOutcome:
+    """Train ``variant`` under a Monitor writing run ``variant.name`` into ``store``.
+
+    ``quick`` probes curvature four times less often (tests); the training itself is
+    unchanged, so the phenomenon is the same.
+    """
+    from stablestep.telemetry import Monitor
+
+    cfg = variant.config
+    if quick and cfg.curvature_every:
+        cfg = replace(cfg, curvature_every=cfg.curvature_every * 4)
+    extras = {"scenario": scenario.name, "seed": scenario.seed, "variant": variant.name,
+              "label": variant.label, "role": variant.role, "train": cfg.to_dict()}
+
+    def factory(model, opt, probe_loss):
+        return Monitor(model, opt, store=store, run=variant.name, config=extras,
+                       curvature_every=cfg.curvature_every or None,
+                       curvature_loss=probe_loss if cfg.curvature_every else None)
+
+    t0 = time.perf_counter()
+    result = train(cfg, monitor=factory)
+    seconds = time.perf_counter() - t0
+    return VariantOutcome(
+        name=variant.name,
+        label=variant.label,
+        role=variant.role,
+        final_loss=result.final_loss,
+        spikes=spike_steps(result.losses, factor=scenario.spike_factor),
+        diverged_at=result.diverged_at,
+        findings=_diagnose(store, variant.name),
+        seconds=seconds,
+    )
+
+
+def run_scenario(
+    scenario: str | Scenario,
+    *,
+    out: str | os.PathLike,
+    quick: bool = False,
+    variants: Sequence[str] | None = None,
+    report: bool = True,
+    progress: Callable[[str, str], None] | None = None,
+) -> ScenarioOutcome:
+    """Run ``scenario`` (a name or a :class:`Scenario`) into ``out/run.sqlite``.
+
+    ``variants``: names to run (default all); an existing store in ``out`` is replaced.
+    ``report``: also write ``out/report.html``. ``progress(scenario, variant)`` is
+    called after each variant.
+    """
+    sc = scenarios.get(scenario) if isinstance(scenario, str) else scenario
+    chosen = sc.variants if variants is None else tuple(sc.variant(v) for v in variants)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = out_dir / STORE_NAME
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(store) + suffix)
+        if p.exists():
+            p.unlink()
+    t0 = time.perf_counter()
+    outcome = ScenarioOutcome(name=sc.name, store=str(store), report=None)
+    for v in chosen:
+        outcome.variants.append(run_variant(sc, v, store=str(store), quick=quick))
+        if progress is not None:
+            progress(sc.name, v.name)
+    if report:
+        from stablestep.report import write_scenario_report
+
+        outcome.report = str(write_scenario_report(sc, outcome, out_dir / REPORT_NAME))
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def _run_one(name: str, out: str, quick: bool) -> ScenarioOutcome:
+    import torch
+
+    torch.set_num_threads(1)
+    return run_scenario(name, out=os.path.join(out, name), quick=quick)
+
+
+def run_all(
+    *,
+    out: str | os.PathLike,
+    names: Sequence[str] | None = None,
+    quick: bool = False,
+    workers: int | None = None,
+    progress: Callable[[ScenarioOutcome], None] | None = None,
+) -> list[ScenarioOutcome]:
+    """Run several scenarios (default all) in ``workers`` processes (default: CPU count,
+    at most 4), each into ``out/<name>/``; write ``out/index.html``. Returns outcomes in
+    seed order; ``progress(outcome)`` is called as each scenario finishes."""
+    names = list(names or scenarios.names())
+    for n in names:
+        scenarios.get(n)  # validate before starting processes
+    workers = workers or min(4, os.cpu_count() or 1, len(names))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    results: dict[str, ScenarioOutcome] = {}
+    if workers <= 1:
+        for n in names:
+            results[n] = _run_one(n, os.fspath(out), quick)
+            if progress is not None:
+                progress(results[n])
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_one, n, os.fspath(out), quick): n for n in names}
+            from concurrent.futures import as_completed
+
+            for fut in as_completed(futures):
+                res = fut.result()
+                results[res.name] = res
+                if progress is not None:
+                    progress(res)
+    ordered = [results[n] for n in names]
+    from stablestep.report import write_index
+
+    write_index(ordered, Path(out) / "index.html")
+    return ordered
+
+
+def fmt_loss(x: float) -> str:
+    """A loss for tables: ``NaN`` when diverged, else 3 significant digits."""
+    return "NaN" if not math.isfinite(x) else f"{x:.3g}"
