@@ -67,14 +67,14 @@ def _sig(x: float, digits: int = 2) -> float:
     if x <= 0 or not math.isfinite(x):
         return x
     e = math.floor(math.log10(x)) - digits + 1
-    return math.ceil(x / 10**e) * 10**e
+    return float(f"{math.ceil(x / 10**e - 1e-9) * 10**e:.{digits}g}")
 
 
 def _sig_down(x: float, digits: int = 2) -> float:
     if x <= 0 or not math.isfinite(x):
         return x
     e = math.floor(math.log10(x)) - digits + 1
-    return math.floor(x / 10**e) * 10**e
+    return float(f"{math.floor(x / 10**e + 1e-9) * 10**e:.{digits}g}")
 
 
 def _index(trace: Trace, step: int) -> int:

@@ -1,0 +1,222 @@
+"""Small training runs with a known cause, for testing and benchmarking detectors.
+
+Each :func:`make_run` trains a tiny model on CPU in a few seconds with its own minimal
+loop, records what the Monitor would (``loss``, ``lr``, ``grad_norm``,
+``grad_nonfinite``, Adam's ``eff_step_max`` and ``g2v_rms`` via
+:mod:`stablestep.optim.inspect`, curvature every ``curvature_every`` steps via
+:class:`stablestep.curvature.CurvatureProbe`) and returns the trace with the labelled
+incidents:
+
+- ``adaptive-edge-of-stability``: full-batch MSE, small MLP, Adam lr 1e-2 / eps 1e-8;
+  the loss flattens, ``v`` decays and the loss spikes again and again (DESIGN.md).
+  Labels come from the loss curve after the fact (:func:`label_spikes`).
+- ``lr-too-high``: full-batch GD (or heavy ball) at a stable lr, then the lr is set to
+  ``factor`` times the bound ``(2+2mu)/lam_max(H)`` measured at that step.
+- ``gradient-outlier``: mini-batch Adam with a few batches whose targets are scaled.
+- ``non-finite``: mini-batch Adam with a few steps whose loss overflows to ``inf``
+  (the step is skipped, as a GradScaler does).
+- ``stable``: the same full-batch Adam with the fixes (AMSGrad, eps 1e-3); no incident.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stablestep.diagnosis.trace import Trace, from_series
+from stablestep.optim.inspect import effective_step, group_hyper
+from stablestep.telemetry import names
+
+MECHANISM_RUNS = ("adaptive-edge-of-stability", "lr-too-high", "gradient-outlier",
+                  "non-finite", "stable")
+
+
+@dataclass(frozen=True)
+class LabeledRun:
+    """A trace with its true incidents: ``events`` = [(onset step, mechanism)]."""
+
+    trace: Trace
+    cause: str
+    events: list[tuple[int, str]]
+    name: str
+
+
+def _data(seed: int, n: int = 256, d: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, 1, generator=g)
+    y = torch.tanh(x @ w) + 0.3 * torch.sin(3 * x[:, :1])
+    return x, y
+
+
+def _model(seed: int, width: int, act: str, d: int = 8) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layer = torch.nn.Tanh() if act == "tanh" else torch.nn.GELU()
+    return torch.nn.Sequential(torch.nn.Linear(d, width), layer, torch.nn.Linear(width, 1))
+
+
+def _adam_stats(opt: torch.optim.Optimizer) -> tuple[float, float]:
+    """(max effective step, RMS of g^2/v_hat) over all parameters, after the step."""
+    eff_max, g2v_sum, count = 0.0, 0.0, 0
+    for group in opt.param_groups:
+        h = group_hyper(opt, group)
+        for p in group["params"]:
+            e = effective_step(opt, p, group)
+            if e is None:
+                continue
+            eff_max = max(eff_max, float(e.max()))
+            st = opt.state[p]
+            t = int(st["step"])
+            v_hat = st["exp_avg_sq"] / (1 - h.beta2**t)
+            if p.grad is not None:
+                r = p.grad.pow(2) / (v_hat + 1e-30)
+                g2v_sum += float(r.pow(2).sum())
+                count += r.numel()
+    return eff_max, math.sqrt(g2v_sum / max(count, 1))
+
+
+def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
+             steps: int | None = None, curvature_every: int = 10) -> LabeledRun:
+    """Train one small labelled run (see module docstring); ``cause`` in ``MECHANISM_RUNS``."""
+    if cause not in MECHANISM_RUNS:
+        raise ValueError(f"Invalid cause: {cause!r} (one of {', '.join(MECHANISM_RUNS)})")
+    from stablestep.curvature import CurvatureProbe, ProbeConfig
+
+    x, y = _data(seed)
+    model = _model(seed, width, act)
+    params = list(model.parameters())
+    rng = np.random.default_rng(seed)
+    full_batch = cause in ("adaptive-edge-of-stability", "lr-too-high", "stable")
+    n_steps = steps or {"adaptive-edge-of-stability": 2000, "lr-too-high": 400}.get(cause, 600)
+    momentum = 0.9 if (cause == "lr-too-high" and seed % 2) else 0.0
+    if cause == "lr-too-high":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=0.05, momentum=momentum)
+    elif cause == "stable":
+        opt = torch.optim.Adam(params, lr=1e-2, amsgrad=True, eps=1e-3)
+    else:
+        opt = torch.optim.Adam(params, lr=1e-2 if full_batch else 3e-3)
+    probe = CurvatureProbe(params, opt, config=ProbeConfig(tol=2e-2, max_iter=30, seed=seed))
+    inject: list[int] = []
+    if cause in ("gradient-outlier", "non-finite"):
+        inject = sorted(int(s) for s in rng.choice(np.arange(150, n_steps - 30, 60), 3,
+                                                   replace=False))
+    switch = 150 if cause == "lr-too-high" else None
+    factor = 1.3 + 0.5 * (seed % 3)
+    rec: dict[str, list] = {k: [] for k in (names.LOSS, names.LR, names.GRAD_NORM,
+                                             names.GRAD_NONFINITE, names.EFF_STEP_MAX,
+                                             names.G2V_RMS)}
+    curv: dict[str, tuple[list, list]] = {}
+    steps_done, nonfinite = [], []
+    mse = torch.nn.functional.mse_loss
+    for t in range(n_steps):
+        if full_batch:
+            xb, yb = x, y
+        else:
+            idx = torch.as_tensor(rng.choice(x.shape[0], 32, replace=False))
+            xb, yb = x[idx], y[idx]
+            if cause == "gradient-outlier" and t in inject:
+                yb = yb * 30.0
+        if switch is not None and t == switch:
+            m = probe(lambda: mse(model(x), y))
+            new_lr = factor * (2 + 2 * momentum) / m[names.SHARPNESS]
+            for g in opt.param_groups:
+                g["lr"] = new_lr
+        opt.zero_grad()
+        loss = mse(model(xb), yb)
+        if cause == "non-finite" and t in inject:
+            loss = loss * torch.tensor(float("inf"))  # an overflow in the forward pass
+        loss.backward()
+        grads = [p.grad for p in params]
+        gn = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        n_bad = int(sum((~torch.isfinite(g)).sum() for g in grads))
+        lval = float(loss.detach())
+        steps_done.append(t)
+        rec[names.LOSS].append(lval)
+        rec[names.LR].append(float(opt.param_groups[0]["lr"]))
+        rec[names.GRAD_NORM].append(gn if math.isfinite(gn) else math.nan)
+        rec[names.GRAD_NONFINITE].append(float(n_bad))
+        if not math.isfinite(lval) or n_bad:
+            nonfinite.append(t)
+            rec[names.EFF_STEP_MAX].append(math.nan)
+            rec[names.G2V_RMS].append(math.nan)
+            if cause == "lr-too-high":
+                break
+            continue  # skip the update, as torch.amp.GradScaler does
+        opt.step()
+        if isinstance(opt, torch.optim.Adam):
+            e, r = _adam_stats(opt)
+        else:
+            e, r = math.nan, math.nan
+        rec[names.EFF_STEP_MAX].append(e)
+        rec[names.G2V_RMS].append(r)
+        if curvature_every and t % curvature_every == 0:
+            for k, v in probe(lambda: mse(model(x), y)).items():
+                curv.setdefault(k, ([], []))[0].append(t)
+                curv[k][1].append(v)
+    metrics = {k: (steps_done, v) for k, v in rec.items() if k != names.LOSS}
+    metrics.update(curv)
+    hyper = group_hyper(opt, opt.param_groups[0]).__dict__
+    losses = [v if math.isfinite(v) else math.nan for v in rec[names.LOSS]]
+    trace = from_series(steps_done, losses, metrics=metrics, hyper=dict(hyper),
+                        nonfinite_steps=nonfinite, name=f"{cause}-{act}{width}-s{seed}")
+    if cause == "adaptive-edge-of-stability":
+        events = [(s, cause) for s in label_spikes(trace)]
+    elif cause == "lr-too-high":
+        events = [(_first_rise(trace, switch), cause)]
+    elif cause in ("gradient-outlier", "non-finite"):
+        events = [(s, cause) for s in inject]
+    else:
+        events = []
+    return LabeledRun(trace=trace, cause=cause, events=events, name=trace.name)
+
+
+def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
+    """First step at or after ``start`` where the loss is ``exp(rise)`` above its minimum
+    since ``start - 1`` (or goes non-finite)."""
+    i0 = max(0, int(np.searchsorted(trace.steps, start)) - 1)
+    low = math.inf
+    for i in range(i0, len(trace)):
+        v = trace.loss[i]
+        if not math.isfinite(v):
+            return int(trace.steps[i])
+        if v > low * math.exp(rise) and i > i0:
+            return int(trace.steps[i])
+        low = min(low, v)
+    return int(trace.steps[-1])
+
+
+def label_spikes(trace: Trace, *, peak: float = 1.5, rise: float = 0.05,
+                 lookback: int = 50) -> list[int]:
+    """Offline ground truth for spikes, using the whole curve (not causal).
+
+    A spike is a local episode whose peak is ``peak`` times the lowest loss of the
+    ``lookback`` steps before it; its onset is the first step of the rise leading to the
+    peak at which the loss stands ``exp(rise)`` above the rise's starting point.
+    Episodes end when the loss returns below the geometric mean of start and peak.
+    """
+    y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
+    out, i, n = [], 1, len(y)
+    while i < n:
+        lo = np.nanmin(y[max(0, i - lookback): i]) if i > 0 else y[0]
+        if not (y[i] >= lo + math.log(peak)):
+            i += 1
+            continue
+        j = i  # walk back along the rise to its start
+        while j > 0 and y[j - 1] < y[j]:
+            j -= 1
+        start = y[j]
+        onset = next((k for k in range(j, i + 1) if y[k] >= start + rise), i)
+        k = i
+        top = y[i]
+        while k + 1 < n and y[k + 1] >= y[k]:
+            k += 1
+            top = y[k]
+        end = k
+        while end + 1 < n and y[end] > (start + top) / 2:
+            end += 1
+        out.append(int(trace.steps[onset]))
+        i = end + 1
+    return out
