@@ -15,7 +15,12 @@ import torch
 
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
-from stablestep.telemetry.probes import CoordinateSample, adam_state_stats, update_stats
+from stablestep.telemetry.probes import (
+    CoordinateSample,
+    Scratch,
+    adam_state_stats,
+    update_stats,
+)
 from stablestep.telemetry.store import Run, RunWriter, open_run
 
 _RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
@@ -142,6 +147,8 @@ class Monitor:
         self._pending: dict | None = None
         self._since_flush = 0
         self._last_flush = time.monotonic()
+        self._snaps: dict[int, torch.Tensor] = {}
+        self._scratch = Scratch()
         self._probe: Any = None
         self._probe_state: dict | None = None
         self._closed = False
@@ -203,15 +210,24 @@ class Monitor:
                 metrics[N.GRAD_NONFINITE] = float(sum(bad.values()))
         pending = {"step": s, "metrics": metrics, "bad": bad, "curv": curv, "detail": None}
         if detail and grads:
-            for (name, _), nrm in zip(live, norms, strict=True):
-                metrics[f"{N.GRAD_NORM}/{name}"] = float(nrm)
-            pending["detail"] = (
-                [n for n, _ in live],
-                [p for _, p in live],
-                [p.detach().clone() for _, p in live],
-                grads,
-            )
+            tnames = [n for n, _ in live]
+            for name, nrm in zip(tnames, torch.stack(norms).tolist(), strict=True):
+                metrics[f"{N.GRAD_NORM}/{name}"] = nrm
+            params = [p.detach() for _, p in live]
+            snaps = [self._snapshot(p) for _, p in live]
+            torch._foreach_copy_(snaps, params)
+            pending["detail"] = (tnames, params, snaps, torch._foreach_norm(snaps), norms, grads)
         self._pending = pending
+
+    def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
+        """A persistent buffer like ``p`` for the parameters before the step (allocated once:
+        the Monitor holds one extra copy of the parameters when ``state_every`` is set)."""
+        buf = self._snaps.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = self._snaps[id(p)] = torch.empty_like(
+                p, memory_format=torch.contiguous_format, requires_grad=False
+            )
+        return buf
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         pending = self._pending
@@ -219,12 +235,20 @@ class Monitor:
             return
         metrics = pending["metrics"]
         if pending["detail"] is not None:
-            tnames, params, before, grads = pending["detail"]
+            tnames, params, snaps, p_norms, g_norms, grads = pending["detail"]
             with torch.no_grad():
-                after = [p.detach() for p in params]
-                metrics.update(update_stats(tnames, before, after, grads, top_k=self.top_k))
+                torch._foreach_sub_(snaps, params)  # theta_t - theta_t+1, in place
                 metrics.update(
-                    adam_state_stats(optimizer, self._params, self._sample, top_k=self.top_k)
+                    update_stats(tnames, snaps, p_norms, g_norms, grads, top_k=self.top_k)
+                )
+                metrics.update(
+                    adam_state_stats(
+                        optimizer,
+                        self._params,
+                        self._sample,
+                        top_k=self.top_k,
+                        scratch=self._scratch,
+                    )
                 )
             pending["detail"] = None
         if pending["curv"]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from stablestep.optim import inspect
@@ -79,20 +80,46 @@ class CoordinateSample:
         return flat[idx]
 
 
+class Scratch:
+    """Reusable flat work buffers, one per key, grown to the largest tensor seen.
+
+    A freshly allocated large CPU tensor page-faults on first touch, which costs more
+    than the arithmetic; reusing buffers keeps a statistics pass at memory speed.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A buffer shaped like ``like`` (contents undefined)."""
+        dtype = dtype or like.dtype
+        n = like.numel()
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+            size = max(n, buf.numel() if buf is not None else 0)
+            buf = self._bufs[key] = torch.empty(size, dtype=dtype, device=like.device)
+        return buf[:n].view(like.shape)
+
+
 def quantiles(values: torch.Tensor, qs: Sequence[float]) -> list[float]:
     """Quantiles with linear interpolation between order statistics (``torch.quantile``'s
-    default), from one sort; NaN for an empty input."""
+    default); NaN for an empty input. Selection, not a full sort: ``numpy.partition`` on
+    the CPU, one ``torch.sort`` elsewhere."""
     n = values.numel()
     if n == 0:
         return [math.nan] * len(qs)
-    s = values.double().sort().values
-    out = []
+    ranks = []
     for q in qs:
         r = q * (n - 1)
         lo = int(math.floor(r))
-        hi = min(lo + 1, n - 1)
-        out.append(float(s[lo] + (s[hi] - s[lo]) * (r - lo)))
-    return out
+        ranks.append((lo, min(lo + 1, n - 1), r - lo))
+    if values.device.type == "cpu":
+        a = np.partition(
+            values.reshape(-1).numpy(), sorted({k for lo, hi, _ in ranks for k in (lo, hi)})
+        )
+    else:
+        a = values.reshape(-1).sort().values.cpu().numpy()
+    return [float(a[lo]) + (float(a[hi]) - float(a[lo])) * w for lo, hi, w in ranks]
 
 
 def adam_state_stats(
@@ -101,16 +128,19 @@ def adam_state_stats(
     sample: CoordinateSample,
     *,
     top_k: int = 0,
+    scratch: Scratch | None = None,
 ) -> dict[str, float]:
     """Adam statistics (module docstring) over ``params`` = ``[(name, p, group)]``.
 
-    ``sample`` was built from the numels of ``params`` in this order. Parameters
+    ``sample`` was built from the numels of ``params`` in this order; ``scratch`` holds
+    reusable work buffers (pass the same one every call). Parameters
     without Adam state yet (or without a gradient) are left out; an empty dict is
     returned when none has any. With ``top_k > 0`` the ``top_k`` tensors with the
     largest effective step also get ``eff_step_max/<name>``, ``eps_share/<name>``
     and ``g2v_rms/<name>``.
     """
     own = callable(getattr(optimizer, "effective_step", None))
+    scratch = scratch if scratch is not None else Scratch()
     samples: list[torch.Tensor] = []
     eff_max: list[torch.Tensor] = []
     per: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
@@ -139,14 +169,17 @@ def adam_state_stats(
         eff_max.append(e_max)
         n = p.numel()
         n_total += n
-        cnt = torch.count_nonzero(v < (eps_t * eps_t * bc2))
+        # sqrt(v/bc2) < eps_t  <=>  v < eps_t^2 bc2;  g^2/max(v/bc2, f) = bc2 g^2/max(v, f bc2)
+        lt = scratch.get("lt", v, torch.bool)
+        cnt = torch.count_nonzero(torch.lt(v, eps_t * eps_t * bc2, out=lt))
         eps_count.append(cnt)
         g = p.grad.detach()
         floor = max(eps_t * eps_t, torch.finfo(v.dtype).tiny)  # eps-free optimizers: 0/0 -> 0
-        r = (g * g).div_((v / bc2).clamp_(min=floor))
-        rs = r.sum(dtype=torch.float64)
+        den = torch.clamp(v, min=floor * bc2, out=scratch.get("den", v))
+        r = torch.mul(g, g, out=scratch.get("r", g)).div_(den)
+        rs = r.sum(dtype=torch.float64) * bc2
         g2v_sum.append(rs)
-        g2v_max.append(r.max())
+        g2v_max.append(r.max() * bc2)
         per.append((name, e_max, cnt, rs, n))
         if h.amsgrad:
             state = optimizer.state[p]
@@ -179,38 +212,34 @@ def adam_state_stats(
 
 def update_stats(
     names: Sequence[str],
-    before: Sequence[torch.Tensor],
-    after: Sequence[torch.Tensor],
+    neg_update: Sequence[torch.Tensor],
+    param_norms: Sequence[torch.Tensor],
+    grad_norms: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     *,
     top_k: int = 0,
 ) -> dict[str, float]:
-    """``param_norm``, ``update_norm``, ``update_ratio``, ``update_cos`` (module docstring)
-    from parameter snapshots before and after the step and the step's gradients.
+    """``param_norm``, ``update_norm``, ``update_ratio``, ``update_cos`` (module docstring).
 
-    With ``top_k > 0``, ``update_ratio/<name>`` for the ``top_k`` tensors with the
-    largest ratio.
+    ``neg_update``: :math:`\theta_t - \theta_{t+1}` per tensor (the Monitor computes it in
+    place in its snapshot buffers); ``param_norms`` / ``grad_norms``: per-tensor norms
+    of :math:`\theta_t` and :math:`g_t`; ``grads``: the step's gradients. With
+    ``top_k > 0``, ``update_ratio/<name>`` for the ``top_k`` tensors with the largest ratio.
     """
-    if not before:
+    if not neg_update:
         return {}
-    upd = torch._foreach_sub(list(after), list(before))
-    u_norms = torch._foreach_norm(upd)
-    p_norms = torch._foreach_norm(list(before))
-    g_norms = torch._foreach_norm(list(grads))
-    dots = [
-        torch.dot(u.reshape(-1).double(), g.reshape(-1).double())
-        for u, g in zip(upd, grads, strict=True)
-    ]
+    u_norms = torch._foreach_norm(list(neg_update))
+    dots = [torch.dot(u.reshape(-1), g.reshape(-1)) for u, g in zip(neg_update, grads, strict=True)]
     u2 = torch.stack([x.double() for x in u_norms]).square()
-    p2 = torch.stack([x.double() for x in p_norms]).square()
-    g2 = torch.stack([x.double() for x in g_norms]).square()
+    p2 = torch.stack([x.double() for x in param_norms]).square()
+    g2 = torch.stack([x.double() for x in grad_norms]).square()
     u_norm, p_norm, g_norm = (float(x.sum().sqrt()) for x in (u2, p2, g2))
-    dot = float(torch.stack(dots).sum())
+    dot = float(torch.stack([d.double() for d in dots]).sum())  # <theta_t - theta_t+1, g>
     out = {N.PARAM_NORM: p_norm, N.UPDATE_NORM: u_norm}
     if p_norm > 0:
         out[N.UPDATE_RATIO] = u_norm / p_norm
     if u_norm > 0 and g_norm > 0:
-        out[N.UPDATE_COS] = -dot / (u_norm * g_norm)
+        out[N.UPDATE_COS] = dot / (u_norm * g_norm)
     if top_k > 0:
         ratios = (u2.sqrt() / p2.sqrt()).tolist()
         order = sorted(
