@@ -146,3 +146,27 @@ def test_adam_atan2_fast_equals_reference(maximize):
     run(fast, pa, grads)
     run(ref, pb, grads)
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_tf_mode_with_uneven_step_counts(impl):
+    """A parameter without a gradient on some steps has its own t, hence its own eps_t."""
+    pa, pb = make_params(), make_params()
+    kw = dict(lr=1e-2, eps=1e-2, eps_mode="tf", update_clipping=True)
+    fast, ref = Adam(pa, impl=impl, **kw), Adam(pb, impl="reference", **kw)
+    for t, gs in enumerate(grad_sequence(pa, 12, spike_at=7)):
+        for ps in (pa, pb):
+            for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                p.grad = None if (i == 1 and t % 3 == 0) else g.clone()
+        fast.step()
+        ref.step()
+    assert fast.state[pa[1]]["step"].item() == 8 and fast.state[pa[0]]["step"].item() == 12
+    _state_equal(fast, ref, pa, pb, rtol=1e-12)
+
+
+def test_public_names():
+    import stablestep
+    from stablestep.optim import schedules
+
+    assert stablestep.Adam is Adam and stablestep.AdamW is AdamW
+    assert stablestep.AdamAtan2 is AdamAtan2 and stablestep.schedules is schedules
