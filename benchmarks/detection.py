@@ -94,7 +94,7 @@ def ours(trace):
     for f in diagnose_trace(trace):
         ev = f.evidence
         if f.kind == "periodic-spikes":
-            for s in ev["spike_steps"]:
+            for s in ev["detected_steps"]:
                 out.append((s, f.mechanism))
         else:
             out.append((int(ev.get("detected_at", f.step)), f.mechanism))

@@ -155,12 +155,14 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
     cv = _cv(steps)
     mechs = [m for _, m, _, _ in spikes]
     mech = statistics.mode(mechs)
+    ev_counts = {m: mechs.count(m) for m in sorted(set(mechs))}
     share = mechs.count(mech) / len(mechs)
     first = next(x for x in spikes if x[1] == mech)
     inc, _, conf, ev = first
     ev = dict(ev)
-    ev.update({"n_spikes": len(spikes), "spike_steps": steps, "period": period,
-               "interval_cv": cv, "mechanism_share": share,
+    ev.update({"n_spikes": len(spikes), "spike_steps": steps,
+               "detected_steps": [i.detected for i, *_ in spikes], "period": period,
+               "interval_cv": cv, "mechanism_share": share, "mechanism_counts": ev_counts,
                "peak_over_baseline_median": float(np.median(
                    [i.peak / i.baseline for i, *_ in spikes if i.baseline > 0]))})
     rem = remedies(trace, mech, inc, ev, period=period)

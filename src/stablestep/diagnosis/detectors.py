@@ -56,6 +56,7 @@ class SpikeConfig:
     jump: float = 0.4
     recover: float = 0.5
     patience: int = 200
+    nested_rise: float = 0.15
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -156,8 +157,10 @@ class SpikeDetector:
             if y - base_y <= max(c.min_rise, c.recover * excess_peak):
                 e["end"], e["recovered"] = step, True
                 self._close()
-            elif (y - e["trough"] >= max(c.jump, c.z * s.noise)
-                  and e["trough_step"] > e["peak_step"]):
+            elif e["trough_step"] > e["peak_step"] and (
+                    y - e["trough"] >= max(c.jump, c.z * s.noise)
+                    or (s.rise_len >= 2 and y - e["trough"] >= max(c.nested_rise,
+                                                                    c.z * s.noise))):
                 # a new spike on the way down from the previous one (recurring spikes)
                 # (the new one keeps the episode's baseline, so recovery means back to it)
                 e["end"] = step

@@ -12,9 +12,10 @@ Decision, in order (DESIGN.md's vocabulary):
    (2, or :math:`2+2\mu` with heavy-ball momentum) for a non-Adam optimizer; or, for
    Adam, :math:`\lambda_{\max}(P^{-1}H)` above :math:`(2+2\beta_1)/(1-\beta_1)` and the
    loss never recovers (a divergence, not a self-stabilising spike).
-4. ``adaptive-edge-of-stability``: Adam's preconditioned sharpness at/above 90% of
-   :math:`(2+2\beta_1)/(1-\beta_1)`; or, without curvature, the effective step or
-   :math:`g^2/\hat v` surging (3x its running median) just before the onset.
+4. ``adaptive-edge-of-stability``: Adam's preconditioned sharpness (largest over the
+   50 steps before the onset) at/above 90% of :math:`(2+2\beta_1)/(1-\beta_1)`; or the
+   effective step or :math:`g^2/\hat v` surging (3x its running median) just before the
+   onset, with the preconditioned sharpness unknown or above 75% of the threshold.
 5. ``unknown``: otherwise, naming the signals that were missing.
 
 Remedies (computed for this run):
@@ -120,8 +121,9 @@ def _surge(trace: Trace, name: str, step: int, *, window: int = 50, lead: int = 
     return float(np.max(recent) / np.median(hist))
 
 
-def curvature(trace: Trace, inc: Incident) -> dict[str, float]:
-    """Curvature numbers at the incident: last values at or before detection."""
+def curvature(trace: Trace, inc: Incident, *, window: int = 50) -> dict[str, float]:
+    """Curvature numbers at the incident: last values at or before detection (for the
+    preconditioned sharpness, the largest over ``window`` steps before the onset)."""
     out: dict[str, float] = {}
     lookback = None
     for name in (names.SHARPNESS, names.PRECOND_SHARPNESS, names.PRECOND_THRESHOLD,
@@ -129,6 +131,15 @@ def curvature(trace: Trace, inc: Incident) -> dict[str, float]:
         v = trace.value_at(name, inc.detected, lookback=lookback)
         if v is not None:
             out[name] = v
+    # Curvature is sampled every few steps and drops right after a spike inflates v:
+    # take the largest preconditioned sharpness of the ``window`` steps before detection.
+    ps = trace.metric(names.PRECOND_SHARPNESS)
+    if ps is not None:
+        lo = int(np.searchsorted(trace.steps, inc.onset - window))
+        hi = int(np.searchsorted(trace.steps, inc.detected, side="right"))
+        seg = ps[lo:hi][np.isfinite(ps[lo:hi])]
+        if seg.size:
+            out[names.PRECOND_SHARPNESS] = float(seg.max())
     lr = lr_at(trace, inc.onset)
     if names.LR_SHARPNESS not in out and names.SHARPNESS in out and lr is not None:
         out[names.LR_SHARPNESS] = lr * out[names.SHARPNESS]
@@ -212,8 +223,9 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         if inc.kind == "divergence" and ps > pthr:
             return "lr-too-high", 0.8, ev
         return "adaptive-edge-of-stability", 0.9 if ps >= pthr else 0.75, ev
-    if adam and any(v >= 3 for v in surges.values()) and ps is None:
-        return "adaptive-edge-of-stability", 0.6, ev
+    if adam and any(v >= 3 for v in surges.values()) and (
+            ps is None or (pthr and ps >= 0.75 * pthr)):
+        return "adaptive-edge-of-stability", 0.6 if ps is None else 0.7, ev
     missing = [n for n in (names.GRAD_NORM,) + CURVATURE_SIGNALS + ADAM_SIGNALS
                if not trace.has(n)]
     ev["missing"] = missing
