@@ -51,22 +51,24 @@ def test_keys_adam_and_sgd_and_before_first_step():
 
 def test_probe_values_against_dense_and_warm_start_is_cheaper():
     model, loss_fn, xy = make_problem("cnn")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     probe = CurvatureProbe(model.parameters(), opt, config=ProbeConfig(tol=1e-3))
-    _step(opt, loss_fn)
-    probe(loss_fn)
-    cold = probe.last_hvps
-    _step(opt, loss_fn)
-    out = probe(loss_fn)
-    warm = probe.last_hvps
+    warm, cold = [], []
+    for _ in range(5):
+        _step(opt, loss_fn)
+        out = probe(loss_fn)
+        warm.append(probe.last_hvps)
+        fresh = CurvatureProbe(model.parameters(), opt, config=ProbeConfig(tol=1e-3))
+        fresh(loss_fn)
+        cold.append(fresh.last_hvps)
+    assert sum(warm[2:]) < 0.7 * sum(cold[2:])  # measured: 27 vs 67
     H = dense_for("cnn", model, xy)
     assert out[names.SHARPNESS] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=5e-3)
     D = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in model.parameters()])
     t = int(opt.state[next(model.parameters())]["step"])
-    D = 3e-3 / (1 - 0.9**t) / ((D / (1 - 0.999**t)).sqrt() + 1e-8)
+    D = 1e-3 / (1 - 0.9**t) / ((D / (1 - 0.999**t)).sqrt() + 1e-8)
     exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
     assert out[names.PRECOND_SHARPNESS] == pytest.approx(exact, rel=5e-3)
-    assert warm < cold
 
 
 def _training(seed=0):
