@@ -106,7 +106,7 @@ def score(events, detections):
     used, delays, mech_ok, tp = set(), [], 0, 0
     for onset, mech in events:
         best = None
-        for j, (s, m) in enumerate(detections):
+        for j, (s, _m) in enumerate(detections):
             if j not in used and onset - MATCH_BEFORE <= s <= onset + MATCH_AFTER:
                 best = j
                 break

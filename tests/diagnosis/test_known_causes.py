@@ -1,0 +1,132 @@
+"""Runs with known causes: mechanism, detection step, computed remedies.
+
+The runs are trained here (stablestep.diagnosis.labeled, a few seconds on CPU); the
+curvature they carry comes from stablestep.curvature, and the remedies are checked
+against the stability theory (an eps/lr recomputed from the recorded numbers, and a
+re-run showing the remedy removes the instability), not against our own output.
+"""
+
+import math
+
+import pytest
+import torch
+
+from stablestep.diagnosis import diagnose_trace
+from stablestep.diagnosis.labeled import make_run
+from stablestep.telemetry import names
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _remedy(f, action):
+    return next(r for r in f.remedies if r.action == action)
+
+
+def test_adaptive_edge_of_stability_is_one_periodic_finding_with_eps_and_amsgrad():
+    run = make_run("adaptive-edge-of-stability", seed=0, width=64, act="gelu", steps=900)
+    findings = diagnose_trace(run.trace)
+    periodic = [f for f in findings if f.kind == "periodic-spikes"]
+    assert len(periodic) == 1, [(f.kind, f.step) for f in findings]
+    f = periodic[0]
+    assert f.mechanism == "adaptive-edge-of-stability"
+    assert f.evidence["n_spikes"] >= 4
+    # the detector fires within a step of the labelled onset for most spikes
+    labels = [s for s, _ in run.events]
+    delays = [min((d - s for d in f.evidence["detected_steps"] if -2 <= d - s <= 20),
+                  default=None) for s in labels]
+    found = [d for d in delays if d is not None]
+    assert len(found) >= 0.7 * len(labels)
+    assert sorted(found)[len(found) // 2] <= 1
+    # preconditioned sharpness measured at/above 90% of (2+2b1)/(1-b1) = 38
+    assert f.evidence[names.PRECOND_THRESHOLD] == pytest.approx(38.0)
+    assert f.evidence[names.PRECOND_SHARPNESS] >= 0.9 * 38.0
+    # eps from the recorded numbers: eps >= lr_t * lam_max(H) * (1-b1)/(2+2b1)
+    eps = _remedy(f, "set-eps").value
+    lr_t = 1e-2 / (1 - 0.9 ** f.step)
+    expect = lr_t * f.evidence[names.SHARPNESS] * 0.1 / 3.8
+    assert expect <= eps <= expect * 1.1
+    assert eps > 1e-8
+    assert _remedy(f, "amsgrad").value is True
+    assert _remedy(f, "set-lr").value < 1e-2
+
+
+def test_the_computed_eps_removes_the_spikes():
+    """The remedy is checked by re-training: same run with the computed eps spikes far less."""
+    base = make_run("adaptive-edge-of-stability", seed=0, width=64, act="gelu", steps=900,
+                    curvature_every=10)
+    f = next(f for f in diagnose_trace(base.trace) if f.kind == "periodic-spikes")
+    eps = _remedy(f, "set-eps").value
+    from stablestep.diagnosis.labeled import _data, _model, label_spikes
+    from stablestep.diagnosis.trace import Trace
+
+    x, y = _data(0)
+    model = _model(0, 64, "gelu")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=eps)
+    losses = []
+    for _ in range(900):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    fixed = Trace(steps=list(range(900)), loss=losses)
+    assert len(label_spikes(fixed)) <= len(base.events) // 4
+
+
+def test_lr_above_gd_bound_is_lr_too_high_with_largest_stable_lr():
+    run = make_run("lr-too-high", seed=1)  # heavy ball, mu = 0.9
+    findings = diagnose_trace(run.trace)
+    assert len(findings) == 1
+    f = findings[0]
+    assert f.mechanism == "lr-too-high"
+    onset = run.events[0][0]
+    assert onset - 2 <= f.evidence["detected_at"] <= onset + 1
+    assert f.evidence["lr_sharpness_ratio"] > 1.0
+    # GD with heavy ball is stable iff lr * lam_max(H) < 2 + 2mu
+    lam = f.evidence[names.SHARPNESS]
+    assert _remedy(f, "set-lr").value == pytest.approx(0.9 * 3.8 / lam, rel=0.02)
+
+
+def test_outlier_batches_blame_the_batch_not_adam():
+    run = make_run("gradient-outlier", seed=0)
+    findings = diagnose_trace(run.trace)
+    assert [f.step for f in findings] == [s for s, _ in run.events]
+    for f in findings:
+        assert f.mechanism == "gradient-outlier"
+        assert f.evidence["detected_at"] == f.step
+        assert f.evidence["grad_norm_z"] >= 6
+        clip = _remedy(f, "clip-grad-norm").value
+        assert 0 < clip < f.evidence["grad_norm"]
+        assert _remedy(f, "skip-batch").value == f.step
+        assert not any(r.action in ("set-eps", "amsgrad") for r in f.remedies)
+
+
+def test_overflow_is_non_finite_with_restore_point():
+    run = make_run("non-finite", seed=1)
+    findings = diagnose_trace(run.trace)
+    assert [(f.step, f.kind, f.mechanism) for f in findings] == [
+        (s, "non-finite", "non-finite") for s, _ in run.events]
+    for f in findings:
+        assert _remedy(f, "restore").value == f.step - 1
+        assert _remedy(f, "loss-scaling").value == "dynamic"
+        assert not any(r.action in ("amsgrad", "set-lr") for r in f.remedies)
+
+
+def test_stable_run_has_no_finding():
+    run = make_run("stable", seed=2, width=64, act="gelu")
+    assert run.events == []
+    assert diagnose_trace(run.trace) == []
+
+
+def test_findings_serialise_to_the_json_contract():
+    import json
+
+    run = make_run("gradient-outlier", seed=1)
+    d = diagnose_trace(run.trace)[0].to_dict()
+    assert set(d) == {"step", "kind", "mechanism", "confidence", "evidence", "remedies"}
+    assert set(d["remedies"][0]) == {"action", "value", "why"}
+    json.dumps(d, allow_nan=False)
+    assert not math.isnan(d["confidence"])
