@@ -36,7 +36,8 @@ def test_long_clean_runs_have_no_false_alarm(name, steps):
 
 
 def test_grokking_slingshot_adam_has_recurring_spikes():
-    f = diagnose(_p("Mabdel-03_9.520-The-Geometry-of-Grok__07_slingshot_adam__training_history.json"))
+    name = "Mabdel-03_9.520-The-Geometry-of-Grok__07_slingshot_adam__training_history.json"
+    f = diagnose(_p(name))
     assert [x.kind for x in f] == ["periodic-spikes"]
     ev = f[0].evidence
     assert ev["n_spikes"] >= 10
