@@ -77,7 +77,7 @@ class CoordinateSample:
             return flat
         if idx.device != flat.device:
             idx = self.index[i] = idx.to(flat.device)
-        return flat[idx]
+        return torch.index_select(flat, 0, idx)
 
 
 class Scratch:
@@ -141,73 +141,106 @@ def adam_state_stats(
     """
     own = callable(getattr(optimizer, "effective_step", None))
     scratch = scratch if scratch is not None else Scratch()
-    samples: list[torch.Tensor] = []
-    eff_max: list[torch.Tensor] = []
-    per: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
-    n_total = 0
-    eps_count: list[torch.Tensor] = []
-    g2v_sum: list[torch.Tensor] = []
-    g2v_max: list[torch.Tensor] = []
+    hypers: dict[int, inspect.GroupHyper] = {}
+    rows: list[tuple[str, int, float, float, float]] = []  # name, n, lr/bc1, bc2, eps_t
+    samples: list[torch.Tensor] = []  # sampled v (or effective steps when ``own``)
+    extreme: list[torch.Tensor] = []  # min v (or max effective step when ``own``)
+    states: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []
+    maxes: list[torch.Tensor] = []
     gap_num: list[torch.Tensor] = []
     gap_den: list[torch.Tensor] = []
     for i, (name, p, group) in enumerate(params):
-        h = inspect.group_hyper(optimizer, group)
+        h = hypers.get(id(group))
+        if h is None:
+            h = hypers[id(group)] = inspect.group_hyper(optimizer, group)
+        if h.kind != "adam" or p.grad is None:
+            continue
         t = inspect.step_count(optimizer, p)
-        v = inspect.second_moment(optimizer, p, h.amsgrad) if h.kind == "adam" else None
-        if v is None or t == 0 or p.grad is None:
+        v = inspect.second_moment(optimizer, p, h.amsgrad)
+        if v is None or t == 0:
             continue
         bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
         eps_t = inspect.epsilon_t(h, t)
         if own:
-            eff = inspect.effective_step(optimizer, p, group)
+            eff = inspect.effective_step(optimizer, p, group)  # e.g. AdamAtan2, update clipping
             samples.append(sample.take(i, eff))
-            e_max = eff.max()
-        else:  # same formula as inspect.effective_step, on the sample and min(v) only
-            scale = h.lr / bc1
-            samples.append(scale / ((sample.take(i, v) / bc2).sqrt() + eps_t))
-            e_max = scale / ((v.min() / bc2).sqrt() + eps_t)
-        eff_max.append(e_max)
-        n = p.numel()
-        n_total += n
-        # sqrt(v/bc2) < eps_t  <=>  v < eps_t^2 bc2;  g^2/max(v/bc2, f) = bc2 g^2/max(v, f bc2)
-        lt = scratch.get("lt", v, torch.bool)
-        cnt = torch.count_nonzero(torch.lt(v, eps_t * eps_t * bc2, out=lt))
-        eps_count.append(cnt)
+            extreme.append(eff.max())
+        else:  # inspect.effective_step's formula, applied below to the sample and min(v) only
+            samples.append(sample.take(i, v))
+            extreme.append(v.min())
+        rows.append((name, p.numel(), h.lr / bc1, bc2, eps_t))
+        states.append(v)
         g = p.grad.detach()
         floor = max(eps_t * eps_t, torch.finfo(v.dtype).tiny)  # eps-free optimizers: 0/0 -> 0
         den = torch.clamp(v, min=floor * bc2, out=scratch.get("den", v))
         r = torch.mul(g, g, out=scratch.get("r", g)).div_(den)
-        rs = r.sum(dtype=torch.float64) * bc2
-        g2v_sum.append(rs)
-        g2v_max.append(r.max() * bc2)
-        per.append((name, e_max, cnt, rs, n))
+        sums.append(r.sum())  # float32 accumulation is pairwise: ~1e-7 relative
+        maxes.append(r.max())
         if h.amsgrad:
             state = optimizer.state[p]
             if "max_exp_avg_sq" in state:
-                gap_num.append(
-                    (state["max_exp_avg_sq"] - state["exp_avg_sq"]).sum(dtype=torch.float64)
-                )
-                gap_den.append(state["max_exp_avg_sq"].sum(dtype=torch.float64))
-    if not samples:
+                mx = state["max_exp_avg_sq"]
+                gap_num.append((mx - state["exp_avg_sq"]).sum(dtype=torch.float64))
+                gap_den.append(mx.sum(dtype=torch.float64))
+    if not rows:
         return {}
+    dev = samples[0].device
+    n, scale, bc2, eps = (
+        torch.tensor([r[k] for r in rows], dtype=torch.float64, device=dev) for k in (1, 2, 3, 4)
+    )
+    ext = _stack(extreme)
+    samp = torch.cat([x.reshape(-1) for x in samples]).double()
+    if own:
+        eff_max = ext
+    else:
+        eff_max = scale / ((ext / bc2).sqrt() + eps)
+        sizes = torch.tensor([x.numel() for x in samples], device=dev)
+        samp = scale.repeat_interleave(sizes) / (
+            (samp / bc2.repeat_interleave(sizes)).sqrt() + eps.repeat_interleave(sizes)
+        )
+    # share governed by eps: sqrt(v/bc2) < eps_t <=> v < eps_t^2 bc2. Count (one pass) only
+    # in tensors whose min(v) is below that, found with one host sync.
+    thr = eps * eps * bc2
+    share = torch.zeros_like(n)
+    if own:
+        below = list(range(len(rows)))
+    else:
+        below = torch.nonzero(ext < thr).reshape(-1).tolist()
+    for i in below:
+        v = states[i]
+        lt = torch.lt(v, float(thr[i]), out=scratch.get("lt", v, torch.bool))
+        share[i] = torch.count_nonzero(lt) / rows[i][1]
+    rs = _stack(sums) * bc2
+    rmax = _stack(maxes) * bc2
     out: dict[str, float] = {}
-    q = quantiles(torch.cat([s.reshape(-1).float() for s in samples]), [q for q, _ in QUANTILES])
+    q = quantiles(samp, [q for q, _ in QUANTILES])
     for (_, key), val in zip(QUANTILES, q, strict=True):
         out[key] = val
-    out[N.EFF_STEP_MAX] = float(torch.stack([e.float() for e in eff_max]).max())
-    out[N.EPS_SHARE] = float(sum(int(c) for c in eps_count)) / n_total
-    out[N.G2V_RMS] = math.sqrt(float(sum(float(s) for s in g2v_sum)) / n_total)
-    out[N.G2V_MAX] = float(torch.stack([m.float() for m in g2v_max]).max())
+    total = float(n.sum())
+    out[N.EFF_STEP_MAX] = float(eff_max.max())
+    out[N.EPS_SHARE] = float((share * n).sum()) / total
+    out[N.G2V_RMS] = math.sqrt(float(rs.sum()) / total)
+    out[N.G2V_MAX] = float(rmax.max())
     if gap_den:
-        den = float(sum(float(d) for d in gap_den))
-        out[N.AMSGRAD_GAP] = float(sum(float(x) for x in gap_num)) / den if den > 0 else 0.0
+        den_sum = float(_stack(gap_den).sum())
+        out[N.AMSGRAD_GAP] = float(_stack(gap_num).sum()) / den_sum if den_sum > 0 else 0.0
     if top_k > 0:
-        worst = sorted(per, key=lambda r: -float(r[1]))[:top_k]
-        for name, e_max, cnt, rs, n in worst:
-            out[f"{N.EFF_STEP_MAX}/{name}"] = float(e_max)
-            out[f"{N.EPS_SHARE}/{name}"] = int(cnt) / n
-            out[f"{N.G2V_RMS}/{name}"] = math.sqrt(float(rs) / n)
+        e_list, s_list = eff_max.tolist(), share.tolist()
+        rms_list = (rs / n).sqrt().tolist()
+        for i in sorted(range(len(rows)), key=lambda i: -e_list[i])[:top_k]:
+            name = rows[i][0]
+            out[f"{N.EFF_STEP_MAX}/{name}"] = e_list[i]
+            out[f"{N.EPS_SHARE}/{name}"] = s_list[i]
+            out[f"{N.G2V_RMS}/{name}"] = rms_list[i]
     return out
+
+
+def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack 0-d tensors into a float64 vector (one conversion when dtypes agree)."""
+    if all(x.dtype == xs[0].dtype for x in xs):
+        return torch.stack(list(xs)).double()
+    return torch.stack([x.double() for x in xs])
 
 
 def update_stats(
@@ -230,11 +263,9 @@ def update_stats(
         return {}
     u_norms = torch._foreach_norm(list(neg_update))
     dots = [torch.dot(u.reshape(-1), g.reshape(-1)) for u, g in zip(neg_update, grads, strict=True)]
-    u2 = torch.stack([x.double() for x in u_norms]).square()
-    p2 = torch.stack([x.double() for x in param_norms]).square()
-    g2 = torch.stack([x.double() for x in grad_norms]).square()
+    u2, p2, g2 = (_stack(x).square() for x in (u_norms, param_norms, grad_norms))
     u_norm, p_norm, g_norm = (float(x.sum().sqrt()) for x in (u2, p2, g2))
-    dot = float(torch.stack([d.double() for d in dots]).sum())  # <theta_t - theta_t+1, g>
+    dot = float(_stack(dots).sum())  # <theta_t - theta_t+1, g>
     out = {N.PARAM_NORM: p_norm, N.UPDATE_NORM: u_norm}
     if p_norm > 0:
         out[N.UPDATE_RATIO] = u_norm / p_norm
