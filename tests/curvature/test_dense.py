@@ -142,3 +142,15 @@ def test_stablestep_adam_tf_mode_if_exported():
                    for p in model.parameters()])
     exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
     assert preconditioned_sharpness(loss_fn, opt) == pytest.approx(exact, rel=5e-3)
+
+
+def test_adam_atan2_uses_its_own_effective_step():
+    from stablestep.optim import AdamAtan2
+
+    model, loss_fn, xy = make_problem("mlp", seed=1)
+    opt = AdamAtan2(model.parameters(), lr=1e-2)
+    _adam_state(model, loss_fn, opt)
+    H = dense_for("mlp", model, xy)
+    D = torch.cat([opt.effective_step(p).reshape(-1) for p in model.parameters()])
+    exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
+    assert preconditioned_sharpness(loss_fn, opt) == pytest.approx(exact, rel=5e-3)

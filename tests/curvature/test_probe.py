@@ -245,3 +245,24 @@ def test_argument_errors():
         hvp(lambda: 1.0, params, params)
     with pytest.raises(ValueError, match="no parameter requires grad"):
         CurvatureProbe([torch.zeros(3)], torch.optim.SGD(params, lr=0.1))
+
+
+def test_periodic_cold_start_catches_an_overtaking_eigenvalue():
+    """A warm start that is exactly the old top eigenvector cannot see a new direction
+    overtake it (documented); restart_every bounds how long that lasts."""
+    theta = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    spectrum = torch.tensor([10.0, 5.0, 1.0, 0.5], dtype=torch.float64)
+
+    def loss_fn():
+        return 0.5 * (spectrum * (theta + 1) ** 2).sum()
+
+    opt = torch.optim.SGD([theta], lr=0.01)
+    seen = {}
+    for every in (0, 2):
+        spectrum[:2] = torch.tensor([10.0, 5.0], dtype=torch.float64)
+        probe = CurvatureProbe([theta], opt, config=ProbeConfig(tol=1e-9, restart_every=every))
+        first = probe(loss_fn)[names.SHARPNESS]
+        spectrum[1] = 20.0  # e2 overtakes e1, with no mixing between them
+        seen[every] = [first] + [probe(loss_fn)[names.SHARPNESS] for _ in range(2)]
+    assert seen[0] == pytest.approx([10.0, 10.0, 10.0])  # stale, as documented
+    assert seen[2] == pytest.approx([10.0, 10.0, 20.0])  # call 3 starts cold

@@ -33,6 +33,9 @@ class ProbeConfig:
     ``tol``: relative error bound per estimate (1% is plenty to compare with a threshold
     and keeps warm-started estimates at a few Hessian-vector products). ``max_iter``: most
     products per Lanczos run. ``sharpness`` / ``preconditioned``: which estimates to make.
+    ``restart_every``: every N-th call starts cold from a random vector instead of the
+    previous eigenvector, so an eigenvalue that overtakes the tracked one (whose direction
+    the warm start barely contains) is caught within N calls; 0 never restarts.
     ``seed``: seed of the probe's private generator (used for cold starts only).
     """
 
@@ -40,10 +43,13 @@ class ProbeConfig:
     max_iter: int = 60
     sharpness: bool = True
     preconditioned: bool = True
+    restart_every: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
         LanczosConfig(tol=self.tol, max_iter=self.max_iter)  # validates
+        if self.restart_every < 0:
+            raise ValueError(f"Invalid restart_every: {self.restart_every} (expected >= 0)")
         if not (self.sharpness or self.preconditioned):
             raise ValueError("ProbeConfig: at least one of sharpness, preconditioned must be True")
 
@@ -64,8 +70,9 @@ class CurvatureProbe:
 
     Preconditioned keys are absent until the optimizer has state (Adam's first step).
     Each estimate starts from the previous call's top eigenvector (warm start), so
-    tracking costs a few Hessian-vector products per call; :attr:`last_hvps` says how
-    many. A non-finite loss or Hessian-vector product yields NaN values and keeps the
+    tracking costs a few Hessian-vector products per call (:attr:`last_hvps` says how
+    many); every ``restart_every``-th call starts cold (:class:`ProbeConfig`). A
+    non-finite loss or Hessian-vector product yields NaN values and keeps the
     previous warm start. The probe never touches ``.grad``, the parameters, the optimizer,
     the model's train/eval mode or the global RNG (the closure itself runs once, in the
     mode the model is in: a BatchNorm in train mode updates its running statistics).
@@ -101,6 +108,8 @@ class CurvatureProbe:
         """Estimate the curvature of ``loss_fn()`` now; see the class docstring for the keys."""
         self.n_calls += 1
         self.last_hvps = 0
+        every = self.config.restart_every
+        cold = bool(every) and (self.n_calls - 1) % every == 0  # periodic cold start
         h0 = group_hyper(self.optimizer, self.optimizer.param_groups[0])
         diag = None
         if self.config.preconditioned:
@@ -116,7 +125,7 @@ class CurvatureProbe:
                 lam = math.nan
                 if finite:
                     try:
-                        res = self._lanczos(op.matvec_flat, self._v_h)
+                        res = self._lanczos(op.matvec_flat, None if cold else self._v_h)
                         lam, self._v_h = res.top, res.vectors[0].clone()
                     except FloatingPointError:
                         pass
@@ -129,7 +138,7 @@ class CurvatureProbe:
                 if finite:
                     pre = PreconditionedOperator(op, diag)
                     try:
-                        res = self._lanczos(pre.matvec_flat, self._v_p)
+                        res = self._lanczos(pre.matvec_flat, None if cold else self._v_p)
                         lam, self._v_p = res.top, res.vectors[0].clone()
                     except FloatingPointError:
                         pass
