@@ -267,3 +267,29 @@ def test_tensorboard_sink(tmp_path):
     assert [s for s, _ in loss] == stored[0].tolist() == [0, 1]
     assert [v for _, v in loss] == pytest.approx(stored[1].tolist(), rel=1e-6)
     assert "eff_step_p99" in acc.Tags()["scalars"]
+
+
+def test_buffered_writes_flush_by_count_time_and_close(tmp_path):
+    model, opt, x, y = _fresh()
+    lazy = Monitor(
+        model, opt, store=tmp_path / "s.db", run="lazy", flush_every=1000, flush_seconds=1e9
+    )
+    train(lazy, model, opt, x, y, 3)
+    eager = Monitor(
+        model, opt, store=tmp_path / "s.db", run="eager", flush_every=1000, flush_seconds=1e-9
+    )
+    lazy._handle.remove()  # only `eager` watches the optimizer now
+    train(eager, model, opt, x, y, 3)
+    counted = Monitor(
+        model, opt, store=tmp_path / "s.db", run="counted", flush_every=2, flush_seconds=1e9
+    )
+    eager._handle.remove()
+    train(counted, model, opt, x, y, 3)
+    assert open_run(tmp_path / "s.db", "eager").series("loss")[0].tolist() == [0, 1, 2]
+    assert open_run(tmp_path / "s.db", "counted").series("loss")[0].tolist() == [0, 1]
+    with pytest.raises(KeyError):
+        open_run(tmp_path / "s.db", "lazy").series("loss")
+    for mon in (lazy, eager, counted):
+        mon.close()
+    for name in ("lazy", "eager", "counted"):
+        assert open_run(tmp_path / "s.db", name).series("loss")[0].tolist() == [0, 1, 2]

@@ -19,6 +19,7 @@ from stablestep.telemetry.probes import (
     CoordinateSample,
     Scratch,
     adam_state_stats,
+    stack_scalars,
     update_stats,
 )
 from stablestep.telemetry.store import Run, RunWriter, open_run
@@ -166,7 +167,8 @@ class Monitor:
         Reads the loss and the gradients now, snapshots the parameters on detailed
         steps, and completes the record in the optimizer's step post-hook. A step the
         optimizer then skips (e.g. ``GradScaler`` on inf) is recorded without update
-        statistics at the next ``observe``.
+        statistics at the next ``observe``. With ``torch.amp.GradScaler``, call
+        ``scaler.unscale_(optimizer)`` first so the gradients are in true units.
         """
         if self._closed:
             raise RuntimeError("Monitor.observe() after close()")
@@ -182,20 +184,18 @@ class Monitor:
         live = [(n, p) for n, p, _ in self._params if p.grad is not None]
         grads = [p.grad.detach() for _, p in live]
         norms = torch._foreach_norm(grads) if grads else []
-        total = torch.stack([x.double() for x in norms]).square().sum().sqrt() if norms else None
+        total = stack_scalars(norms).square().sum().sqrt() if norms else None
         loss_t = loss.detach().double().reshape(()) if isinstance(loss, torch.Tensor) else None
+        if loss_t is not None and total is not None:
+            loss_t = loss_t.to(total.device)
+        scalars = [x for x in (loss_t, total) if x is not None]
+        host = iter(torch.stack(scalars).tolist() if scalars else [])  # the one host sync
         metrics: dict[str, float] = {}
-        host = (
-            torch.stack([x for x in (loss_t, total) if x is not None]).tolist()
-            if (loss_t is not None or total is not None)
-            else []
-        )
-        it = iter(host)
         if loss_t is not None:
-            metrics[N.LOSS] = next(it)
+            metrics[N.LOSS] = next(host)
         elif loss is not None:
             metrics[N.LOSS] = float(loss)
-        g_norm = next(it) if total is not None else None
+        g_norm = next(host) if total is not None else None
         bad: dict[str, int] = {}
         if g_norm is not None and not math.isfinite(g_norm):
             for (name, _), g, nrm in zip(live, grads, norms, strict=True):

@@ -189,7 +189,7 @@ def adam_state_stats(
     n, scale, bc2, eps = (
         torch.tensor([r[k] for r in rows], dtype=torch.float64, device=dev) for k in (1, 2, 3, 4)
     )
-    ext = _stack(extreme)
+    ext = stack_scalars(extreme)
     samp = torch.cat([x.reshape(-1) for x in samples]).double()
     if own:
         eff_max = ext
@@ -211,8 +211,8 @@ def adam_state_stats(
         v = states[i]
         lt = torch.lt(v, float(thr[i]), out=scratch.get("lt", v, torch.bool))
         share[i] = torch.count_nonzero(lt) / rows[i][1]
-    rs = _stack(sums) * bc2
-    rmax = _stack(maxes) * bc2
+    rs = stack_scalars(sums) * bc2
+    rmax = stack_scalars(maxes) * bc2
     out: dict[str, float] = {}
     q = quantiles(samp, [q for q, _ in QUANTILES])
     for (_, key), val in zip(QUANTILES, q, strict=True):
@@ -223,8 +223,8 @@ def adam_state_stats(
     out[N.G2V_RMS] = math.sqrt(float(rs.sum()) / total)
     out[N.G2V_MAX] = float(rmax.max())
     if gap_den:
-        den_sum = float(_stack(gap_den).sum())
-        out[N.AMSGRAD_GAP] = float(_stack(gap_num).sum()) / den_sum if den_sum > 0 else 0.0
+        den_sum = float(stack_scalars(gap_den).sum())
+        out[N.AMSGRAD_GAP] = float(stack_scalars(gap_num).sum()) / den_sum if den_sum > 0 else 0.0
     if top_k > 0:
         e_list, s_list = eff_max.tolist(), share.tolist()
         rms_list = (rs / n).sqrt().tolist()
@@ -236,7 +236,7 @@ def adam_state_stats(
     return out
 
 
-def _stack(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+def stack_scalars(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stack 0-d tensors into a float64 vector (one conversion when dtypes agree)."""
     if all(x.dtype == xs[0].dtype for x in xs):
         return torch.stack(list(xs)).double()
@@ -263,9 +263,9 @@ def update_stats(
         return {}
     u_norms = torch._foreach_norm(list(neg_update))
     dots = [torch.dot(u.reshape(-1), g.reshape(-1)) for u, g in zip(neg_update, grads, strict=True)]
-    u2, p2, g2 = (_stack(x).square() for x in (u_norms, param_norms, grad_norms))
+    u2, p2, g2 = (stack_scalars(x).square() for x in (u_norms, param_norms, grad_norms))
     u_norm, p_norm, g_norm = (float(x.sum().sqrt()) for x in (u2, p2, g2))
-    dot = float(_stack(dots).sum())  # <theta_t - theta_t+1, g>
+    dot = float(stack_scalars(dots).sum())  # <theta_t - theta_t+1, g>
     out = {N.PARAM_NORM: p_norm, N.UPDATE_NORM: u_norm}
     if p_norm > 0:
         out[N.UPDATE_RATIO] = u_norm / p_norm
