@@ -23,7 +23,11 @@ excess over the *start of the current rise*, not over a lagging mean:
 and alarms when :math:`e_t \ge \max(\text{min\_rise}, z\,s)` and the rise is confirmed
 (two rising records in a row, or a single jump :math:`e_t \ge` ``jump``). Statistics are
 frozen during an excursion, which ends when the loss is back within
-``max(min_rise, recover * peak excess)`` of the baseline.
+``max(min_rise, recover * peak excess)`` of the baseline, and for ``window/2`` records of
+aftermath, in which a rise of ``nested_rise`` from the lowest loss since the recovery
+(confirmed by two rising records, and above ``z s``) is a new spike: Adam's edge of
+stability rings after a spike. Inside an excursion, the same rise from the trough after
+the peak is a new spike too.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class SpikeConfig:
     jump: float = 0.4
     recover: float = 0.5
     patience: int = 200
-    nested_rise: float = 0.15
+    nested_rise: float = 0.1
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -100,6 +104,9 @@ class _SpikeState:
     prev_step: int = -1
     excursion: dict | None = None
     excursions: list = field(default_factory=list)
+    after_left: int = 0  # records left in the aftermath of the last spike
+    after_trough: float = math.inf
+    after_base: float = math.nan
 
 
 class SpikeDetector:
@@ -157,10 +164,10 @@ class SpikeDetector:
             if y - base_y <= max(c.min_rise, c.recover * excess_peak):
                 e["end"], e["recovered"] = step, True
                 self._close()
+                s.after_left, s.after_trough, s.after_base = c.window // 2, y, e["baseline"]
             elif e["trough_step"] > e["peak_step"] and (
                     y - e["trough"] >= max(c.jump, c.z * s.noise)
-                    or (s.rise_len >= 2 and y - e["trough"] >= max(c.nested_rise,
-                                                                    c.z * s.noise))):
+                    or (s.rise_len >= 2 and y - e["trough"] >= c.nested_rise)):
                 # a new spike on the way down from the previous one (recurring spikes)
                 # (the new one keeps the episode's baseline, so recovery means back to it)
                 e["end"] = step
@@ -182,6 +189,22 @@ class SpikeDetector:
                     e["trough"], e["trough_step"] = y, step
             self._shift(y, step)
             return alarm
+        if s.after_left > 0:  # aftermath of a spike: the loss rings around its baseline
+            s.after_left -= 1
+            rise = y - s.after_trough
+            if (rise >= max(c.jump, c.z * s.noise)
+                    or (s.rise_len >= 2 and rise >= max(c.nested_rise, c.z * s.noise))):
+                s.after_left = 0
+                alarm = Alarm(step=step, onset=step, kind="spike", value=loss,
+                              baseline=math.exp(s.after_trough),
+                              score=rise / max(s.noise, 1e-12))
+                s.excursion = asdict(Excursion(onset=step, detected=step,
+                                               baseline=s.after_base, peak=loss,
+                                               peak_step=step, jump=True))
+            s.after_trough = min(s.after_trough, y)
+            s.n += 1
+            self._shift(y, step)
+            return alarm  # statistics stay frozen until the ringing is over
         base = max(min(s.level, s.rise_start_y if s.rise_len else s.prev_y), s.level - 2 * s.noise)
         excess = y - base
         thr = max(c.min_rise, c.z * s.noise)
@@ -343,7 +366,7 @@ class PeriodicConfig:
     of variation of the intervals still called (approximately) periodic."""
 
     min_spikes: int = 4
-    max_cv: float = 1.5
+    max_cv: float = 1.0
 
     def __post_init__(self) -> None:
         if self.min_spikes < 3:

@@ -189,7 +189,7 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
     return int(trace.steps[-1])
 
 
-def label_spikes(trace: Trace, *, peak: float = 1.2, rise: float = 0.05,
+def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
                  lookback: int = 50) -> list[int]:
     """Offline ground truth for spikes, using the whole curve (not causal).
 
