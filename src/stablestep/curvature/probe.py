@@ -163,9 +163,9 @@ class CurvatureProbe:
         """Restore a :meth:`state_dict`; later calls continue exactly as the saved probe would."""
         for key in ("v_h", "v_p"):
             v = state[key]
-            if v is not None and v.numel() != self.n:
+            if v is not None and v.shape[-1] != self.n:
                 raise ValueError(
-                    f"state_dict {key} has {v.numel()} entries but the probe's parameters "
+                    f"state_dict {key} has {v.shape[-1]} entries but the probe's parameters "
                     f"have {self.n}"
                 )
         self.config = ProbeConfig(**state["config"])
