@@ -114,5 +114,8 @@ def test_seed_003_max_stable_lr_explains_nan_at_1e3_not_1e4():
     assert math.isnan(outcome[1e-3])  # the user's NaN
     assert outcome[1e-4] < 0.1  # and 1e-4 works
     assert 1e-4 < ans.max_lr < 1e-3 and ans.ratio > 1 and not ans.stable
-    assert ans.message.startswith(f"your lr 0.001 is {ans.ratio:.2g}x above the largest stable lr ")
+    assert ans.message.startswith(
+        f"your lr 1.0e-3 is {ans.ratio:.2g}x above the largest stable lr {ans.max_lr:.1e}"
+        .replace("e-0", "e-")
+    )
     assert "for this model and batch" in ans.message

@@ -217,6 +217,13 @@ class StableLR:
         return self.ratio < 1.0
 
 
+def _fmt_lr(x: float) -> str:
+    """Two significant digits the way people write learning rates: 0.3, 4.3e-4."""
+    if not math.isfinite(x) or 1e-2 <= abs(x) < 1e3:
+        return f"{x:.2g}"
+    return f"{x:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
 def max_stable_lr(
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
@@ -235,8 +242,8 @@ def max_stable_lr(
     .. math::  \mathrm{lr}_{\max} = \mathrm{lr}\, T / \lambda_{\max}(P^{-1}H).
 
     Several param groups are scaled together (``lr`` and ``max_lr`` refer to group 0).
-    Seed 003's answer: ``max_stable_lr(loss_fn, opt).message`` reads e.g. "your lr 0.001 is
-    2.3x above the largest stable lr 0.00043 for this model and batch".
+    Seed 003's answer: ``max_stable_lr(loss_fn, opt).message`` reads e.g. "your lr 1.0e-3 is
+    2.3x above the largest stable lr 4.3e-4 for this model and batch (...)".
     """
     lam = preconditioned_sharpness(loss_fn, optimizer, tol=tol, max_iter=max_iter, seed=seed)
     thr = stability_threshold(optimizer)
@@ -251,13 +258,13 @@ def max_stable_lr(
     )
     if ratio >= 1.0:
         msg = (
-            f"your lr {lr:.2g} is {ratio:.2g}x above the largest stable lr {max_lr:.2g} "
-            f"for this model and batch ({what})"
+            f"your lr {_fmt_lr(lr)} is {ratio:.2g}x above the largest stable lr "
+            f"{_fmt_lr(max_lr)} for this model and batch ({what})"
         )
     else:
         msg = (
-            f"your lr {lr:.2g} is below the largest stable lr {max_lr:.2g} for this model "
-            f"and batch, a margin of {1 / ratio:.2g}x ({what})"
+            f"your lr {_fmt_lr(lr)} is below the largest stable lr {_fmt_lr(max_lr)} for "
+            f"this model and batch, a margin of {1 / ratio:.2g}x ({what})"
         )
     return StableLR(
         lr=lr, max_lr=max_lr, ratio=ratio, precond_sharpness=lam, threshold=thr,
