@@ -17,7 +17,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         description="Export the metrics of a run in a stablestep run store as CSV.",
     )
     p.add_argument("path", help="run store (SQLite file written by stablestep.Monitor)")
-    p.add_argument("--csv", action="store_true", required=True, help="write CSV (the only format)")
+    p.add_argument("--csv", action="store_true", help="write CSV (the only format so far)")
     p.add_argument("--run", default=None, help="run name (default: the latest run)")
     p.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
     p.add_argument("--list", action="store_true", help="list the runs in PATH instead")
@@ -28,6 +28,8 @@ def _export(args: argparse.Namespace) -> int:
     from stablestep.telemetry.sinks import export_csv
     from stablestep.telemetry.store import list_runs, open_run
 
+    if not (args.csv or args.list):
+        raise UsageError("export needs a format: --csv (or --list to list the runs)")
     try:
         if args.list:
             for name in list_runs(args.path):
