@@ -33,7 +33,8 @@ REPORT_NAME = "report.html"
 @dataclass
 class VariantOutcome:
     """Scores of one variant: ``final_loss`` (whole data, NaN if diverged), ``spikes``
-    (start steps, :func:`stablestep.lab.spikes.spike_steps` with the scenario's factor),
+    (start steps, :func:`stablestep.lab.spikes.spike_steps` with the scenario's factor;
+    ``None`` where the scenario does not count spikes, e.g. noisy minibatch losses),
     ``diverged_at``, ``findings`` (``Finding.to_dict()`` of the diagnosis; ``None`` when
     the diagnosis is unavailable), wall ``seconds``."""
 
@@ -41,7 +42,7 @@ class VariantOutcome:
     label: str
     role: str
     final_loss: float
-    spikes: list[int]
+    spikes: list[int] | None
     diverged_at: int | None
     findings: list[dict] | None
     seconds: float
@@ -111,7 +112,8 @@ def run_variant(
         label=variant.label,
         role=variant.role,
         final_loss=result.final_loss,
-        spikes=spike_steps(result.losses, factor=scenario.spike_factor),
+        spikes=(None if scenario.spike_factor is None
+                else spike_steps(result.losses, factor=scenario.spike_factor)),
         diverged_at=result.diverged_at,
         findings=_diagnose(store, variant.name),
         seconds=seconds,
@@ -203,6 +205,11 @@ def run_all(
 
     write_index(ordered, Path(out) / "index.html")
     return ordered
+
+
+def fmt_spikes(spikes: list[int] | None) -> str:
+    """A spike count for tables: ``-`` when spikes are not counted."""
+    return "-" if spikes is None else str(len(spikes))
 
 
 def fmt_loss(x: float) -> str:

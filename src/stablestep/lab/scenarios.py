@@ -26,7 +26,8 @@ class Scenario:
     ``name``/``seed``/``title``: identity; ``story``: the user's question in one
     paragraph; ``explanation``: what the lab shows and why; ``variants``: the failing
     setting first, then the fixes and comparisons; ``spike_factor``: the ``factor`` of
-    :func:`stablestep.lab.spikes.spike_steps` for this story; ``panels``: extra
+    :func:`stablestep.lab.spikes.spike_steps` for this story (``None``: spikes are not
+    counted, the loss is minibatch noise); ``panels``: extra
     report panels (``"bias-correction"``, ``"period"``).
     """
 
@@ -36,7 +37,7 @@ class Scenario:
     story: str
     explanation: str
     variants: tuple[Variant, ...]
-    spike_factor: float = 3.0
+    spike_factor: float | None = 3.0
     panels: tuple[str, ...] = ()
 
     def variant(self, name: str) -> Variant:
@@ -110,8 +111,8 @@ def _periodic_spikes() -> Scenario:
 
 
 def _adam_decay() -> Scenario:
-    base = TrainConfig(problem="noisy-regression", n=512, dim=4, width=64, batch=32, lr=1e-2,
-                       eps=1e-8, steps=3000, decay_rate=0.1, decay_steps=3000, warmup=100,
+    base = TrainConfig(problem="noisy-regression", n=2048, dim=32, batch=8, lr=3e-2,
+                       eps=1e-8, steps=2000, decay_rate=0.1, decay_steps=2000, warmup=100,
                        curvature_every=0)
     return Scenario(
         name="adam-decay",
@@ -121,20 +122,23 @@ def _adam_decay() -> Scenario:
                "Adam? One answer claims Adam already decays the lr through "
                "sqrt(1-b2^t)/(1-b1^t); another that it does not."),
         explanation=(
-            "Minibatch Adam on a noisy regression. With a constant lr the loss stalls at a "
-            "noise floor set by lr; exponential, inverse-sqrt and warmup+cosine decay all "
-            "go lower. The bias-correction factor sqrt(1-b2^t)/(1-b1^t) is plotted next to "
-            "a real decay: it starts at 0.32, rises, and tends to 1. It is not a decay."),
+            "Minibatch Adam (batch 8) on a noisy linear regression whose noise floor is "
+            "0.09. With a constant lr Adam keeps jittering around the optimum (each "
+            "coordinate moves by about lr per step, whatever the gradient), so the loss "
+            "stays well above the floor; exponential, inverse-sqrt and warmup+cosine decay "
+            "shrink the jitter and get close to it. The bias-correction factor "
+            "sqrt(1-b2^t)/(1-b1^t) is plotted next to a real decay: it starts at 0.32, "
+            "rises, and tends to 1. It is not a decay."),
         variants=(
-            Variant("constant", "constant lr 1e-2", base, "failing"),
-            Variant("exponential", "exponential decay 0.1^(t/3000)",
+            Variant("constant", "constant lr 3e-2", base, "failing"),
+            Variant("exponential", "exponential decay 0.1^(t/2000)",
                     replace(base, schedule="exponential"), "fix"),
             Variant("inverse-sqrt", "inverse-sqrt (warmup 100)",
                     replace(base, schedule="inverse-sqrt"), "fix"),
             Variant("warmup-cosine", "warmup 100 + cosine",
                     replace(base, schedule="warmup-cosine"), "fix"),
         ),
-        spike_factor=3.0,
+        spike_factor=None,
         panels=("bias-correction",),
     )
 

@@ -30,7 +30,7 @@ class Cell:
     eps: float
     amsgrad: bool
     final_loss: float
-    spikes: int
+    spikes: int | None
     diverged_at: int | None
 
 
@@ -63,13 +63,14 @@ class SweepResult:
                 "amsgrads": self.amsgrads, "steps": self.steps, "cells": cells}
 
 
-def _cell(config: TrainConfig, spike_factor: float) -> Cell:
+def _cell(config: TrainConfig, spike_factor: float | None) -> Cell:
     import torch
 
     torch.set_num_threads(1)
     r = train(config)
+    spikes = None if spike_factor is None else count_spikes(r.losses, factor=spike_factor)
     return Cell(lr=config.lr, eps=config.eps, amsgrad=config.amsgrad, final_loss=r.final_loss,
-                spikes=count_spikes(r.losses, factor=spike_factor), diverged_at=r.diverged_at)
+                spikes=spikes, diverged_at=r.diverged_at)
 
 
 def sweep(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from stablestep.lab.runner import fmt_spikes
 from stablestep.report import plots
 from stablestep.report.html import (
     esc,
@@ -95,7 +96,8 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
     series, rows, number = [], [], 1
     for v in outcome.variants:
         run = open_run(outcome.store, run=v.name)
-        found = v.findings if v.findings is not None else _spike_findings(v.spikes, v.diverged_at)
+        found = (v.findings if v.findings is not None
+                 else _spike_findings(v.spikes or [], v.diverged_at))
         incs = incidents_for(found, number)
         number += len(incs)
         series.append(plots.from_run(run, label=v.label, incidents=incs))
@@ -109,7 +111,7 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
             if remedy:
                 break
         diverged = "-" if v.diverged_at is None else f"NaN at step {v.diverged_at}"
-        rows.append([esc(v.label), _role(v.role), esc(fmt(v.final_loss)), esc(len(v.spikes)),
+        rows.append([esc(v.label), _role(v.role), esc(fmt(v.final_loss)), esc(fmt_spikes(v.spikes)),
                      esc(diverged), esc(mech), esc(remedy)])
     extra = []
     if "bias-correction" in scenario.panels:
@@ -123,7 +125,8 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
                             "Adam's bias-correction factor next to the lr decays compared "
                             "here: it rises to 1 within a few thousand steps."))
     if "period" in scenario.panels:
-        extra.append(figure(plots.interval_panel({v.label: v.spikes for v in outcome.variants}),
+        spikes = {v.label: v.spikes or [] for v in outcome.variants}
+        extra.append(figure(plots.interval_panel(spikes),
                             "Spikes per run and the median number of steps between them."))
     cfg_rows = [[v.label, v.config.optimizer, v.config.lr, v.config.eps, v.config.amsgrad,
                  v.config.schedule, v.config.n, v.config.steps] for v in scenario.variants
@@ -162,7 +165,7 @@ def write_index(outcomes: Sequence[Any], out: str | os.PathLike) -> Path:
         parts.append(f"<p>{esc(sc.explanation)}</p>")
         parts.append(table(
             ["variant", "role", "final loss", "spikes", "diverged at", "diagnosis"],
-            [[v.label, v.role, v.final_loss, len(v.spikes),
+            [[v.label, v.role, v.final_loss, fmt_spikes(v.spikes),
               "-" if v.diverged_at is None else v.diverged_at,
               "not available" if v.findings is None else ", ".join(v.mechanisms) or "none"]
              for v in o.variants]))

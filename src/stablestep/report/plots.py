@@ -96,11 +96,14 @@ def _figure(title: str, ylabel: str, *, logy: bool = False):
     return fig, ax
 
 
-def _png(fig) -> bytes:
+def _png(fig, *, tight: bool = True) -> bytes:
     plt = _plt()
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
+    if tight:
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+    else:
+        fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

@@ -1,0 +1,202 @@
+"""``stablestep lab list``, ``stablestep lab run NAME|all [--out DIR]`` and
+``stablestep sweep NAME --lr ... --eps ... --amsgrad ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register ``lab`` (with ``list`` and ``run``) and ``sweep``."""
+    lab = subparsers.add_parser(
+        "lab", help="the four seed stories reproduced, explained and fixed",
+        description="Reproduce a classic Adam failure on the CPU in seconds, compare the "
+        "fixes side by side, diagnose each run and write an HTML report.")
+    sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
+    p = sub.add_parser("list", help="list the scenarios")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("run", help="run a scenario (or all) and write its report")
+    p.add_argument("name", help="scenario name, or 'all'")
+    p.add_argument("--out", default=None,
+                   help="output directory (default runs/NAME; for 'all' runs/lab)")
+    p.add_argument("--quick", action="store_true",
+                   help="probe curvature 4x less often (faster, same training)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for 'all' (default: CPU count, at most 4)")
+    p.set_defaults(func=cmd_run)
+    lab.set_defaults(func=lambda args: (lab.print_help(), 2)[1])
+
+    sw = subparsers.add_parser(
+        "sweep", help="stability map of a scenario over lr x eps x amsgrad",
+        description="Train a scenario's failing setting at every grid point (in parallel "
+        "processes) and draw final loss and spike count per cell.")
+    sw.add_argument("name", help="scenario name (see 'stablestep lab list')")
+    sw.add_argument("--lr", nargs="+", required=True,
+                    help="learning rates (space or comma separated)")
+    sw.add_argument("--eps", nargs="+", default=None, help="epsilons (default: the scenario's)")
+    sw.add_argument("--amsgrad", nargs="+", default=["false"], help="true/false values")
+    sw.add_argument("--steps", type=int, default=None,
+                    help="steps per cell (default: the scenario's)")
+    sw.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    sw.add_argument("--out", default=None, help="output directory (default runs/sweep-NAME)")
+    sw.set_defaults(func=cmd_sweep)
+
+
+def _usage(msg: str) -> Exception:
+    from stablestep.cli import UsageError
+
+    return UsageError(msg)
+
+
+def _scenario(name: str):
+    from stablestep.lab import scenarios
+
+    try:
+        return scenarios.get(name)
+    except KeyError as exc:
+        raise _usage(exc.args[0]) from None
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the scenarios with their seed, question and variants."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stablestep.lab import scenarios
+
+    t = Table(title="stablestep lab scenarios")
+    for col in ("name", "seed", "story", "variants"):
+        t.add_column(col)
+    for n in scenarios.names():
+        sc = scenarios.get(n)
+        t.add_row(sc.name, sc.seed, sc.title, ", ".join(v.name for v in sc.variants))
+    Console().print(t)
+    print("run one:  stablestep lab run NAME --out DIR   (or 'all')")
+    return 0
+
+
+def _print_outcome(console, outcome) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stablestep.lab import scenarios
+    from stablestep.lab.runner import fmt_loss, fmt_spikes
+
+    sc = scenarios.get(outcome.name)
+    t = Table(title=f"seed {sc.seed} · {sc.name}: {escape(sc.title)} ({outcome.seconds:.0f} s)")
+    for col in ("variant", "role", "final loss", "spikes", "diverged", "diagnosis", "remedy"):
+        t.add_column(col)
+    for v in outcome.variants:
+        remedy = next((f"{r.get('action')} {r.get('value')}" for f in v.findings or []
+                       for r in f.get("remedies") or []), "")
+        mech = "n/a" if v.findings is None else (", ".join(v.mechanisms) or "-")
+        t.add_row(escape(v.label), v.role, fmt_loss(v.final_loss), fmt_spikes(v.spikes),
+                  "-" if v.diverged_at is None else f"NaN at {v.diverged_at}",
+                  escape(mech), escape(str(remedy)))
+    console.print(t)
+    if outcome.report:
+        console.print(f"report: {escape(outcome.report)}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run one scenario or all, print the outcome tables and where the reports are."""
+    from rich.console import Console
+
+    from stablestep.lab import runner, scenarios
+
+    console = Console()
+    if args.workers is not None and args.workers < 1:
+        raise _usage(f"--workers must be >= 1; got {args.workers}")
+    if args.name == "all":
+        out = Path(args.out or os.path.join("runs", "lab"))
+        console.print(f"running {len(scenarios.names())} scenarios into {out} ...")
+        outcomes = runner.run_all(out=out, quick=args.quick, workers=args.workers,
+                                  progress=lambda o: _print_outcome(console, o))
+        console.print(f"index of all reports: {out / 'index.html'}")
+        return 0 if outcomes else 1
+    sc = _scenario(args.name)
+    out = Path(args.out or os.path.join("runs", sc.name))
+    outcome = runner.run_scenario(sc, out=out, quick=args.quick)
+    _print_outcome(console, outcome)
+    return 0
+
+
+def _floats(values: list[str] | None, flag: str) -> list[float]:
+    out = []
+    for chunk in values or []:
+        for item in chunk.split(","):
+            if not item.strip():
+                continue
+            try:
+                x = float(item)
+            except ValueError:
+                raise _usage(f"{flag}: not a number: {item!r}") from None
+            if not x >= 0:
+                raise _usage(f"{flag}: values must be >= 0; got {item}")
+            out.append(x)
+    return out
+
+
+def _bools(values: list[str]) -> list[bool]:
+    out = []
+    for chunk in values:
+        for item in chunk.split(","):
+            if item.strip().lower() not in _BOOLS:
+                raise _usage(f"--amsgrad: expected true or false; got {item!r}")
+            out.append(_BOOLS[item.strip().lower()])
+    return out
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run the sweep with a progress bar, write sweep.json and sweep.html, print the map."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from stablestep.lab.runner import fmt_loss
+    from stablestep.lab.sweep import sweep
+
+    sc = _scenario(args.name)
+    lrs = _floats(args.lr, "--lr")
+    epss = _floats(args.eps, "--eps") if args.eps else [sc.base().eps]
+    amsgrads = _bools(args.amsgrad)
+    if not lrs:
+        raise _usage("--lr: give at least one learning rate")
+    if any(x == 0 for x in lrs):
+        raise _usage("--lr: learning rates must be > 0")
+    if args.steps is not None and args.steps < 1:
+        raise _usage(f"--steps must be >= 1; got {args.steps}")
+    if args.workers is not None and args.workers < 1:
+        raise _usage(f"--workers must be >= 1; got {args.workers}")
+    out = Path(args.out or os.path.join("runs", f"sweep-{sc.name}"))
+    console = Console()
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"sweep {sc.name}", total=len(lrs) * len(epss) * len(amsgrads))
+        result = sweep(sc.name, lrs=lrs, epss=epss, amsgrads=amsgrads, steps=args.steps,
+                       workers=args.workers,
+                       progress=lambda done, total: bar.update(task, completed=done))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    from stablestep.report.sweepmap import write_sweep_report
+
+    html = write_sweep_report(result, out / "sweep.html")
+    from rich.table import Table
+
+    for a in result.amsgrads:
+        t = Table(title=f"{sc.name}: final loss / spikes (amsgrad={a})")
+        t.add_column("eps \\ lr")
+        for lr in result.lrs:
+            t.add_column(f"{lr:g}")
+        for eps in result.epss:
+            cells = [result.cell(lr, eps, a) for lr in result.lrs]
+            t.add_row(f"{eps:g}", *[f"{fmt_loss(c.final_loss)} / "
+                                    f"{'-' if c.spikes is None else c.spikes}" for c in cells])
+        console.print(t)
+    console.print(f"stability map: {html}")
+    return 0
