@@ -60,10 +60,10 @@ def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[in
 
 
 def _episodes(excs: list[Excursion]) -> list[list[Excursion]]:
-    """Chain excursions that begin where the previous one ended without recovering."""
+    """Chain excursions that begin inside the previous one or in its aftermath."""
     out: list[list[Excursion]] = []
     for e in excs:
-        if out and not out[-1][-1].recovered and out[-1][-1].end == e.onset:
+        if out and e.follows:
             out[-1].append(e)
         else:
             out.append([e])
@@ -74,7 +74,8 @@ def _incident(chain: list[Excursion], kind: str, nonfinite_at: int | None = None
     peak = max(chain, key=lambda e: e.peak)
     return Incident(onset=chain[0].onset, detected=chain[0].detected, kind=kind,
                     peak=peak.peak, peak_step=peak.peak_step, baseline=chain[0].baseline,
-                    recovered=chain[-1].recovered, jump=chain[0].jump, nonfinite_at=nonfinite_at)
+                    recovered=chain[-1].recovered, jump=chain[0].jump, nonfinite_at=nonfinite_at,
+                    follow_on=tuple(e.detected for e in chain[1:]))
 
 
 def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
@@ -111,8 +112,19 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, cfg)
         if kind == "divergence":  # one regime, however many sub-peaks
             incidents.append(_incident(chain, kind, nf_at))
-        else:  # spikes on the way down from another are spikes of their own
-            incidents.extend(_incident([e], "spike") for e in chain)
+            continue
+        # Spikes while the loss rings after another are spikes of their own, except the
+        # rises that follow a bad batch (Adam's momentum carries it): they are its echo.
+        groups: list[list[Excursion]] = []
+        echo = False
+        for e in chain:
+            bad_batch = classify(trace, _incident([e], "spike"))[0] == "gradient-outlier"
+            if echo and not bad_batch:
+                groups[-1].append(e)
+            else:
+                groups.append([e])
+                echo = bad_batch
+        incidents.extend(_incident(g, "spike") for g in groups)
     for s in nf_steps:
         if s not in consumed_nf:
             incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,

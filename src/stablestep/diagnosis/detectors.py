@@ -88,6 +88,7 @@ class Excursion:
     jump: bool = False
     trough: float = math.inf  # lowest log-loss since the peak
     trough_step: int = -1
+    follows: bool = False  # began inside the previous excursion or its aftermath
 
 
 @dataclass
@@ -176,7 +177,8 @@ class SpikeDetector:
                               baseline=math.exp(e["trough"]),
                               score=(y - e["trough"]) / max(s.noise, 1e-12))
                 s.excursion = asdict(Excursion(onset=step, detected=step, baseline=e["baseline"],
-                                               peak=loss, peak_step=step, jump=True))
+                                               peak=loss, peak_step=step, jump=True,
+                                               follows=True))
             elif step - e["detected"] > c.patience:
                 e["end"] = step
                 self._close()
@@ -200,7 +202,7 @@ class SpikeDetector:
                               score=rise / max(s.noise, 1e-12))
                 s.excursion = asdict(Excursion(onset=step, detected=step,
                                                baseline=s.after_base, peak=loss,
-                                               peak_step=step, jump=True))
+                                               peak_step=step, jump=True, follows=True))
             s.after_trough = min(s.after_trough, y)
             s.n += 1
             self._shift(y, step)

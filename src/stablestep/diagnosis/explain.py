@@ -61,6 +61,7 @@ class Incident:
     recovered: bool
     jump: bool = False
     nonfinite_at: int | None = None
+    follow_on: tuple[int, ...] = ()  # later alarms of the same episode
 
 
 def _sig(x: float, digits: int = 2) -> float:
@@ -173,6 +174,8 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     ev: dict[str, Any] = {"detected_at": inc.detected, "baseline_loss": inc.baseline,
                           "peak_loss": inc.peak, "peak_step": inc.peak_step,
                           "recovered": inc.recovered}
+    if inc.follow_on:
+        ev["follow_on_alarms"] = list(inc.follow_on)
     if inc.baseline > 0 and math.isfinite(inc.peak):
         ev["peak_over_baseline"] = inc.peak / inc.baseline
     if inc.kind == "non-finite":
