@@ -92,10 +92,10 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 def test_preconditioned_sharpness_within_half_percent(opt_name):
-    model, loss_fn, xy = make_problem("mlp", seed=1)
+    model, loss_fn, xy = make_problem("cnn", seed=1)
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
     _adam_state(model, loss_fn, opt)
-    H = dense_for("mlp", model, xy)
+    H = dense_for("cnn", model, xy)
     group = opt.param_groups[0]
     if opt_name == "sgd":
         D = torch.full((H.shape[0],), group["lr"], dtype=H.dtype)

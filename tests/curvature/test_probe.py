@@ -196,7 +196,7 @@ def _big_problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
                           nn.Linear(256, 1))
-    x, y = torch.randn(256, 32), torch.randn(256, 1)
+    x, y = torch.randn(128, 32), torch.randn(128, 1)
     return model, (lambda: F.mse_loss(model(x), y))
 
 
@@ -204,8 +204,8 @@ def test_memory_flat_over_200_estimates():
     """Each estimate's double-backward graph holds a few MB: a leak would add ~1 GB."""
     model, loss_fn = _big_problem()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    probe = CurvatureProbe(model.parameters(), opt, config=ProbeConfig(preconditioned=False))
-    n_tensors = None
+    cfg = ProbeConfig(preconditioned=False, restart_every=0)
+    probe = CurvatureProbe(model.parameters(), opt, config=cfg)
 
     def estimate():
         probe(loss_fn)
