@@ -84,6 +84,7 @@ class HessianOperator:
         ]
         self.sizes = [p.numel() for p in self.params]
         self.n = sum(self.sizes)
+        self.device = self.params[0].device
         self.n_hvp = 0
 
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -31,7 +31,8 @@ and it finds the largest *algebraic* eigenvalue (the one that matters for stabil
 the largest in magnitude. A warm start from the previous estimate's top eigenvector makes
 tracking along a training run cost a few products per estimate.
 
-Memory: the basis holds ``max_iter`` float64 vectors of the parameter count.
+Memory: the basis holds one float64 vector of the parameter count per product used
+(at most ``max_iter``).
 """
 
 from __future__ import annotations
@@ -126,28 +127,34 @@ def lanczos_top(
     config: LanczosConfig | None = None,
     v0: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
 ) -> EigenResult:
     r"""Top-``k`` eigenpairs of the symmetric operator ``matvec`` on :math:`\mathbb R^n`.
 
     ``matvec`` maps a flat float64 vector to a flat float64 vector. ``v0`` (warm start)
     is the start vector, typically the previous estimate's top eigenvector; otherwise a
     random unit vector from ``generator`` (or ``torch.Generator().manual_seed(config.seed)``).
-    See the module docstring for the recurrence and the stopping rule.
+    Vectors live on ``device`` (default: ``v0``'s, else CPU); the random start is drawn on
+    the CPU, so it does not depend on the device. See the module docstring for the
+    recurrence and the stopping rule.
     """
     cfg = config or LanczosConfig()
     if generator is None:
         generator = torch.Generator().manual_seed(cfg.seed)
     q = None
+    if device is None:
+        device = v0.device if v0 is not None else torch.device("cpu")
     if v0 is not None:
-        q = v0.detach().reshape(-1).to(torch.float64)
+        q = v0.detach().reshape(-1).to(device=device, dtype=torch.float64)
         if q.numel() != n:
             raise ValueError(f"v0 has {q.numel()} entries, expected {n}")
         nq = float(q.norm())
         q = q / nq if math.isfinite(nq) and nq > 0 else None
     if q is None:
-        q = random_unit(n, generator)
+        q = random_unit(n, generator).to(device)
     max_iter = min(cfg.max_iter, n)
-    basis = torch.empty(max_iter, n, dtype=torch.float64)
+    # grown by doubling: a warm-started estimate that stops after 2 products holds 2 vectors
+    basis = torch.empty(min(max_iter, 4), n, dtype=torch.float64, device=device)
     alphas: list[float] = []
     betas: list[float] = []
     theta = s = None
@@ -156,6 +163,9 @@ def lanczos_top(
     top_now = math.nan
     j = 0
     for j in range(1, max_iter + 1):
+        if j > basis.shape[0]:
+            grow = min(basis.shape[0], max_iter - j + 1)
+            basis = torch.cat([basis, torch.empty_like(basis[:grow])])
         basis[j - 1] = q
         w = matvec(q)
         if not torch.isfinite(w).all():
@@ -190,7 +200,7 @@ def lanczos_top(
         betas.append(beta)
         q = w / beta
     k = min(cfg.k, j)
-    vecs = s[:, :k].T @ basis[:j]
+    vecs = s[:, :k].T.to(device) @ basis[:j]
     vecs = vecs / vecs.norm(dim=1, keepdim=True)
     top = float(theta[0])
     return EigenResult(

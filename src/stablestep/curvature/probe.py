@@ -102,7 +102,9 @@ class CurvatureProbe:
 
     def _lanczos(self, matvec, v0: torch.Tensor | None):
         cfg = LanczosConfig(tol=self.config.tol, max_iter=self.config.max_iter)
-        return lanczos_top(matvec, self.n, config=cfg, v0=v0, generator=self._gen)
+        return lanczos_top(
+            matvec, self.n, config=cfg, v0=v0, generator=self._gen, device=self.params[0].device
+        )
 
     def __call__(self, loss_fn: LossFn) -> dict[str, float]:
         """Estimate the curvature of ``loss_fn()`` now; see the class docstring for the keys."""
@@ -169,7 +171,8 @@ class CurvatureProbe:
                     f"have {self.n}"
                 )
         self.config = ProbeConfig(**state["config"])
-        self._v_h = None if state["v_h"] is None else state["v_h"].clone()
-        self._v_p = None if state["v_p"] is None else state["v_p"].clone()
+        dev = self.params[0].device
+        self._v_h = None if state["v_h"] is None else state["v_h"].to(dev, copy=True)
+        self._v_p = None if state["v_p"] is None else state["v_p"].to(dev, copy=True)
         self._gen.set_state(state["generator"])
         self.n_calls = int(state["n_calls"])

@@ -100,7 +100,7 @@ def top_eigen(
     """
     op = HessianOperator(loss_fn, params)
     try:
-        return lanczos_top(op.matvec_flat, op.n, config=config, v0=v0)
+        return lanczos_top(op.matvec_flat, op.n, config=config, v0=v0, device=op.device)
     finally:
         op.release()
 
@@ -148,7 +148,7 @@ def preconditioned_sharpness(
     try:
         pre = PreconditionedOperator(op, diag)
         cfg = LanczosConfig(tol=tol, max_iter=max_iter, seed=seed)
-        return lanczos_top(pre.matvec_flat, pre.n, config=cfg).top
+        return lanczos_top(pre.matvec_flat, pre.n, config=cfg, device=op.device).top
     finally:
         op.release()
 
