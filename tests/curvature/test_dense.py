@@ -108,11 +108,19 @@ def test_preconditioned_sharpness_within_half_percent(opt_name):
     assert abs(est - exact) <= 5e-3 * abs(exact)
 
 
-@pytest.mark.parametrize("opt_name", ["adam", "adamw", "amsgrad"])
-def test_preconditioner_is_torchs_own_step(opt_name):
-    """D * exp_avg equals the step torch.optim actually takes (decoupled decay removed)."""
+def _stablestep_tf_adam(ps):
+    from stablestep import Adam
+
+    return Adam(ps, lr=1e-2, eps=1e-3, eps_mode="tf")
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "amsgrad", "stablestep-tf"])
+def test_preconditioner_is_the_optimizers_own_step(opt_name):
+    """D * exp_avg equals the step the optimizer actually takes (decoupled decay removed):
+    torch.optim's, and stablestep.Adam's in the TensorFlow epsilon convention."""
     model, loss_fn, _ = make_problem("mlp", seed=2)
-    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    make = _stablestep_tf_adam if opt_name == "stablestep-tf" else OPTIMIZERS[opt_name]
+    opt = make(list(model.parameters()))
     _adam_state(model, loss_fn, opt, steps=3)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
@@ -127,16 +135,13 @@ def test_preconditioner_is_torchs_own_step(opt_name):
         torch.testing.assert_close(-d * opt.state[p]["exp_avg"], step, rtol=1e-7, atol=1e-12)
 
 
-def test_stablestep_adam_tf_mode_if_exported():
-    stablestep = pytest.importorskip("stablestep")
-    try:
-        Adam = stablestep.Adam
-    except (AttributeError, ImportError):
-        pytest.skip("stablestep.Adam is not exported yet")
-    model, loss_fn, xy = make_problem("mlp", seed=1)
+def test_stablestep_adam_tf_mode():
+    from stablestep import Adam
+
+    model, loss_fn, xy = make_problem("cnn", seed=1)
     opt = Adam(model.parameters(), lr=1e-2, eps=1e-3, eps_mode="tf")
     _adam_state(model, loss_fn, opt)
-    H = dense_for("mlp", model, xy)
+    H = dense_for("cnn", model, xy)
     group = opt.param_groups[0]
     D = torch.cat([_torch_adam_D(opt, group, p, tf_eps=True).reshape(-1)
                    for p in model.parameters()])
