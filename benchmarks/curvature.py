@@ -223,6 +223,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     reps = 3 if args.quick else args.reps
     warm_benchmark(steps=1500 if args.quick else 4000, every=50)
+    try:
+        import pyhessian  # noqa: F401
+    except ImportError:
+        print("cold-start comparison skipped: PyHessian is not installed "
+              "(.venv/bin/pip install pyhessian)")
+        raise SystemExit(1) from None
     ratios = [cold_benchmark(kind, reps) for kind in ("mlp", "cnn")]
     hvp = statistics.median(r[0] for r in ratios)
     print(f"cold-start HVP ratio PyHessian/ours to 0.1% (median over models): {hvp:.2f}x")
