@@ -44,7 +44,13 @@ VARIANTS = {
         lambda ps: Adam(ps, eps=1e-7, eps_mode="tf", amsgrad=True), "torch fused amsgrad"),
     "ours AdamW update_clipping": (
         lambda ps: AdamW(ps, update_clipping=True), "torch fused"),
+    "ours AdamW update_clipping compiled": (
+        lambda ps: AdamW(ps, update_clipping=True, impl="compiled"), "torch fused"),
+    "ours AdamW update_clipping amsgrad compiled": (
+        lambda ps: AdamW(ps, update_clipping=True, amsgrad=True, impl="compiled"),
+        "torch fused amsgrad"),
     "ours AdamAtan2": (lambda ps: AdamAtan2(ps), "torch fused"),
+    "ours AdamAtan2 compiled": (lambda ps: AdamAtan2(ps, impl="compiled"), "torch fused"),
 }
 HEADLINE = ("ours Adam torch-eps", "ours Adam tf-eps", "ours Adam torch-eps amsgrad",
             "ours Adam tf-eps amsgrad")

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from stablestep.optim import _fast
+from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import AdamStep, adam_reference
 from stablestep.optim.inspect import epsilon_t, group_hyper, second_moment, step_count
 
-IMPLS = ("auto", "fused", "foreach", "reference")
+IMPLS = ("auto", "fused", "foreach", "reference", "compiled")
 EPS_MODES = ("torch", "tf")
 
 
@@ -50,6 +50,15 @@ def resolve_impl(impl: str, params: list[torch.Tensor], *, fused_ok: bool = True
     return impl
 
 
+def compiled_kernel(params: list[torch.Tensor], tensors: list[torch.Tensor]):
+    """The ``impl="compiled"`` kernel for these tensors, or ``None`` (then the caller takes
+    its eager fast path): they must be contiguous CPU float32/float64 of one dtype, and the
+    kernel must build here (see :mod:`stablestep.optim._compiled`)."""
+    if not _compiled.supported(tensors):
+        return None
+    return _compiled.load(params[0].dtype)
+
+
 class Adam(torch.optim.Optimizer):
     r"""Adam (Kingma & Ba 2015) with the epsilon convention, AMSGrad, weight decay and
     update clipping explicit.
@@ -76,8 +85,11 @@ class Adam(torch.optim.Optimizer):
     Wortsman et al. 2023) multiplies each tensor's lr by
     :math:`1/\max(1, \sqrt{\operatorname{mean}(g_t^2/\max(\hat v_t, \epsilon_t^2))})`, damping the
     step when the second moment is stale. ``impl``: ``"auto"`` (torch's fused kernel when
-    dtype/device allow, else ``"foreach"``), ``"fused"``, ``"foreach"`` or ``"reference"``
-    (readable per-tensor math, :mod:`stablestep.optim._reference`).
+    dtype/device allow, else ``"foreach"``), ``"fused"``, ``"foreach"``, ``"reference"``
+    (readable per-tensor math, :mod:`stablestep.optim._reference`) or ``"compiled"``
+    (opt-in: update clipping in one C++ kernel call per step, built on first use with
+    inductor's toolchain, :mod:`stablestep.optim._compiled`; contiguous CPU float32/float64,
+    else, or without clipping, or where no compiler works, the ``"auto"`` path).
 
     Example::
 
@@ -183,7 +195,17 @@ class Adam(torch.optim.Optimizer):
                 continue
             h = self._hyper(group)
             impl = resolve_impl(group["impl"], params)
-            if impl == "reference":
+            kernel = None
+            if impl == "compiled":
+                if h.update_clipping:
+                    kernel = compiled_kernel(
+                        params, params + grads + exp_avgs + exp_avg_sqs + max_sqs)
+                if kernel is None:  # plain Adam is already at speed on torch's fused kernel
+                    impl = resolve_impl("auto", params)
+            if kernel is not None:
+                scales = _compiled.adam_clip(
+                    kernel, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, h)
+            elif impl == "reference":
                 maxs = max_sqs if h.amsgrad else [None] * len(params)
                 tensors = zip(params, grads, exp_avgs, exp_avg_sqs, maxs, steps, strict=True)
                 scales = [adam_reference(*ts, h) for ts in tensors]

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from stablestep.optim import _fast
+from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import Atan2Step, atan2_reference
-from stablestep.optim.adam import check_common, resolve_impl
+from stablestep.optim.adam import check_common, compiled_kernel, resolve_impl
 
 
 class AdamAtan2(torch.optim.Optimizer):
@@ -27,7 +27,10 @@ class AdamAtan2(torch.optim.Optimizer):
     Adam's with :math:`\epsilon = 0` scaled by :math:`a/b`. Weight decay is decoupled (AdamW).
     Defaults ``a=1.27, b=1`` follow the widely used PyTorch port (lucidrains/adam-atan2-pytorch).
     State keys are Adam's (``step``, ``exp_avg``, ``exp_avg_sq``). ``impl``: ``"auto"``/
-    ``"foreach"`` (fast) or ``"reference"``.
+    ``"foreach"`` (eager fast path), ``"reference"``, or ``"compiled"`` (opt-in: the whole
+    update in one C++ kernel call per step, built on first use with inductor's toolchain,
+    :mod:`stablestep.optim._compiled`; float32 ``atan2`` within 2 ulp; contiguous CPU
+    float32/float64, else, or where no compiler works, the eager fast path).
 
     Example::
 
@@ -109,7 +112,12 @@ class AdamAtan2(torch.optim.Optimizer):
                 weight_decay=float(group["weight_decay"]), a=group["a"], b=group["b"],
                 maximize=bool(group["maximize"]),
             )
-            if resolve_impl(group["impl"], params, fused_ok=False) == "reference":
+            impl = resolve_impl(group["impl"], params, fused_ok=False)
+            kernel = compiled_kernel(params, params + grads + ms + vs) if (
+                impl == "compiled") else None
+            if kernel is not None:
+                _compiled.atan2_step(kernel, params, grads, ms, vs, steps, h)
+            elif impl == "reference":
                 for p, g, m, v, s in zip(params, grads, ms, vs, steps, strict=True):
                     atan2_reference(p, g, m, v, s, h)
             else:
