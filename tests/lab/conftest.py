@@ -1,4 +1,4 @@
-"""Shared fixtures: each scenario is run once per test session (quick curvature, only
+"""Shared fixtures: each scenario is run once per test session (as `lab run` does, only
 the variants the tests look at) into a temporary directory."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def _one_thread():
 
 def _run(tmp_path_factory, name, variants):
     out = tmp_path_factory.mktemp(name)
-    return run_scenario(name, out=out, quick=True, variants=variants, report=False)
+    return run_scenario(name, out=out, variants=variants, report=False)
 
 
 @pytest.fixture(scope="session")
