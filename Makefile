@@ -24,6 +24,12 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
+# Each benchmark prints its ratio against the anchor measured in the same run on its last line.
+bench: setup
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+	@for b in optim_step monitor_overhead curvature detection; do \
+	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py | tail -n 1; done
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks examples
 
