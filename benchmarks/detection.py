@@ -5,7 +5,9 @@ models on CPU, two models x three seeds per cause): Adam's adaptive edge of stab
 lr above the GD bound, injected outlier batches, injected overflow, stable runs.
 
 Event-level scoring: a labelled incident is found if a detection falls in
-``[onset - 2, onset + 20]``; each detection counts once; detections matching no
+``[onset - 2, onset + 20]`` (labels in time order, each taking the earliest unused
+detection in its window: a maximum matching for equal-length windows); each detection
+counts once; detections matching no
 incident are false alarms. Delay = detection step - labelled onset (median over found
 incidents). Mechanism accuracy (ours only: the baselines name no mechanism) = share of
 found incidents whose finding names the labelled mechanism.
@@ -105,11 +107,8 @@ def score(events, detections):
     """Match detections to labelled events; returns (tp, fp, fn, delays, mech_ok)."""
     used, delays, mech_ok, tp = set(), [], 0, 0
     for onset, mech in events:
-        best = None
-        for j, (s, _m) in enumerate(detections):
-            if j not in used and onset - MATCH_BEFORE <= s <= onset + MATCH_AFTER:
-                best = j
-                break
+        best = next((j for j, (s, _m) in enumerate(detections)
+                     if j not in used and onset - MATCH_BEFORE <= s <= onset + MATCH_AFTER), None)
         if best is not None:
             used.add(best)
             tp += 1

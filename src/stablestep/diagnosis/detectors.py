@@ -60,7 +60,7 @@ class SpikeConfig:
     jump: float = 0.4
     recover: float = 0.5
     patience: int = 200
-    nested_rise: float = 0.1
+    nested_rise: float = 0.08
 
     def __post_init__(self) -> None:
         if self.window < 2:
