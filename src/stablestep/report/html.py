@@ -89,10 +89,21 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, raw: bool = F
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _short(v: Any) -> str:
+    """An evidence value in a few characters: lists as their first items and length."""
+    if isinstance(v, (list, tuple)):
+        head = ", ".join(fmt(x) for x in v[:4])
+        return f"[{head}{', ...' if len(v) > 4 else ''}] ({len(v)})" if v else "[]"
+    if isinstance(v, dict):
+        return "{...}"
+    text = fmt(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def finding_text(f: dict) -> str:
     """One line explaining a finding dict (``Finding.to_dict()``): kind, mechanism,
     confidence, the evidence numbers and the computed remedies."""
-    ev = ", ".join(f"{k}={fmt(v)}" for k, v in list((f.get("evidence") or {}).items())[:6])
+    ev = ", ".join(f"{k}={_short(v)}" for k, v in list((f.get("evidence") or {}).items())[:8])
     rem = "; ".join(
         f"{r.get('action')} {fmt(r.get('value'))}" + (f" ({r.get('why')})" if r.get("why") else "")
         for r in f.get("remedies") or []

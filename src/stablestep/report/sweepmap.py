@@ -27,8 +27,7 @@ def stability_map(result: Any) -> bytes:
     lo, hi = (math.log10(min(finite)), math.log10(max(finite))) if finite else (0.0, 1.0)
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("black")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="black")
     im = None
     for n, (ax, a) in enumerate(zip(axes[0], result.amsgrads, strict=True)):
         grid = np.full((len(result.epss), len(result.lrs)), np.nan)
