@@ -152,6 +152,20 @@ def curvature(trace: Trace, inc: Incident, *, window: int = 50) -> dict[str, flo
     return out
 
 
+def stable_eps(lr: float, sharpness: float, *, beta1: float, beta2: float, step: int,
+               eps_mode: str = "torch") -> float:
+    r"""The smallest eps that keeps :math:`\lambda_{\max}(P^{-1}H)` under Adam's threshold:
+    :math:`\epsilon_t \ge \alpha_t\,\lambda_{\max}(H)\,(1-\beta_1)/(2+2\beta_1)`,
+    :math:`\alpha_t = \mathrm{lr}/(1-\beta_1^t)` (module docstring); returned in the
+    optimizer's own convention (``eps_mode="tf"``: :math:`\hat\epsilon =
+    \epsilon_t\sqrt{1-\beta_2^t}`). Shared by the diagnosis' remedy and the guard."""
+    t = max(1, int(step))
+    eps = lr / (1 - beta1**t) * sharpness * (1 - beta1) / (2 + 2 * beta1)
+    if eps_mode == "tf":
+        eps *= math.sqrt(1 - beta2**t)
+    return eps
+
+
 def lr_at(trace: Trace, step: int) -> float | None:
     """The learning rate at ``step`` (logged ``lr`` metric, else the configured lr)."""
     v = trace.value_at(names.LR, step)
@@ -277,9 +291,8 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any],
         if sharp is not None and lr is not None:
             t = max(1, int(inc.onset))
             lr_t = lr / (1 - b1**t)
-            eps_min = lr_t * sharp * (1 - b1) / (2 + 2 * b1)
-            if h.get("eps_mode") == "tf":
-                eps_min *= math.sqrt(1 - h.get("beta2", 0.999) ** t)
+            eps_min = stable_eps(lr, sharp, beta1=b1, beta2=h.get("beta2", 0.999), step=t,
+                                 eps_mode=h.get("eps_mode", "torch"))
             out.append(Remedy(
                 "set-eps", _sig(eps_min),
                 f"caps the effective step at lr_t/eps so lam_max(P^-1 H) <= lr_t*lam_max(H)/eps"
