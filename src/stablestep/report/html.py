@@ -125,14 +125,15 @@ def incidents_for(findings: Sequence[dict], start: int, *, limit: int = 6) -> li
             for i, f in enumerate(list(findings)[:limit])]
 
 
-def panels(series: Sequence[plots.Series]) -> list[str]:
+def panels(series: Sequence[plots.Series], *, smooth: int = 0) -> list[str]:
     """The standard panels for runs on shared axes, as ``<figure>`` HTML (missing
-    quantities are skipped)."""
+    quantities are skipped); ``smooth``: running mean for noisy losses."""
     from stablestep.telemetry import names as N
 
     figs = [
-        figure(plots.loss_panel(series), "Loss (log axis); numbered circles are the incidents "
-               "explained below, a cross marks a run that stopped on a non-finite loss."),
+        figure(plots.loss_panel(series, smooth=smooth), "Loss (log axis); numbered circles "
+               "are the incidents explained below, a cross marks a run that stopped on a "
+               "non-finite loss."),
         figure(plots.eff_step_panel(series), "Effective per-coordinate step (diagonal of "
                "P^-1): median line and band up to the 99th percentile."),
         figure(plots.eps_share_panel(series), "Share of coordinates where eps, not "
@@ -140,7 +141,8 @@ def panels(series: Sequence[plots.Series]) -> list[str]:
         figure(plots.precond_panel(series), "Preconditioned sharpness: Adam is stable while "
                "it stays under the dashed threshold."),
         figure(plots.lr_sharpness_panel(series), "lr * lam_max(H): gradient descent is "
-               "stable while it stays under the dashed bound."),
+               "stable while it stays under the dashed bound (Adam runs are governed by the "
+               "preconditioned sharpness instead and are left out when both are present)."),
         figure(plots.line_panel(series, N.GRAD_NORM, title="Gradient norm", ylabel="||g||",
                                 logy=True), "Global gradient norm."),
         figure(plots.line_panel(series, N.LR, title="Learning rate", ylabel="lr"),

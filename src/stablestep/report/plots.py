@@ -112,26 +112,46 @@ def _positive(v: np.ndarray) -> np.ndarray:
     return np.where(v > 0, v, np.nan)
 
 
-def loss_panel(runs: Sequence[Series]) -> bytes | None:
+def _rolling_mean(v: np.ndarray, k: int) -> np.ndarray:
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    out = np.empty_like(v)
+    for i in range(len(v)):
+        lo = max(0, i - k + 1)
+        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
+    return out
+
+
+def loss_panel(runs: Sequence[Series], *, smooth: int = 0) -> bytes | None:
     """Loss on a log axis; numbered circles at incidents, a cross where a run stops
-    (non-finite loss: the run's data end before the others)."""
+    (non-finite loss: the run's data end before the others). ``smooth > 0`` (noisy
+    minibatch losses): draw the running mean over ``smooth`` steps, raw loss faint."""
     if not any(r.has(N.LOSS) for r in runs):
         return None
     fig, ax = _figure("Training loss (log scale), incidents numbered", "loss", logy=True)
     last = max(int(r.get(N.LOSS)[0][-1]) for r in runs if r.has(N.LOSS))
+    # a diverging run may reach 1e30: keep the others readable, clip it at the top
+    top = 1e4 * float(np.median([r.get(N.LOSS)[1][0] for r in runs if r.has(N.LOSS)]))
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(N.LOSS)
         if not len(s):
             continue
-        ax.plot(s, _positive(v), color=c, lw=1.0, label=r.label)
+        if smooth > 0:
+            ax.plot(s, _positive(v), color=c, lw=0.5, alpha=0.15)
+            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5,
+                    label=f"{r.label} (mean of {smooth} steps)")
+        else:
+            ax.plot(s, _positive(v), color=c, lw=1.0, label=r.label)
         if s[-1] < last:  # stopped early: diverged
-            ax.plot([s[-1]], [v[-1]], marker="X", ms=11, color=c, mec="black", ls="none")
+            ax.plot([s[-1]], [min(v[-1], top)], marker="X", ms=11, color=c, mec="black",
+                    ls="none")
         for inc in r.incidents:
             i = int(np.clip(np.searchsorted(s, inc.step), 0, len(s) - 1))
             y = v[i] if v[i] > 0 else np.nanmax(_positive(v))
             ax.annotate(str(inc.number), (s[i], y), xytext=(0, 9), textcoords="offset points",
                         ha="center", fontsize=8, color="white", weight="bold",
                         bbox=dict(boxstyle="circle,pad=0.2", fc=c, ec="black", lw=0.5))
+    if ax.get_ylim()[1] > top:
+        ax.set_ylim(top=top)
     ax.legend(fontsize=8, loc="best")
     return _png(fig)
 
@@ -191,9 +211,10 @@ def lr_sharpness_panel(runs: Sequence[Series]) -> bytes | None:
     fig, ax = _figure("lr * lam_max(H) vs the gradient-descent bound", "lr * lam_max(H)",
                       logy=True)
     bounds = set()
+    gd_only = any(r.has(N.GD_THRESHOLD) for r in runs)  # Adam runs: see precond_panel
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(N.LR_SHARPNESS)
-        if not len(s):
+        if not len(s) or (gd_only and not r.has(N.GD_THRESHOLD)):
             continue
         ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=r.label)
         _, gd = r.get(N.GD_THRESHOLD)
