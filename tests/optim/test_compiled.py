@@ -80,7 +80,7 @@ def test_atan2_compiled_float32_accuracy():
     got = -p.detach().double()
     err = (got - exact).abs() / exact.abs().clamp_min(1e-300)
     assert got[:4].tolist() == pytest.approx([0.0, 0.0, math.pi / 2, -math.pi / 2], abs=1e-7)
-    assert float(err[4:].max()) < 4 * torch.finfo(torch.float32).eps
+    assert float(err[4:].max()) < 3 * torch.finfo(torch.float32).eps  # measured 1.43
 
 
 def test_compiled_save_load_continue():
@@ -133,3 +133,21 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch):
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
     run(ref, pb, grads)
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
+
+
+def test_threads_give_identical_results():
+    """Tensors are spread over OpenMP threads; each is still computed the same way."""
+    out = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)  # the autouse fixture restores the count
+        ps = make_params(dtype=torch.float32)
+        opts = [AdamW(ps[:2], lr=1e-2, update_clipping=True, impl="compiled"),
+                AdamAtan2(ps[2:], lr=1e-2, impl="compiled")]
+        for gs in grad_sequence(ps, 6, spike_at=3):
+            for p, g in zip(ps, gs, strict=True):
+                p.grad = g
+            for opt in opts:
+                opt.step()
+        out.append(ps)
+    for a, b in zip(*out, strict=True):
+        assert torch.equal(a, b)

@@ -29,7 +29,7 @@ class AdamAtan2(torch.optim.Optimizer):
     State keys are Adam's (``step``, ``exp_avg``, ``exp_avg_sq``). ``impl``: ``"auto"``/
     ``"foreach"`` (eager fast path), ``"reference"``, or ``"compiled"`` (opt-in: the whole
     update in one C++ kernel call per step, built on first use with inductor's toolchain,
-    :mod:`stablestep.optim._compiled`; float32 ``atan2`` within 2 ulp; contiguous CPU
+    :mod:`stablestep.optim._compiled`; float32 ``atan2`` within 3 eps; contiguous CPU
     float32/float64, else, or where no compiler works, the eager fast path).
 
     Example::
