@@ -1,0 +1,447 @@
+r"""Keras 3 callback: Adam's telemetry read from the Keras optimizer's own variables.
+
+Keras 3's Adam (and AdamW, and AMSGrad) use the TensorFlow "epsilon hat" convention::
+
+    lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)
+    w   -= lr_t * m / (sqrt(v) + eps_hat)        # v -> velocity_hat = max(v) under AMSGrad
+
+so the effective per-coordinate step (the diagonal of Adam's :math:`P^{-1}`, applied to the
+raw first moment ``m``) is
+
+.. math::
+
+    s_i = \frac{\mathrm{lr}\,\sqrt{1-\beta_2^t}}{(1-\beta_1^t)\,(\sqrt{v_i} + \hat\epsilon)}
+        = \frac{\mathrm{lr}/(1-\beta_1^t)}{\sqrt{\hat v_i} + \hat\epsilon/\sqrt{1-\beta_2^t}},
+
+the PyTorch-convention formula with :math:`\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}`
+(``eps_mode="tf"`` in :mod:`stablestep.optim.inspect`). :class:`StablestepCallback` feeds
+Keras' ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations`` to the very same
+statistics code as :class:`stablestep.Monitor` (:mod:`stablestep.telemetry.probes`), under
+the same metric names, into the same run store.
+
+Keras does not hand gradients to callbacks; on detailed steps the gradient Adam used is
+recovered exactly from two consecutive first moments,
+:math:`g_t = (m_t - \beta_1 m_{t-1}) / (1-\beta_1)` (after Keras' own clipping, before
+weight decay), and the update from the weights before and after the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from stablestep.integrations._common import check_every, default_run_name, utc_now
+from stablestep.optim.inspect import GroupHyper
+from stablestep.telemetry import names as N
+from stablestep.telemetry.probes import CoordinateSample, Scratch, adam_state_stats, update_stats
+from stablestep.telemetry.store import Run, RunWriter, open_run
+
+
+def _default_backend() -> None:
+    """Keras defaults to TensorFlow; where ``KERAS_BACKEND`` is unset and the backend named in
+    ``~/.keras/keras.json`` (default ``tensorflow``) is not installed, use torch (which
+    stablestep has anyway) instead of failing at ``import keras``."""
+    if "keras" in sys.modules or "KERAS_BACKEND" in os.environ:
+        return
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    backend = "tensorflow"
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            backend = str(json.load(f).get("backend", backend))
+    except (OSError, ValueError):
+        pass
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
+    if module is not None and importlib.util.find_spec(module) is None:
+        os.environ["KERAS_BACKEND"] = "torch"
+
+
+_default_backend()
+
+import keras  # noqa: E402  (after choosing the backend)
+
+_RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
+
+
+def _host(x: Any) -> float:
+    """A Keras scalar (variable, tensor, schedule output, Python number) as a float."""
+    if isinstance(x, (int, float)):
+        return float(x)
+    value = getattr(x, "value", x)
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().reshape(()).item())
+    return float(np.asarray(keras.ops.convert_to_numpy(x)))
+
+
+def _tensor(var: Any) -> torch.Tensor:
+    """A Keras variable's value as a torch tensor (a view on the torch backend)."""
+    if keras.backend.backend() == "torch":
+        return var.value.detach()
+    return torch.from_numpy(np.array(keras.ops.convert_to_numpy(var)))
+
+
+def _inner(optimizer: Any) -> Any:
+    """The optimizer doing the update (unwraps ``keras.optimizers.LossScaleOptimizer``)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def keras_hyper(optimizer: Any, lr: float) -> GroupHyper:
+    """The hyperparameters of a Keras 3 optimizer as stablestep's :class:`GroupHyper`.
+
+    ``keras.optimizers.Adam``/``AdamW``: ``kind="adam"``, ``eps_mode="tf"`` (``epsilon`` is
+    Keras' epsilon hat). ``SGD``: ``kind="sgd"``. Others: ``kind="other"``. Keras applies
+    ``weight_decay`` to the weights directly, so it is always decoupled.
+    """
+    opt = _inner(optimizer)
+    wd = float(getattr(opt, "weight_decay", None) or 0.0)
+    if isinstance(opt, keras.optimizers.Adam):
+        return GroupHyper(
+            kind="adam",
+            lr=lr,
+            beta1=float(opt.beta_1),
+            beta2=float(opt.beta_2),
+            eps=float(opt.epsilon),
+            eps_mode="tf",
+            amsgrad=bool(opt.amsgrad),
+            weight_decay=wd,
+            decoupled_weight_decay=wd > 0,
+        )
+    if isinstance(opt, keras.optimizers.SGD):
+        return GroupHyper(
+            kind="sgd",
+            lr=lr,
+            momentum=float(opt.momentum),
+            nesterov=bool(opt.nesterov),
+            weight_decay=wd,
+            decoupled_weight_decay=wd > 0,
+        )
+    return GroupHyper(kind="other", lr=lr)
+
+
+class _Param:
+    """Stand-in for a torch parameter in :func:`adam_state_stats` (numel, grad, identity)."""
+
+    __slots__ = ("grad", "n")
+
+    def __init__(self, n: int, grad: torch.Tensor):
+        self.n, self.grad = n, grad
+
+    def numel(self) -> int:
+        return self.n
+
+
+class _AdamView:
+    """Keras Adam state in torch.optim's layout (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``; group with ``betas``, ``eps``, ``eps_mode="tf"``), read-only."""
+
+    def __init__(self, hyper: GroupHyper):
+        self.param_groups = [
+            {
+                "params": [],
+                "lr": hyper.lr,
+                "betas": (hyper.beta1, hyper.beta2),
+                "eps": hyper.eps,
+                "eps_mode": "tf",
+                "amsgrad": hyper.amsgrad,
+                "weight_decay": hyper.weight_decay,
+                "decoupled_weight_decay": hyper.decoupled_weight_decay,
+            }
+        ]
+        self.state: dict[Any, dict] = {}
+
+
+class StablestepCallback(keras.callbacks.Callback):
+    """Record what Keras' Adam does, step by step, in a stablestep run store.
+
+    Set ``KERAS_BACKEND`` before importing keras (any backend works; torch avoids a copy)::
+
+        import os; os.environ.setdefault("KERAS_BACKEND", "torch")
+        import keras, numpy as np
+        from stablestep.integrations.keras import StablestepCallback
+
+        x = np.random.rand(256, 8).astype("float32"); y = x.sum(1, keepdims=True)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, "tanh"),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+        cb = StablestepCallback(store="runs.db", run="keras-adam")
+        model.fit(x, y, batch_size=32, epochs=5, callbacks=[cb], verbose=0)
+        # then: stablestep diagnose runs.db   /   stablestep report runs.db -o r.html
+
+    Steps are counted from 0 by train batches (one record per ``on_train_batch_end``;
+    with ``steps_per_execution > 1`` a record covers that many batches). Recorded:
+
+    * every ``every`` steps: ``loss`` (this batch's loss, recovered from Keras' running
+      mean ``model._loss_tracker`` as (total difference)/(count difference), so it is the
+      sample-weighted batch mean Keras optimised, to float32 precision of the running sum;
+      ``logs["loss"]`` when the model has no such tracker) and ``lr`` (the learning rate
+      this step used, schedules included);
+    * every ``state_every`` steps (``None``: off): ``param_norm``, ``update_norm``,
+      ``update_ratio``; for ``keras.optimizers.Adam``/``AdamW`` also ``grad_norm``,
+      ``grad_nonfinite``, ``grad_norm/<variable path without the model's name>``, ``update_cos``,
+      ``eff_step_p50/p90/p99/max``, ``eps_share``, ``g2v_rms``, ``g2v_max``,
+      ``amsgrad_gap`` and the ``top_k`` worst tensors, exactly as the Monitor computes
+      them (module docstring for the epsilon-hat math). These steps copy the weights and
+      first moments once before the batch.
+
+    A non-finite loss or statistic is never stored as a number: the value is missing
+    and a ``non-finite`` event says what (``what``; ``tensors``: non-finite gradient
+    entries per variable). After a non-finite batch Keras' running loss stays
+    non-finite until the epoch ends, so the following batches of that epoch are also
+    reported non-finite.
+
+    ``Run.config`` holds ``optimizer`` (``keras.Adam`` ...), ``hyper``
+    (``eps_mode="tf"``, Keras' epsilon), ``keras_version``, ``keras_backend``.
+    Resume with ``cb.load_state_dict(sd)`` before ``fit``; several ``fit`` calls with
+    one callback continue one run.
+
+    Args:
+        store: path of the SQLite run store (created if needed).
+        run: the run's name (default ``run-<UTC time>-<random>``); must be new.
+        config: extra JSON-serialisable entries for ``Run.config``.
+        every, state_every: recording periods in steps (positive ints; ``state_every``
+            may be ``None``).
+        top_k: per-tensor metrics for the ``top_k`` tensors with the largest effective step.
+        quantile_sample: coordinates sampled for the effective-step quantiles.
+        flush_every: write to the store every this many recorded steps (and at the end
+            of ``fit``, on :meth:`state_dict` and on a non-finite event).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: str | os.PathLike = "stablestep.db",
+        run: str | None = None,
+        config: dict[str, Any] | None = None,
+        every: int = 1,
+        state_every: int | None = 10,
+        top_k: int = 3,
+        quantile_sample: int = 65536,
+        flush_every: int = 100,
+    ):
+        super().__init__()
+        check_every("every", every)
+        check_every("state_every", state_every, optional=True)
+        check_every("flush_every", flush_every)
+        check_every("quantile_sample", quantile_sample)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise ValueError(f"Invalid top_k: {top_k!r} (an int >= 0)")
+        for key in config or {}:
+            if key in _RESERVED:
+                raise ValueError(f"config key {key!r} is reserved for the callback")
+        self.store = os.fspath(store)
+        self.run_name = run or default_run_name()
+        self.every, self.state_every, self.top_k = every, state_every, top_k
+        self.quantile_sample, self.flush_every = quantile_sample, flush_every
+        self._extra = dict(config or {})
+        self._step = 0
+        self._resume_from: int | None = None
+        self._writer: RunWriter | None = None
+        self._begin: tuple | None = None
+        self._sample: CoordinateSample | None = None
+        self._scratch = Scratch()
+        self._since_flush = 0
+
+    @property
+    def step(self) -> int:
+        """Index of the next train batch this callback will record."""
+        return self._step
+
+    # ------------------------------------------------------------ keras hooks
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Open (or reopen, when resuming) the run in the store."""
+        self._ensure_writer()
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        """Read the lr, Keras' running loss and (detailed steps) weights and moments."""
+        s = self._step
+        detail = self.state_every is not None and s % self.state_every == 0
+        if not (s % self.every == 0 or detail):
+            self._begin = None
+            return
+        opt = self.model.optimizer
+        lr = _host(opt.learning_rate)  # the value this step will use (schedules: at t-1)
+        self._begin = (lr, self._tracker(), self._snapshot(opt) if detail else None)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        """Complete the record of this step and write it to the store."""
+        s = self._step
+        self._step += 1
+        begin, self._begin = self._begin, None
+        if begin is None:
+            return
+        lr, tracker, snap = begin
+        metrics: dict[str, float] = {}
+        loss = self._batch_loss(tracker, logs)
+        if loss is not None:
+            metrics[N.LOSS] = loss
+        metrics[N.LR] = lr
+        bad: dict[str, int] = {}
+        if snap is not None:
+            metrics.update(self._state_stats(lr, snap, bad))
+        self._emit(s, metrics, bad)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Flush and close the store; a later ``fit`` continues the same run."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._resume_from = self._step
+        self._since_flush = 0
+
+    # ---------------------------------------------------------------- reading
+    def _tracker(self) -> tuple[float, float] | None:
+        tr = getattr(self.model, "_loss_tracker", None)
+        if tr is None or not hasattr(tr, "total") or not hasattr(tr, "count"):
+            return None
+        return _host(tr.total), _host(tr.count)
+
+    def _batch_loss(self, before: tuple[float, float] | None, logs: dict | None) -> float | None:
+        after = self._tracker() if before is not None else None
+        if after is not None and after[1] > before[1]:
+            return (after[0] - before[0]) / (after[1] - before[1])
+        if logs and "loss" in logs:
+            return _host(logs["loss"])
+        return None
+
+    def _snapshot(self, opt: Any) -> dict:
+        inner = _inner(opt)
+        variables = self.model.trainable_variables
+        snap: dict[str, Any] = {"w": [_tensor(v).clone() for v in variables], "m": None, "t": 0}
+        if isinstance(inner, keras.optimizers.Adam) and inner.built:
+            moms = [inner._momentums[inner._get_variable_index(v)] for v in variables]
+            snap["m"] = [_tensor(m).clone() for m in moms]
+            snap["t"] = int(_host(inner.iterations))
+        return snap
+
+    def _state_stats(self, lr: float, snap: dict, bad: dict[str, int]) -> dict[str, float]:
+        inner = _inner(self.model.optimizer)
+        variables = self.model.trainable_variables
+        prefix = f"{self.model.name}/"
+        names = [v.path.removeprefix(prefix) for v in variables]
+        w_prev = snap["w"]
+        neg = [wp - _tensor(v) for wp, v in zip(w_prev, variables, strict=True)]
+        p_norms = torch._foreach_norm(w_prev) if w_prev else []
+        adam = isinstance(inner, keras.optimizers.Adam) and inner.built
+        t = int(_host(inner.iterations)) if adam else 0
+        if not adam or t != snap["t"] + 1 or not variables:
+            # no gradient to recover (not Adam, or not exactly one optimizer step)
+            out: dict[str, float] = {}
+            if variables:
+                u = math.sqrt(sum(float(x) ** 2 for x in torch._foreach_norm(neg)))
+                p = math.sqrt(sum(float(x) ** 2 for x in p_norms))
+                out = {N.PARAM_NORM: p, N.UPDATE_NORM: u}
+                if p > 0:
+                    out[N.UPDATE_RATIO] = u / p
+            return out
+        h = keras_hyper(inner, lr)
+        idx = [inner._get_variable_index(v) for v in variables]
+        m = [_tensor(inner._momentums[i]) for i in idx]
+        m_prev = snap["m"] or [torch.zeros_like(x) for x in m]
+        grads = [(mt - h.beta1 * mp) / (1.0 - h.beta1) for mt, mp in zip(m, m_prev, strict=True)]
+        g_norms = torch._foreach_norm(grads)
+        host = torch.stack([x.double() for x in g_norms]).tolist()
+        out = {N.GRAD_NORM: math.sqrt(sum(x * x for x in host))}
+        for name, g, nrm in zip(names, grads, host, strict=True):
+            out[f"{N.GRAD_NORM}/{name}"] = nrm
+            if not math.isfinite(nrm):
+                cnt = g.numel() - int(torch.count_nonzero(torch.isfinite(g)))
+                if cnt:
+                    bad[name] = cnt
+        out[N.GRAD_NONFINITE] = float(sum(bad.values()))
+        out.update(update_stats(names, neg, p_norms, g_norms, grads, top_k=self.top_k))
+        view = _AdamView(h)
+        group = view.param_groups[0]
+        params = []
+        for name, i, mt, g in zip(names, idx, m, grads, strict=True):
+            p = _Param(g.numel(), g)
+            st = {"step": t, "exp_avg": mt, "exp_avg_sq": _tensor(inner._velocities[i])}
+            if h.amsgrad:
+                st["max_exp_avg_sq"] = _tensor(inner._velocity_hats[i])
+            view.state[p] = st
+            group["params"].append(p)
+            params.append((name, p, group))
+        if self._sample is None:
+            self._sample = CoordinateSample([p.numel() for _, p, _ in params], self.quantile_sample)
+        out.update(
+            adam_state_stats(view, params, self._sample, top_k=self.top_k, scratch=self._scratch)
+        )
+        return out
+
+    # ------------------------------------------------------------------ store
+    def _run_config(self) -> dict[str, Any]:
+        opt = self.model.optimizer
+        inner = _inner(opt)
+        cfg: dict[str, Any] = {
+            "optimizer": f"keras.{type(inner).__name__}",
+            "hyper": dataclasses.asdict(keras_hyper(inner, _host(opt.learning_rate))),
+            "n_params": int(sum(int(np.prod(v.shape)) for v in self.model.trainable_variables)),
+            "torch_version": torch.__version__,
+            "keras_version": keras.__version__,
+            "keras_backend": keras.backend.backend(),
+            "started_at": utc_now(),
+            "monitor": {
+                "source": "keras",
+                "every": self.every,
+                "state_every": self.state_every,
+                "top_k": self.top_k,
+                "loss": "loss_tracker" if self._tracker() is not None else "logs",
+            },
+        }
+        cfg.update(self._extra)
+        return cfg
+
+    def _ensure_writer(self) -> RunWriter:
+        if self._writer is None:
+            self._writer = RunWriter(
+                self.store, self.run_name, config=self._run_config(), resume_from=self._resume_from
+            )
+            self._resume_from = None
+        return self._writer
+
+    def _emit(self, step: int, metrics: dict[str, float], bad: dict[str, int]) -> None:
+        what = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            what.insert(0, "grad")
+        writer = self._ensure_writer()
+        writer.add(step, metrics)  # drops non-finite values
+        if what:
+            writer.event(step, N.EVENT_NONFINITE, {"what": what, "tensors": bad})
+            writer.flush()
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            writer.flush()
+            self._since_flush = 0
+
+    def flush(self) -> None:
+        """Write buffered records to the store now."""
+        if self._writer is not None:
+            self._writer.flush()
+        self._since_flush = 0
+
+    def read(self) -> Run:
+        """Flush and return this run as a :class:`~stablestep.telemetry.store.Run`."""
+        self.flush()
+        return open_run(self.store, self.run_name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to resume this run (next step, run name, store); flushes first."""
+        self.flush()
+        return {"version": 1, "step": self._step, "run": self.run_name, "store": self.store}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the run saved by :meth:`state_dict` (call before ``fit``): steps
+        recorded at or after the saved step (an abandoned continuation) are replaced."""
+        if self._writer is not None or self._step != 0:
+            raise RuntimeError("load_state_dict() must be called before the callback records")
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported callback state version: {state.get('version')!r}")
+        self._step = int(state["step"])
+        self._resume_from = self._step
+        self.run_name = state["run"]

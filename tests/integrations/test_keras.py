@@ -1,0 +1,262 @@
+"""Keras 3 callback: stored telemetry against Keras' own variables, History and updates."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras = pytest.importorskip("keras")
+torch = pytest.importorskip("torch")
+
+from stablestep.integrations.keras import StablestepCallback  # noqa: E402
+from stablestep.telemetry import names as N  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=96, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = (np.sin(x[:, :2].sum(1, keepdims=True)) + 0.1 * x[:, 2:3]).astype("float32")
+    return x, y
+
+
+def _model(opt, d=6, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((d,)),
+            keras.layers.Dense(12, activation="tanh", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile(optimizer=opt, loss="mse")
+    return model
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x), dtype=np.float64)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Independent reference: Keras' variables before/after each step and, for full-batch
+    fits, the true gradient by autograd through the Keras (torch backend) model."""
+
+    def __init__(self, x=None, y=None):
+        super().__init__()
+        self.x, self.y, self.steps = x, y, []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.w0 = [_np(v) for v in self.model.trainable_variables]
+        self.lr = float(_np(self.model.optimizer.learning_rate))
+        self.g = None
+        if self.x is not None and keras.backend.backend() == "torch":
+            pred = self.model(torch.as_tensor(self.x), training=True)
+            loss = torch.mean((pred - torch.as_tensor(self.y)) ** 2)
+            vals = [v.value for v in self.model.trainable_variables]
+            self.g = [g.double().numpy() for g in torch.autograd.grad(loss, vals)]
+
+    def on_train_batch_end(self, batch, logs=None):
+        opt = self.model.optimizer
+        var = self.model.trainable_variables
+        idx = [opt._get_variable_index(v) for v in var]
+        rec = {
+            "t": int(_np(opt.iterations)),
+            "lr": self.lr,
+            "w0": self.w0,
+            "w1": [_np(v) for v in var],
+            "m": [_np(opt._momentums[i]) for i in idx],
+            "v": [_np(opt._velocities[i]) for i in idx],
+            "g": self.g,
+        }
+        if opt.amsgrad:
+            rec["vh"] = [_np(opt._velocity_hats[i]) for i in idx]
+        self.steps.append(rec)
+
+
+def _reference_eff(opt, rec):
+    """Keras' documented update: lr*sqrt(1-b2^t)/(1-b1^t) / (sqrt(v) + eps_hat) per coordinate."""
+    t, b1, b2 = rec["t"], float(opt.beta_1), float(opt.beta_2)
+    alpha = rec["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
+    vs = rec["vh"] if opt.amsgrad else rec["v"]
+    return [alpha / (np.sqrt(v) + float(opt.epsilon)) for v in vs]
+
+
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(3e-2),
+    "amsgrad": lambda: keras.optimizers.Adam(3e-2, amsgrad=True, epsilon=1e-4),
+    "adamw": lambda: keras.optimizers.AdamW(3e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+def test_effective_step_gradient_and_update_match_keras(tmp_path, kind):
+    x, y = _data()
+    model = _model(OPTIMIZERS[kind]())
+    opt = model.optimizer
+    cb = StablestepCallback(store=tmp_path / "k.db", run=kind, state_every=1, top_k=0)
+    rec = Recorder(x, y)
+    model.fit(x, y, batch_size=len(x), epochs=6, callbacks=[cb, rec], verbose=0, shuffle=False)
+    run = cb.read()
+    assert run.config["optimizer"] == f"keras.{type(opt).__name__}"
+    assert run.config["hyper"]["eps_mode"] == "tf"
+    assert run.config["hyper"]["amsgrad"] == (kind == "amsgrad")
+    series = {n: dict(zip(*run.series(n), strict=True)) for n in run.names()}
+    wd = float(opt.weight_decay or 0.0)
+    for s, r in enumerate(rec.steps):
+        eff = _reference_eff(opt, r)
+        # the formula is Keras' actual update: w1 = w0 (1 - lr wd) - eff * m
+        for w0, w1, e, m in zip(r["w0"], r["w1"], eff, r["m"], strict=True):
+            np.testing.assert_allclose(w0 * (1 - r["lr"] * wd) - w1, e * m, rtol=2e-4, atol=1e-8)
+        flat = np.concatenate([e.ravel() for e in eff])
+        assert series[N.EFF_STEP_MAX][s] == pytest.approx(flat.max(), rel=1e-5)
+        for q, name in ((0.5, N.EFF_STEP_P50), (0.9, N.EFF_STEP_P90), (0.99, N.EFF_STEP_P99)):
+            assert series[name][s] == pytest.approx(np.quantile(flat, q), rel=1e-5)
+        # gradient recovered from the moments == autograd's gradient of the batch loss
+        g = np.concatenate([x.ravel() for x in r["g"]])
+        assert series[N.GRAD_NORM][s] == pytest.approx(np.linalg.norm(g), rel=1e-4)
+        vs = r["vh"] if kind == "amsgrad" else r["v"]
+        bc2 = 1 - float(opt.beta_2) ** r["t"]
+        eps_t = float(opt.epsilon) / math.sqrt(bc2)
+        vhat = np.concatenate([v.ravel() for v in vs]) / bc2
+        g2v = g**2 / np.maximum(vhat, eps_t**2)
+        assert series[N.G2V_RMS][s] == pytest.approx(math.sqrt(g2v.mean()), rel=1e-3)
+        assert series[N.EPS_SHARE][s] == pytest.approx(np.mean(np.sqrt(vhat) < eps_t))
+        u = np.concatenate([(a - b).ravel() for a, b in zip(r["w0"], r["w1"], strict=True)])
+        assert series[N.UPDATE_NORM][s] == pytest.approx(np.linalg.norm(u), rel=1e-5)
+        assert series[N.LR][s] == pytest.approx(r["lr"])
+    if kind == "amsgrad":
+        assert N.AMSGRAD_GAP in series
+
+
+def test_loss_is_the_batch_loss_history_averages(tmp_path):
+    x, y = _data(n=100)
+    # full batch: one batch per epoch, History's epoch loss is that batch's loss
+    model = _model(keras.optimizers.Adam(1e-2))
+    cb = StablestepCallback(store=tmp_path / "k.db", run="full", state_every=None)
+    hist = model.fit(x, y, batch_size=100, epochs=5, callbacks=[cb], verbose=0)
+    steps, loss = cb.read().series(N.LOSS)
+    assert steps.tolist() == list(range(5))
+    np.testing.assert_allclose(loss, hist.history["loss"], rtol=1e-6)
+    # minibatches 32,32,32,4: History is the sample-weighted mean of the stored batch losses
+    model = _model(keras.optimizers.Adam(1e-2))
+    cb = StablestepCallback(store=tmp_path / "k.db", run="mini", state_every=3)
+    hist = model.fit(x, y, batch_size=32, epochs=3, callbacks=[cb], verbose=0)
+    steps, loss = cb.read().series(N.LOSS)
+    assert steps.tolist() == list(range(12))
+    w = np.array([32, 32, 32, 4], dtype=float)
+    means = [(loss[4 * e : 4 * e + 4] * w).sum() / w.sum() for e in range(3)]
+    np.testing.assert_allclose(means, hist.history["loss"], rtol=1e-5)
+    # detailed steps only every 3rd step
+    assert cb.read().series(N.EFF_STEP_MAX)[0].tolist() == [0, 3, 6, 9]
+
+
+def test_lr_schedule_is_the_lr_each_step_used(tmp_path):
+    x, y = _data(n=64)
+    sched = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=3, decay_rate=0.5)
+    model = _model(keras.optimizers.Adam(sched))
+    cb = StablestepCallback(store=tmp_path / "k.db", run="sched", every=2, state_every=None)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    steps, lr = cb.read().series(N.LR)
+    assert steps.tolist() == [0, 2, 4, 6]
+    np.testing.assert_allclose(lr, [1e-2 * 0.5 ** (s / 3) for s in steps], rtol=1e-6)
+
+
+def test_nonfinite_loss_is_an_event_and_diagnose_reads_the_run(tmp_path):
+    x, y = _data(n=64)
+    y = y.copy()
+    y[40] = np.nan  # batch 2 of every epoch (batch size 16, no shuffle)
+    model = _model(keras.optimizers.Adam(1e-2))
+    cb = StablestepCallback(store=tmp_path / "k.db", run="nan", state_every=1)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0, shuffle=False)
+    run = cb.read()
+    steps, loss = run.series(N.LOSS)
+    assert steps.tolist() == [0, 1] and np.isfinite(loss).all()
+    events = [e for e in run.events if e.kind == N.EVENT_NONFINITE]
+    assert [e.step for e in events] == [2, 3]
+    assert "loss" in events[0].data["what"] and "grad" in events[0].data["what"]
+    assert sum(events[0].data["tensors"].values()) > 0
+    for name in run.names():
+        assert np.isfinite(run.series(name)[1]).all(), name
+
+    from stablestep.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["diagnose", str(tmp_path / "k.db"), "--json"]) == 0
+    findings = json.loads(out.getvalue())["findings"]
+    assert any(f["kind"] == "non-finite" for f in findings)
+
+
+def test_state_round_trip_continues_identically(tmp_path):
+    x, y = _data(n=48)
+    store = tmp_path / "k.db"
+
+    def fit(model, cb, epochs):
+        model.fit(x, y, batch_size=16, epochs=epochs, callbacks=[cb], verbose=0, shuffle=False)
+
+    whole = _model(keras.optimizers.Adam(1e-2, amsgrad=True))
+    cb = StablestepCallback(store=store, run="whole", state_every=2)
+    fit(whole, cb, 4)
+
+    parts = _model(keras.optimizers.Adam(1e-2, amsgrad=True))
+    first = StablestepCallback(store=store, run="parts", state_every=2)
+    fit(parts, first, 1)  # 3 steps: the next (3) is not a detailed step, 4 is
+    state = first.state_dict()
+    assert state["step"] == 3
+    fit(parts, first, 1)  # an abandoned continuation, replaced on resume
+    # "restore the checkpoint": the same seed and one epoch again give the same model
+    parts = _model(keras.optimizers.Adam(1e-2, amsgrad=True))
+    fit(parts, StablestepCallback(store=tmp_path / "scratch.db", run="x"), 1)
+    second = StablestepCallback(store=store, run="ignored", state_every=2)
+    second.load_state_dict(state)
+    fit(parts, second, 3)
+
+    a, b = cb.read(), second.read()
+    assert b.name == "parts" and a.names() == b.names()
+    for name in a.names():
+        sa, va = a.series(name)
+        sb, vb = b.series(name)
+        assert sa.tolist() == sb.tolist(), name
+        np.testing.assert_allclose(vb, va, rtol=1e-6, atol=1e-12, err_msg=name)
+    with pytest.raises(RuntimeError, match="before the callback records"):
+        second.load_state_dict(state)
+
+
+def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
+    x, y = _data(n=32)
+    model = _model(keras.optimizers.SGD(1e-2, momentum=0.9))
+    cb = StablestepCallback(store=tmp_path / "k.db", run="sgd", state_every=1)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    run = cb.read()
+    assert run.series(N.LOSS)[0].tolist() == [0, 1, 2, 3]
+    assert run.config["hyper"]["kind"] == "sgd" and run.config["hyper"]["momentum"] == 0.9
+    assert N.UPDATE_NORM in run.names() and N.EFF_STEP_MAX not in run.names()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": 0}, "Invalid every: 0 (a positive int)"),
+        ({"state_every": 1.5}, "Invalid state_every: 1.5 (a positive int)"),
+        ({"top_k": -1}, "Invalid top_k: -1 (an int >= 0)"),
+        ({"config": {"hyper": 1}}, "config key 'hyper' is reserved for the callback"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
+        StablestepCallback(**kwargs)
