@@ -123,7 +123,7 @@ extern "C" void kernel(const int64_t* ptrs, const double* hyp, double* scales,
                 if (maximize) gg = gg.neg();
                 if (l2) gg = at::vec::fmadd(V(twd), V::loadu(p + j, k), gg);
                 V g2 = gg * gg;
-                V vt = V::loadu(v + j, k) * V(tb2) + g2 * V(t1b2);
+                V vt = at::vec::fmadd(V::loadu(v + j, k), V(tb2), g2 * V(t1b2));
                 vt.store(v + j, k);
                 if (ams) {
                     vt = at::vec::maximum(V::loadu(vmax + j, k), vt);
@@ -153,8 +153,7 @@ extern "C" void kernel(const int64_t* ptrs, const double* hyp, double* scales,
         const V neg_step(T(-lr / bc1));
         const V inv_sqrt_bc2(T(1.0 / std::sqrt(bc2)));
         const V eps = V(T(eps_t));
-        for (int64_t j = 0; j < n; j += V::size()) {
-            const int64_t k = std::min<int64_t>(V::size(), n - j);
+        auto update = [&](int64_t j, int64_t k) {
             V pp = V::loadu(p + j, k);
             V gg = V::loadu(g + j, k);
             if (maximize) gg = gg.neg();
@@ -165,7 +164,10 @@ extern "C" void kernel(const int64_t* ptrs, const double* hyp, double* scales,
             V denom = V::loadu(vd + j, k).sqrt() * inv_sqrt_bc2 + eps;
             pp = at::vec::fmadd(neg_step, mm / denom, pp);
             pp.store(p + j, k);
-        }
+        };
+        int64_t j = 0;
+        for (; j + V::size() <= n; j += V::size()) update(j, V::size());  // full vectors
+        if (j < n) update(j, n - j);
     }
 }
 
@@ -188,19 +190,21 @@ extern "C" void kernel_atan2(const int64_t* ptrs, const double* hyp,
         const int64_t n = ptrs[5 * i + 4];
         const double bc1 = hyp[6 + 2 * i], bc2 = hyp[7 + 2 * i];
         const V c(T(std::sqrt(bc2) / (b * bc1)));
-        for (int64_t j = 0; j < n; j += V::size()) {
-            const int64_t k = std::min<int64_t>(V::size(), n - j);
+        auto update = [&](int64_t j, int64_t k) {
             V gg = V::loadu(g + j, k);
             if (maximize) gg = gg.neg();
             V pp = V::loadu(p + j, k);
             if (wd != 0) pp = pp * pdecay;
             V mm = lerp(V::loadu(m + j, k), gg);
             mm.store(m + j, k);
-            V vv = V::loadu(v + j, k) * V(tb2) + gg * gg * V(t1b2);
+            V vv = at::vec::fmadd(V::loadu(v + j, k), V(tb2), gg * gg * V(t1b2));
             vv.store(v + j, k);
             pp = at::vec::fmadd(atan2_pos(mm * c, vv.sqrt()), alpha, pp);
             pp.store(p + j, k);
-        }
+        };
+        int64_t j = 0;
+        for (; j + V::size() <= n; j += V::size()) update(j, V::size());  // full vectors
+        if (j < n) update(j, n - j);
     }
 }
 
@@ -260,7 +264,7 @@ def supported(tensors: list[torch.Tensor]) -> bool:
         return False
     dtype = tensors[0].dtype
     return dtype in _DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors
+        t.is_cpu and t.dtype is dtype and t.is_contiguous() for t in tensors
     )
 
 

@@ -40,6 +40,8 @@ def check_common(lr: Any, betas: Any, weight_decay: Any, impl: str) -> None:
 def resolve_impl(impl: str, params: list[torch.Tensor], *, fused_ok: bool = True) -> str:
     """The path a group takes: ``auto`` means ``fused`` where every tensor allows it,
     else ``foreach``."""
+    if impl not in ("fused", "auto"):
+        return impl
     supported = fused_ok and all(_fast.fused_supported(p) for p in params)
     if impl == "fused" and not supported:
         bad = next((p for p in params if not _fast.fused_supported(p)), None)
