@@ -1,0 +1,172 @@
+"""Lightning callback: stored telemetry against the module's own losses, gradients and
+torch.optim.Adam's state; checkpoint resume continues the run identically."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+L = pytest.importorskip("lightning.pytorch")
+
+from stablestep.integrations.lightning import StablestepCallback  # noqa: E402
+from stablestep.telemetry import names as N  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _loader(n=48, batch=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.sin(x[:, :2].sum(1, keepdim=True))
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False)
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, lr=3e-2, amsgrad=False):
+        super().__init__()
+        torch.manual_seed(0)
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.lr, self.amsgrad, self.losses = lr, amsgrad, []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, amsgrad=self.amsgrad)
+
+
+class Recorder(L.Callback):
+    """Reference values read by Lightning's own hooks, registered after the callback."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = list(pl_module.parameters())
+        g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+        self.steps.append({"g": g, "w0": torch.cat([p.detach().reshape(-1) for p in params])})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        rec = self.steps[-1]
+        if "w1" in rec:  # accumulating: no step this batch
+            return
+        opt = trainer.optimizers[0]
+        params = list(pl_module.parameters())
+        rec["w1"] = torch.cat([p.detach().reshape(-1) for p in params])
+        st = [opt.state[p] for p in params]
+        rec["t"] = int(st[0]["step"])
+        key = "max_exp_avg_sq" if opt.param_groups[0]["amsgrad"] else "exp_avg_sq"
+        rec["v"] = torch.cat([s[key].reshape(-1) for s in st]).double()
+
+
+def _trainer(cb, max_steps, **kw):
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[cb, *kw.pop("extra", [])],
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_records_match_module_gradients_and_torch_adam_state(tmp_path, amsgrad):
+    model = Tiny(amsgrad=amsgrad)
+    cb = StablestepCallback(store=tmp_path / "l.db", run="lit", state_every=1, top_k=0)
+    rec = Recorder()
+    _trainer(cb, 7, extra=[rec]).fit(model, _loader())
+    run = cb.read()
+    assert run.config["optimizer"] == "Adam" and run.config["hyper"]["amsgrad"] == amsgrad
+    steps, loss = run.series(N.LOSS)
+    assert steps.tolist() == list(range(7))
+    np.testing.assert_allclose(loss, model.losses, rtol=1e-6)
+    s = {n: dict(zip(*run.series(n), strict=True)) for n in run.names()}
+    for i, r in enumerate(rec.steps):
+        assert s[N.GRAD_NORM][i] == pytest.approx(float(r["g"].norm()), rel=1e-5)
+        bc1, bc2 = 1 - 0.9 ** r["t"], 1 - 0.999 ** r["t"]
+        eff = (3e-2 / bc1) / ((r["v"] / bc2).sqrt() + 1e-8)
+        assert s[N.EFF_STEP_MAX][i] == pytest.approx(float(eff.max()), rel=1e-5)
+        assert s[N.EFF_STEP_P50][i] == pytest.approx(float(eff.quantile(0.5)), rel=1e-5)
+        u = (r["w0"] - r["w1"]).double()
+        assert s[N.UPDATE_NORM][i] == pytest.approx(float(u.norm()), rel=1e-5)
+        cos = float(u @ r["g"]) / (float(u.norm()) * float(r["g"].norm()))
+        assert s[N.UPDATE_COS][i] == pytest.approx(cos, rel=1e-4)
+
+
+def test_accumulated_steps_record_the_mean_loss(tmp_path):
+    model = Tiny()
+    cb = StablestepCallback(store=tmp_path / "l.db", run="acc", state_every=None)
+    _trainer(cb, 3, accumulate_grad_batches=2).fit(model, _loader(n=96))
+    steps, loss = cb.read().series(N.LOSS)
+    assert steps.tolist() == [0, 1, 2]
+    pairs = np.asarray(model.losses[:6]).reshape(3, 2).mean(1)
+    np.testing.assert_allclose(loss, pairs, rtol=1e-6)
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    # one batch per epoch: Lightning's own resume replays batches of a finished epoch in
+    # another order, which is not what this test is about
+    store = tmp_path / "l.db"
+    whole = StablestepCallback(store=store, run="whole", state_every=2)
+    _trainer(whole, 9).fit(Tiny(), _loader(n=16))
+
+    first = StablestepCallback(store=store, run="parts", state_every=2)
+    trainer = _trainer(first, 5)
+    trainer.fit(Tiny(), _loader(n=16))
+    ckpt = tmp_path / "five.ckpt"
+    trainer.save_checkpoint(ckpt)
+    second = StablestepCallback(store=store, run="ignored", state_every=2)
+    _trainer(second, 9).fit(Tiny(), _loader(n=16), ckpt_path=ckpt)
+
+    a, b = whole.read(), second.read()
+    assert b.name == "parts" and a.names() == b.names()
+    for name in a.names():
+        sa, va = a.series(name)
+        sb, vb = b.series(name)
+        assert sa.tolist() == sb.tolist(), name
+        np.testing.assert_allclose(vb, va, rtol=1e-6, atol=1e-12, err_msg=name)
+
+
+def test_nonfinite_loss_is_an_event(tmp_path):
+    class Nan(Tiny):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.inf if self.global_step == 2 else loss
+
+    cb = StablestepCallback(store=tmp_path / "l.db", run="nan", state_every=1)
+    _trainer(cb, 3).fit(Nan(), _loader())
+    run = cb.read()
+    ev = [e for e in run.events if e.kind == N.EVENT_NONFINITE]
+    assert ev and ev[0].step == 2 and "loss" in ev[0].data["what"]
+    assert run.series(N.LOSS)[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": 0}, "Invalid every: 0 (a positive int)"),
+        ({"optimizer": -1}, "Invalid optimizer: -1 (an index into trainer.optimizers)"),
+        ({"curvature_every": 5}, "curvature_every and curvature_loss must be given together"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        StablestepCallback(**kwargs)
+    assert str(err.value) == message
