@@ -57,3 +57,21 @@ def test_run_all_writes_store_report_and_index(tmp_path):
     index = (tmp_path / "index.html").read_text()
     assert 'href="lr-divergence/report.html"' in index
     assert outcome.variant("gd-lr1e-3").diverged_at is not None
+
+
+def test_lab_run_prints_outcome_and_report_path(tmp_path, capsys):
+    assert main(["lab", "run", "lr-divergence", "--out", str(tmp_path), "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "lr-too-high" in out and "NaN at 28" in out
+    assert f"report: {tmp_path / 'report.html'}" in out.replace("\n", "")
+    assert (tmp_path / "run.sqlite").exists() and (tmp_path / "report.html").exists()
+
+
+def test_cli_parsers_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, stablestep.lab.cli, stablestep.report.cli; "
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"

@@ -48,6 +48,15 @@ def add_parsers(subparsers: Any) -> None:
     sw.set_defaults(func=cmd_sweep)
 
 
+def _console():
+    """A rich console; 120 columns when not writing to a terminal (logs, pipes, tests)."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _usage(msg: str) -> Exception:
     from stablestep.cli import UsageError
 
@@ -65,7 +74,6 @@ def _scenario(name: str):
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the scenarios with their seed, question and variants."""
-    from rich.console import Console
     from rich.table import Table
 
     from stablestep.lab import scenarios
@@ -76,7 +84,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for n in scenarios.names():
         sc = scenarios.get(n)
         t.add_row(sc.name, sc.seed, sc.title, ", ".join(v.name for v in sc.variants))
-    Console().print(t)
+    _console().print(t)
     print("run one:  stablestep lab run NAME --out DIR   (or 'all')")
     return 0
 
@@ -86,12 +94,13 @@ def _print_outcome(console, outcome) -> None:
     from rich.table import Table
 
     from stablestep.lab import scenarios
-    from stablestep.lab.runner import fmt_loss, fmt_spikes
+    from stablestep.lab.runner import fmt_loss
+    from stablestep.report.build import fmt_spikes
 
     sc = scenarios.get(outcome.name)
     t = Table(title=f"seed {sc.seed} · {sc.name}: {escape(sc.title)} ({outcome.seconds:.0f} s)")
     for col in ("variant", "role", "final loss", "spikes", "diverged", "diagnosis", "remedy"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for v in outcome.variants:
         remedy = next((f"{r.get('action')} {r.get('value')}" for f in v.findings or []
                        for r in f.get("remedies") or []), "")
@@ -106,11 +115,10 @@ def _print_outcome(console, outcome) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one scenario or all, print the outcome tables and where the reports are."""
-    from rich.console import Console
 
     from stablestep.lab import runner, scenarios
 
-    console = Console()
+    console = _console()
     if args.workers is not None and args.workers < 1:
         raise _usage(f"--workers must be >= 1; got {args.workers}")
     if args.name == "all":
@@ -155,7 +163,6 @@ def _bools(values: list[str]) -> list[bool]:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run the sweep with a progress bar, write sweep.json and sweep.html, print the map."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from stablestep.lab.runner import fmt_loss
@@ -174,7 +181,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise _usage(f"--workers must be >= 1; got {args.workers}")
     out = Path(args.out or os.path.join("runs", f"sweep-{sc.name}"))
-    console = Console()
+    console = _console()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task(f"sweep {sc.name}", total=len(lrs) * len(epss) * len(amsgrads))

@@ -100,6 +100,7 @@ def run_variant(
               "label": variant.label, "role": variant.role, "train": cfg.to_dict()}
 
     def factory(model, opt, probe_loss):
+        """A Monitor on this run, probing curvature on the whole data."""
         return Monitor(model, opt, store=store, run=variant.name, config=extras,
                        curvature_every=cfg.curvature_every or None,
                        curvature_loss=probe_loss if cfg.curvature_every else None)
@@ -205,11 +206,6 @@ def run_all(
 
     write_index(ordered, Path(out) / "index.html")
     return ordered
-
-
-def fmt_spikes(spikes: list[int] | None) -> str:
-    """A spike count for tables: ``-`` when spikes are not counted."""
-    return "-" if spikes is None else str(len(spikes))
 
 
 def fmt_loss(x: float) -> str:

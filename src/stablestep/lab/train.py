@@ -30,9 +30,11 @@ from stablestep.lab.config import TrainConfig
 class Observer(Protocol):
     """What :func:`train` needs from a monitor (``stablestep.Monitor`` fits)."""
 
-    def observe(self, loss: torch.Tensor) -> Any: ...
+    def observe(self, loss: torch.Tensor) -> Any:
+        """See the loss (gradients are populated) before the optimizer step."""
 
-    def close(self) -> Any: ...
+    def close(self) -> Any:
+        """Flush and release whatever the observer holds."""
 
 
 # (model, optimizer, curvature closure) -> observer

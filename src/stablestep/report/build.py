@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from stablestep.lab.runner import fmt_spikes
 from stablestep.report import plots
 from stablestep.report.html import (
     esc,
@@ -39,6 +38,11 @@ def _spike_findings(spikes: Sequence[int], diverged_at: int | None) -> list[dict
     if diverged_at is not None:
         out.append({"step": int(diverged_at), "kind": "non-finite", "mechanism": "not diagnosed"})
     return out
+
+
+def fmt_spikes(spikes: Sequence[int] | None) -> str:
+    """A spike count for tables: ``-`` when spikes are not counted."""
+    return "-" if spikes is None else str(len(spikes))
 
 
 def _write(text: str, out: str | os.PathLike) -> Path:
