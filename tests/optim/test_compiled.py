@@ -151,3 +151,22 @@ def test_threads_give_identical_results():
         out.append(ps)
     for a, b in zip(*out, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("which", ["clip_tf", "atan2"])
+def test_uneven_step_counts(which):
+    """A tensor without a gradient skips a step: per-tensor step counts then differ."""
+    def make(ps, impl):
+        if which == "atan2":
+            return AdamAtan2(ps, lr=1e-2, impl=impl)
+        return AdamW(ps, lr=1e-2, eps=1e-3, eps_mode="tf", update_clipping=True, impl=impl)
+
+    pa, pb = make_params(), make_params()
+    fast, ref = make(pa, "compiled"), make(pb, "reference")
+    for t, gs in enumerate(grad_sequence(pa, 8, spike_at=5)):
+        for opt, ps in ((fast, pa), (ref, pb)):
+            for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                p.grad = None if (i == 1 and t < 3) else g.clone()
+            opt.step()
+    assert float(fast.state[pa[1]]["step"]) == 5.0
+    _state_equal(fast, ref, pa, pb, rtol=1e-12)
