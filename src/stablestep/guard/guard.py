@@ -114,6 +114,7 @@ class Guard:
         self._episode: tuple[int, int] | None = None  # (first alarm step, onset)
         self._aeos: list[int] = []  # AEoS spike steps since the last adaptation
         self._ladder = 0
+        self._last_adapt: int | None = None
         self._snaps: list[S.Snapshot] = []
         self._saved_lr: list[Any] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -208,6 +209,8 @@ class Guard:
         if not R.is_adam(self.optimizer):
             return
         p = self.policy
+        if self._last_adapt is not None and step - self._last_adapt < p.adapt_cooldown:
+            return
         self._aeos = [s for s in self._aeos if step - s < p.adapt_window] + [step]
         if p.adapt and len(self._aeos) >= p.adapt_after:
             evidence = {"spike_steps": list(self._aeos), "loss": alarm.value,
@@ -258,6 +261,7 @@ class Guard:
                 break
         else:
             change = self._apply("lr")
+        self._last_adapt = step
         self._record(step, "adapt", reason, {**change, **evidence})
 
     def _apply(self, name: str) -> dict[str, Any] | None:
@@ -353,7 +357,7 @@ class Guard:
         return {"step": self._step, "lr_scale": self.lr_scale, "counts": dict(self.counts),
                 "records": [r.to_dict() for r in self.records],
                 "nonfinite_run": self._nonfinite_run, "episode": self._episode,
-                "aeos": list(self._aeos), "ladder": self._ladder,
+                "aeos": list(self._aeos), "ladder": self._ladder, "last_adapt": self._last_adapt,
                 "detectors": copy.deepcopy(self._detectors()),
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
@@ -371,6 +375,7 @@ class Guard:
         ep = state["episode"]
         self._episode = (int(ep[0]), int(ep[1])) if ep is not None else None
         self._aeos, self._ladder = [int(s) for s in state["aeos"]], int(state["ladder"])
+        self._last_adapt = state["last_adapt"]
         self._load_detectors(state["detectors"])
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 

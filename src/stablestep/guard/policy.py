@@ -53,7 +53,9 @@ class GuardPolicy:
     Adapt (so the same thing does not happen again at the same point):
 
     - ``adapt``: apply the next remedy after each rollback, and after ``adapt_after``
-      spikes of the adaptive-edge-of-stability kind within ``adapt_window`` steps.
+      spikes of the adaptive-edge-of-stability kind within ``adapt_window`` steps; spikes
+      within ``adapt_cooldown`` steps of an adaptation are not counted (the remedy needs
+      time to act, and Adam's loss rings for a while after a spike).
     - ``remedies``: the ladder, in order, from ``"amsgrad"`` (turn AMSGrad on, the max
       initialised at the current second moment), ``"eps"`` (raise eps to the value that caps
       the effective step below the stability threshold; needs the guard's
@@ -82,6 +84,7 @@ class GuardPolicy:
     adapt: bool = True
     adapt_after: int = 3
     adapt_window: int = 2000
+    adapt_cooldown: int = 100
     remedies: tuple[str, ...] = REMEDIES
     lr_backoff: float = 0.5
     spike: SpikeConfig = field(default_factory=SpikeConfig)
@@ -101,7 +104,8 @@ class GuardPolicy:
             raise ValueError(f"Invalid sigma_min: {self.sigma_min} (need > 0)")
         for name, low in (("stats_window", 2), ("stats_warmup", 0), ("snapshot_every", 1),
                           ("keep_snapshots", 1), ("recover_patience", 1),
-                          ("max_nonfinite_run", 1), ("adapt_after", 1), ("adapt_window", 1)):
+                          ("max_nonfinite_run", 1), ("adapt_after", 1), ("adapt_window", 1),
+                          ("adapt_cooldown", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Invalid {name}: {value!r} (need an int >= {low})")
