@@ -1,0 +1,86 @@
+"""Validation messages, Monitor events, and the public names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stablestep.diagnosis.detectors import SpikeConfig
+from stablestep.guard import Guard, GuardPolicy, GuardRecord
+from stablestep.telemetry import Monitor, names, open_run
+from tests.guard.conftest import mlp, regression_data
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"outlier_z": 0.0}, "Invalid outlier_z: 0.0 (need > 0 or None)"),
+    ({"outlier_z": float("nan")}, "Invalid outlier_z: nan (need > 0 or None)"),
+    ({"outlier_action": "drop"}, "Invalid outlier_action: 'drop' (expected 'skip' or 'clip')"),
+    ({"clip_z": -1.0}, "Invalid clip_z: -1.0 (need > 0)"),
+    ({"sigma_min": 0.0}, "Invalid sigma_min: 0.0 (need > 0)"),
+    ({"snapshot_every": 0}, "Invalid snapshot_every: 0 (need an int >= 1)"),
+    ({"keep_snapshots": 1.5}, "Invalid keep_snapshots: 1.5 (need an int >= 1)"),
+    ({"stats_window": 1}, "Invalid stats_window: 1 (need an int >= 2)"),
+    ({"adapt_after": True}, "Invalid adapt_after: True (need an int >= 1)"),
+    ({"max_rollbacks": -1}, "Invalid max_rollbacks: -1 (need an int >= 0 or None)"),
+    ({"lr_backoff": 1.0}, "Invalid lr_backoff: 1.0 (need 0 < lr_backoff < 1)"),
+    ({"remedies": ("amsgrad", "warmup")},
+     "Invalid remedy: 'warmup' (expected one of 'amsgrad', 'eps', 'lr')"),
+    ({"remedies": "lr"}, "Invalid remedies: 'lr' (need a tuple of names)"),
+])
+def test_policy_validation_messages(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        GuardPolicy(**kwargs)
+    assert str(err.value) == message
+
+
+def test_policy_is_keyword_only_and_round_trips():
+    with pytest.raises(TypeError):
+        GuardPolicy(True)  # noqa: FBT003
+    p = GuardPolicy(outlier_z=None, spike=SpikeConfig(window=20), remedies=("lr",))
+    assert GuardPolicy.from_dict(p.to_dict()) == p
+
+
+def test_guard_argument_errors():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got list"):
+        Guard([], opt)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got dict"):
+        Guard(model, {})
+    with pytest.raises(TypeError, match="policy must be a GuardPolicy, got dict"):
+        Guard(model, opt, policy={"outlier_z": 3})
+    with pytest.raises(TypeError, match="monitor must have a record_event"):
+        Guard(model, opt, monitor=object())
+    with pytest.raises(TypeError, match="curvature_loss must be a callable"):
+        Guard(model, opt, curvature_loss=1.0)
+
+
+def test_actions_are_monitor_events(tmp_path):
+    x, y = regression_data(n=64)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    store = tmp_path / "runs.db"
+    with Monitor(model, opt, store=store, run="guarded", state_every=None) as monitor:
+        guard = Guard(model, opt, monitor=monitor)
+        for t in range(30):
+            opt.zero_grad()
+            xb = x.clone()
+            if t == 12:
+                xb[0, 0] = float("inf")
+            loss = ((model(xb) - y) ** 2).mean()
+            loss.backward()
+            monitor.observe(loss)
+            if guard.check(loss):
+                opt.step()
+    events = [e for e in open_run(store, "guarded").events if e.kind == names.EVENT_GUARD]
+    assert len(events) == 1 and events[0].step == 12
+    assert events[0].data == guard.records[0].to_dict()
+    assert events[0].data["action"] == "skip" and events[0].data["reason"] == "non-finite"
+    assert isinstance(guard.records[0], GuardRecord)
+
+
+def test_public_name():
+    import stablestep.guard as g
+
+    assert g.Guard.__doc__ and g.GuardPolicy.__doc__ and g.GuardRecord.__doc__
+    assert {"Guard", "GuardPolicy", "GuardRecord", "GuardError"} <= set(g.__all__)

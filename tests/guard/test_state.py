@@ -1,0 +1,69 @@
+"""Save -> load -> continue identically, through skips, rollbacks and adaptations."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from stablestep.guard import Guard, GuardPolicy
+from tests.guard.conftest import mlp, regression_data
+
+POLICY = GuardPolicy(snapshot_every=10, stats_warmup=5)
+
+
+def _objects():
+    model = mlp(width=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    # the user's schedule: lr jumps 300x at step 130 (the run diverges there)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 300.0 if t >= 130 else 1.0)
+    return model, opt, sched, Guard(model, opt, policy=POLICY)
+
+
+def _run(model, opt, sched, guard, x, y, steps):
+    for t in steps:
+        opt.zero_grad()
+        xb = x.clone()
+        if t in (25, 120):
+            xb[3, 1] = float("nan")
+        yb = y * 1e4 if t == 90 else y
+        loss = ((model(xb) - yb) ** 2).mean()
+        loss.backward()
+        if guard.check(loss):
+            opt.step()
+        sched.step()
+
+
+def _save(*objs) -> bytes:
+    buf = io.BytesIO()
+    torch.save([o.state_dict() for o in objs], buf)
+    return buf.getvalue()
+
+
+def test_save_load_continue_identically():
+    x, y = regression_data(n=128)
+    a = _objects()
+    _run(*a, x, y, range(0, 100))
+    blob = _save(*a)
+    _run(*a, x, y, range(100, 220))
+
+    b = _objects()
+    for obj, sd in zip(b, torch.load(io.BytesIO(blob), weights_only=False), strict=True):
+        obj.load_state_dict(sd)
+    _run(*b, x, y, range(100, 220))
+
+    ga, gb = a[3], b[3]
+    actions = {(r.action, r.reason) for r in ga.records}
+    assert {("skip", "non-finite"), ("skip", "gradient-outlier"), ("rollback", "divergence"),
+            ("adapt", "after-rollback")} <= actions  # the checkpoint is crossed by all kinds
+    assert any(r.action == "rollback" and r.step > 100 for r in ga.records)
+    assert [r.to_dict() for r in ga.records] == [r.to_dict() for r in gb.records]
+    assert ga.counts == gb.counts and ga.lr_scale == gb.lr_scale < 1.0
+    assert ga.snapshots == gb.snapshots and ga.step == gb.step == 220
+    for p, q in zip(a[0].parameters(), b[0].parameters(), strict=True):
+        assert torch.equal(p, q)
+    sa, sb = a[1].state_dict(), b[1].state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for k in sa["state"][i]:
+            assert torch.equal(sa["state"][i][k], sb["state"][i][k])
