@@ -63,6 +63,13 @@ def _usage(msg: str) -> Exception:
     return UsageError(msg)
 
 
+def _need_matplotlib() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise _usage("the report needs matplotlib: pip install 'stablestep[plot]'")
+
+
 def _scenario(name: str):
     from stablestep.lab import scenarios
 
@@ -121,6 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = _console()
     if args.workers is not None and args.workers < 1:
         raise _usage(f"--workers must be >= 1; got {args.workers}")
+    _need_matplotlib()
     if args.name == "all":
         out = Path(args.out or os.path.join("runs", "lab"))
         console.print(f"running {len(scenarios.names())} scenarios into {out} ...")
@@ -169,6 +177,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from stablestep.lab.sweep import sweep
 
     sc = _scenario(args.name)
+    _need_matplotlib()
     lrs = _floats(args.lr, "--lr")
     epss = _floats(args.eps, "--eps") if args.eps else [sc.base().eps]
     amsgrads = _bools(args.amsgrad)

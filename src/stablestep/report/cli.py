@@ -24,10 +24,14 @@ def add_parsers(subparsers: Any) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; a missing or unreadable store is a one-line usage error."""
+    import importlib.util
+
     from stablestep.cli import UsageError
     from stablestep.report import write_report
     from stablestep.telemetry import list_runs
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("the report needs matplotlib: pip install 'stablestep[plot]'")
     path = args.path
     if os.path.isdir(path):
         path = os.path.join(path, "run.sqlite")
