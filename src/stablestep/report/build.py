@@ -54,7 +54,8 @@ def _write(text: str, out: str | os.PathLike) -> Path:
 
 def _hyper_cell(config: dict) -> str:
     h = config.get("hyper") or {}
-    keys = ("kind", "lr", "eps", "eps_mode", "amsgrad", "beta1", "beta2", "momentum")
+    keys = (("kind", "lr", "momentum", "nesterov") if h.get("kind") == "sgd"
+            else ("kind", "lr", "eps", "eps_mode", "amsgrad", "beta1", "beta2"))
     return ", ".join(f"{k}={fmt(h[k])}" for k in keys if k in h)
 
 
