@@ -189,3 +189,40 @@ def test_max_rollbacks_raises_with_the_reason():
     config = replace(scenarios.get("lr-divergence").base(), steps=100)
     with pytest.raises(GuardError, match=r"divergence after 1 rollbacks \(max_rollbacks=1\)"):
         _full_batch(config, guard=True, policy=GuardPolicy(max_rollbacks=1))
+
+
+def test_guard_eps_remedy_uses_the_measured_sharpness_of_the_dense_hessian():
+    config = replace(scenarios.get("periodic-spikes").base(), n=64, width=64, lr=1e-2,
+                     steps=600)
+    pr = problems.build(config)
+    opt = make_optimizer(config, pr.model.parameters())
+    guard = Guard(pr.model, opt, curvature_loss=pr.probe_loss(),
+                  policy=GuardPolicy(adapt_after=1, remedies=("eps",), rollback=False))
+    for _ in range(config.steps):
+        opt.zero_grad()
+        loss = pr.loss()
+        loss.backward()
+        ok = guard.check(loss)
+        if guard.counts["adapt"]:
+            break  # stop where the guard measured
+        if ok:
+            opt.step()
+    (rec,) = guard.records
+    assert (rec.action, rec.reason, rec.data["remedy"]) == (
+        "adapt", "adaptive-edge-of-stability", "eps")
+    params = list(pr.model.parameters())
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+
+    def flat_loss(w):
+        ps = [t.reshape(s) for t, s in zip(w.split(sizes), shapes, strict=True)]
+        h = torch.tanh(pr.x.double() @ ps[0].T + ps[1])
+        return (((h @ ps[2].T + ps[3]) - pr.y.double()) ** 2).mean()
+
+    w0 = torch.cat([p.detach().flatten() for p in params]).double()
+    hess = torch.autograd.functional.hessian(flat_loss, w0, vectorize=True)
+    lam = float(torch.linalg.eigvalsh(hess)[-1])
+    assert rec.data["sharpness"] == pytest.approx(lam, rel=2e-2)
+    t = int(opt.state[params[0]]["step"])
+    want = stable_eps(config.lr, rec.data["sharpness"], beta1=0.9, beta2=0.999, step=t)
+    assert want <= rec.data["eps_new"] <= 1.1 * want
+    assert opt.param_groups[0]["eps"] == rec.data["eps_new"]

@@ -82,6 +82,12 @@ class Guard:
     Steps are counted by :meth:`check` calls from 0, like the Monitor's :meth:`observe`.
     A rollback does not rewind the step counter, the data or the scheduler: the run goes
     on from the restored weights with the next batches.
+
+    With ``torch.amp.GradScaler``: ``scaler.unscale_(opt)``, then
+    ``if guard.check(loss): scaler.step(opt)``, then ``scaler.update()``; the scaler's own
+    overflow steps are non-finite skips here, so raise ``max_nonfinite_run`` while it
+    calibrates. The loss detectors work on :math:`\log` loss and ignore non-positive
+    losses (a negative log-likelihood below 0 is not watched for spikes or divergence).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -149,8 +155,10 @@ class Guard:
                 return False
             return True
         self._nonfinite_run = 0
+        if gnorm <= 0.0:  # no gradient (frozen model, check before backward): no statistics
+            return self._watch_loss(step, loss_v, gnorm, 0.0)
         st = self._stats
-        y = math.log(max(gnorm, 1e-300))
+        y = math.log(gnorm)
         sigma = max(math.sqrt(st["var"]), p.sigma_min)
         z = (y - st["mean"]) / sigma if st["n"] else 0.0
         prev_z, st["prev_z"] = st["prev_z"], z
