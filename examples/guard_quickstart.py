@@ -42,4 +42,5 @@ print(f"final loss {torch.nn.functional.mse_loss(model(x), y).item():.2e}; "
 for r in guard.records:
     numbers = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.data.items()}
     print(f"step {r.step:5d}  {r.action:8s} {r.reason:28s} {numbers}")
-print(f"optimizer now: amsgrad={opt.param_groups[0]['amsgrad']}, eps={opt.param_groups[0]['eps']:g}")
+group = opt.param_groups[0]
+print(f"optimizer now: amsgrad={group['amsgrad']}, eps={group['eps']:g}, lr={group['lr']:g}")
