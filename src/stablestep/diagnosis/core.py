@@ -108,22 +108,21 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         nf_inside = [s for s in nf_steps if s >= chain[0].onset and (last.end is None
                                                                      or s <= last.end)]
         nf_at = nf_inside[0] if nf_inside else None
-        consumed_nf.update(nf_inside)
         kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, cfg)
         if kind == "divergence":  # one regime, however many sub-peaks
+            consumed_nf.update(nf_inside)  # the blow-up reached NaN: part of the regime
             incidents.append(_incident(chain, kind, nf_at))
             continue
-        # Spikes while the loss rings after another are spikes of their own, except the
-        # rises that follow a bad batch (Adam's momentum carries it): they are its echo.
+        # Rises while the loss rings after a spike belong to that spike (one incident,
+        # their alarms in evidence["follow_on_alarms"]); an outlier batch arriving
+        # meanwhile is an incident of its own, and the rises after it are its echo.
         groups: list[list[Excursion]] = []
-        echo = False
         for e in chain:
             bad_batch = classify(trace, _incident([e], "spike"))[0] == "gradient-outlier"
-            if echo and not bad_batch:
+            if groups and not bad_batch:
                 groups[-1].append(e)
             else:
                 groups.append([e])
-                echo = bad_batch
         incidents.extend(_incident(g, "spike") for g in groups)
     for s in nf_steps:
         if s not in consumed_nf:
@@ -134,8 +133,9 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
     findings: list[Finding] = []
     recurring = [x for x in explained if x[0].kind == "spike"
                  and x[1] not in ("gradient-outlier", "non-finite")]
-    grouped = len(recurring) >= cfg.periodic.min_spikes and (
-        _cv([x[0].onset for x in recurring]) <= cfg.periodic.max_cv or len(recurring) >= 10)
+    alarms = _alarm_steps([x[0] for x in recurring])
+    grouped = len(alarms) >= cfg.periodic.min_spikes and (
+        _cv(alarms) <= cfg.periodic.max_cv or len(alarms) >= 10)
     if grouped:
         findings.append(_periodic(trace, recurring))
     for inc, mech, conf, ev in explained:
@@ -160,8 +160,13 @@ def _cv(steps: list[int]) -> float:
     return float(np.std(gaps, ddof=1) / np.mean(gaps))
 
 
+def _alarm_steps(incidents: list[Incident]) -> list[int]:
+    """Every spike alarm of these incidents: first alarms and those while the loss rang."""
+    return sorted({s for i in incidents for s in (i.detected, *i.follow_on)})
+
+
 def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, Any]]]) -> Finding:
-    steps = [inc.onset for inc, *_ in spikes]
+    steps = _alarm_steps([inc for inc, *_ in spikes])
     gaps = np.diff(steps).astype(float)
     period = float(np.median(gaps))
     cv = _cv(steps)
@@ -172,7 +177,8 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
     first = next(x for x in spikes if x[1] == mech)
     inc, _, conf, ev = first
     ev = dict(ev)
-    ev.update({"n_spikes": len(spikes), "spike_steps": steps,
+    ev.update({"n_spikes": len(steps), "spike_steps": steps, "n_episodes": len(spikes),
+               "episode_onsets": [i.onset for i, *_ in spikes],
                "detected_steps": [i.detected for i, *_ in spikes], "period": period,
                "interval_cv": cv, "mechanism_share": share, "mechanism_counts": ev_counts,
                "peak_over_baseline_median": float(np.median(
@@ -185,7 +191,7 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
             "recurring spikes that recover by themselves are the signature of Adam's adaptive "
             "edge of stability (v decays as the loss flattens); amsgrad keeps v from "
             "decaying: if the spikes vanish with it, that was the mechanism"))
-    return Finding(step=steps[0], kind="periodic-spikes", mechanism=mech,
+    return Finding(step=spikes[0][0].onset, kind="periodic-spikes", mechanism=mech,
                    confidence=min(conf, 0.3 + 0.7 * share) if mech != "unknown" else conf,
                    evidence=ev, remedies=rem)
 

@@ -10,16 +10,17 @@ keeps exponential moving statistics with span ``window`` (:math:`\alpha = 2/(w+1
 
 .. math::
 
-    \mu_t = \mu_{t-1} + \alpha (y_t - \mu_{t-1}),\quad
     d_t = y_t - y_{t-1},\quad \tau_t = \tau_{t-1} + \alpha (d_t - \tau_{t-1}),\quad
-    s_t = s_{t-1} + \alpha (2\max(d_t - \tau_{t-1}, 0) - s_{t-1})
+    \mu_t = \mu_{t-1} + \tau_t + \alpha (y_t - \mu_{t-1} - \tau_t),\quad
+    s_t = s_{t-1} + \alpha (2\max(d_t^+ - \tau_{t-1}^+, 0) - s_{t-1})
 
-(level, trend, and noise as twice the mean *upward* one-step residual, winsorised at
-``max(4 s, min_rise)`` after warmup, so a fast-falling loss does not blunt the detector).
-An instability grows geometrically over several steps before it is large, so the
-detector measures the
-excess over the *start of the current rise*, not over a lagging mean:
-:math:`e_t = y_t - b_t`, :math:`b_t = \max(\min(\mu, y_{\text{rise start}}), \mu - 2 s)`,
+(trend; a level that follows the trend as in Holt's smoothing, so it does not lag a
+falling loss; noise as twice the mean one-step *rise* beyond a rising trend, winsorised at
+``max(4 s, jump)`` after warmup, so a fast-falling loss does not blunt the
+detector). An instability grows geometrically over several steps before it is large,
+so the detector measures the excess over the *start of the current rise*:
+:math:`e_t = y_t - b_t`, :math:`b_t = \max(y_{\text{rise start}}, \mu - 2 s)` (a low
+more than two noise units under the level is taken as noise, not as the start),
 and alarms when :math:`e_t \ge \max(\text{min\_rise}, z\,s)` and the rise is confirmed
 (two rising records in a row, or a single jump :math:`e_t \ge` ``jump``). Statistics are
 frozen during an excursion, which ends when the loss is back within
@@ -54,7 +55,7 @@ class SpikeConfig:
     """Settings of :class:`SpikeDetector` (log-loss units: 0.02 is a 2% rise)."""
 
     window: int = 50
-    warmup: int = 10
+    warmup: int = 5
     z: float = 8.0
     min_rise: float = 0.05
     jump: float = 0.4
@@ -168,7 +169,8 @@ class SpikeDetector:
                 s.after_left, s.after_trough, s.after_base = c.window // 2, y, e["baseline"]
             elif e["trough_step"] > e["peak_step"] and (
                     y - e["trough"] >= max(c.jump, c.z * s.noise)
-                    or (s.rise_len >= 2 and y - e["trough"] >= c.nested_rise)):
+                    or (s.rise_len >= 2
+                        and y - e["trough"] >= max(c.nested_rise, c.z * s.noise))):
                 # a new spike on the way down from the previous one (recurring spikes)
                 # (the new one keeps the episode's baseline, so recovery means back to it)
                 e["end"] = step
@@ -207,7 +209,7 @@ class SpikeDetector:
             s.n += 1
             self._shift(y, step)
             return alarm  # statistics stay frozen until the ringing is over
-        base = max(min(s.level, s.rise_start_y if s.rise_len else s.prev_y), s.level - 2 * s.noise)
+        base = max(s.rise_start_y if s.rise_len else s.prev_y, s.level - 2 * s.noise)
         excess = y - base
         thr = max(c.min_rise, c.z * s.noise)
         prev_excess = s.prev_y - base
@@ -221,13 +223,14 @@ class SpikeDetector:
                                            peak=loss, peak_step=step, jump=is_jump))
         else:
             d = y - s.prev_y
-            resid = d - s.trend
+            # only a real rise beyond a rising trend is noise: a falling loss that
+            # decelerates (d > trend, d < 0) says nothing about upward fluctuations
+            up = max(max(d, 0.0) - max(s.trend, 0.0), 0.0)
             s.trend += a * (d - s.trend)
-            up = max(resid, 0.0)
             if s.n >= c.warmup:  # winsorise: one odd record moves the noise scale little
-                up = min(up, max(4.0 * s.noise, c.min_rise))
+                up = min(up, max(4.0 * s.noise, c.jump))
             s.noise += a * (2.0 * up - s.noise)
-            s.level += a * (y - s.level)
+            s.level += s.trend + a * (y - s.level - s.trend)  # Holt: follows a falling loss
         s.n += 1
         self._shift(y, step)
         return alarm

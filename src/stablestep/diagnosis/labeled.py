@@ -190,34 +190,35 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
 
 
 def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
-                 lookback: int = 50) -> list[int]:
-    """Offline ground truth for spikes, using the whole curve (not causal).
+                 lookback: int = 50, quiet: int = 25) -> list[int]:
+    """Offline ground truth for spike episodes, using the whole curve (not causal).
 
-    A spike is a local episode whose peak is ``peak`` times the lowest loss of the
-    ``lookback`` steps before it; its onset is the first step of the rise leading to the
-    peak at which the loss stands ``exp(rise)`` above the rise's starting point.
-    Episodes end when the loss returns below the geometric mean of start and peak.
+    An episode starts when the loss reaches ``peak`` times the lowest loss of the
+    ``lookback`` steps before; its onset is the first step of the rise leading there at
+    which the loss stands ``exp(rise)`` above the rise's starting point. It lasts until
+    ``quiet`` consecutive steps pass without the loss rising ``peak`` times above its
+    lowest value since the episode's last peak (Adam rings for a while after a spike;
+    those rises belong to the same episode).
     """
     y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
     out, i, n = [], 1, len(y)
+    step = math.log(peak)
     while i < n:
-        lo = np.nanmin(y[max(0, i - lookback): i]) if i > 0 else y[0]
-        if not (y[i] >= lo + math.log(peak)):
+        lo = np.nanmin(y[max(0, i - lookback): i])
+        if not (y[i] >= lo + step):
             i += 1
             continue
         j = i  # walk back along the rise to its start
         while j > 0 and y[j - 1] < y[j]:
             j -= 1
-        start = y[j]
-        onset = next((k for k in range(j, i + 1) if y[k] >= start + rise), i)
-        k = i
-        top = y[i]
-        while k + 1 < n and y[k + 1] >= y[k]:
-            k += 1
-            top = y[k]
-        end = k
-        while end + 1 < n and y[end] > (start + top) / 2:
-            end += 1
+        onset = next((k for k in range(j, i + 1) if y[k] >= y[j] + rise), i)
         out.append(int(trace.steps[onset]))
-        i = end + 1
+        k, trough, calm = i, y[i], 0
+        while k + 1 < n and calm < quiet:
+            k += 1
+            if y[k] >= trough + step:  # a new rise inside the episode
+                trough, calm = y[k], 0
+            else:
+                trough, calm = min(trough, y[k]), calm + 1
+        i = k + 1
     return out
