@@ -1,0 +1,125 @@
+"""Hugging Face Trainer callback: stored loss, gradients and effective step against the
+Trainer's own logs and torch AdamW's state; resuming from a checkpoint continues the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it
+
+from stablestep.integrations.transformers import StablestepCallback  # noqa: E402
+from stablestep.telemetry import names as N  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Sequences counting up modulo the vocabulary from a random start (learnable)."""
+
+    def __init__(self, n=32, length=12, vocab=31):
+        g = torch.Generator().manual_seed(0)
+        start = torch.randint(0, vocab, (n, 1), generator=g)
+        self.ids = (start + torch.arange(length)) % vocab
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=31, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+class Recorder(transformers.TrainerCallback):
+    """Reference: gradients and AdamW state read by the Trainer's own hooks."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        self.steps.append({"g": g.double()})
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        opt = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+        ps = [p for p in model.parameters() if p.grad is not None]
+        st = [opt.state[p] for p in ps]
+        self.steps[-1].update(t=int(st[0]["step"]), lr=opt.param_groups[0]["lr"],
+                              v=torch.cat([s["exp_avg_sq"].reshape(-1) for s in st]).double())
+
+
+def _args(tmp_path, max_steps, **kw):
+    opts = dict(
+        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8,
+        learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no",
+        disable_tqdm=True, use_cpu=True, seed=0, data_seed=0, lr_scheduler_type="linear",
+        max_grad_norm=0.0,
+    )
+    return transformers.TrainingArguments(**{**opts, **kw})
+
+
+def test_records_match_trainer_logs_and_adamw_state(tmp_path):
+    cb = StablestepCallback(store=tmp_path / "hf.db", run="hf", state_every=1, top_k=0)
+    rec = Recorder()
+    trainer = transformers.Trainer(model=_model(), args=_args(tmp_path, 6),
+                                   train_dataset=Tokens(), callbacks=[cb, rec])
+    trainer.train()
+    run = cb.read()
+    assert run.config["optimizer"] == "AdamW"
+    logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    steps, loss = run.series(N.LOSS)
+    assert steps.tolist() == list(range(6))
+    np.testing.assert_allclose(loss, [h["loss"] for h in logs], rtol=1e-3, atol=1e-4)
+    gn = [h["grad_norm"] for h in logs]
+    s = {n: dict(zip(*run.series(n), strict=True)) for n in run.names()}
+    for i, r in enumerate(rec.steps):
+        assert s[N.GRAD_NORM][i] == pytest.approx(float(r["g"].norm()), rel=1e-5)
+        assert s[N.GRAD_NORM][i] == pytest.approx(gn[i], rel=1e-4)
+        assert s[N.LR][i] == pytest.approx(r["lr"])
+        bc1, bc2 = 1 - 0.9 ** r["t"], 1 - 0.999 ** r["t"]
+        eff = (r["lr"] / bc1) / ((r["v"] / bc2).sqrt() + 1e-8)
+        assert s[N.EFF_STEP_MAX][i] == pytest.approx(float(eff.max()), rel=1e-5)
+
+
+def test_resume_from_checkpoint_continues_the_run(tmp_path):
+    store = tmp_path / "hf.db"
+
+    def train(run, max_steps, resume=None, **kw):
+        cb = StablestepCallback(store=store, run=run, state_every=2)
+        trainer = transformers.Trainer(model=_model(), args=_args(tmp_path, max_steps, **kw),
+                                       train_dataset=Tokens(), callbacks=[cb])
+        trainer.train(resume_from_checkpoint=resume)
+        return cb
+
+    whole = train("whole", 8)
+    train("parts", 8, save_strategy="steps", save_steps=4)  # steps 4..7 are abandoned
+    parts = train("parts", 8, resume=str(tmp_path / "out" / "checkpoint-4"))
+    a, b = whole.read(), parts.read()
+    assert a.names() == b.names()
+    for name in (N.LOSS, N.GRAD_NORM, N.LR, N.EFF_STEP_MAX, N.UPDATE_NORM):
+        sa, va = a.series(name)
+        sb, vb = b.series(name)
+        assert sa.tolist() == sb.tolist(), name
+        np.testing.assert_allclose(vb, va, rtol=1e-5, err_msg=name)
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError) as err:
+        StablestepCallback(state_every=0)
+    assert str(err.value) == "Invalid state_every: 0 (a positive int)"
