@@ -68,7 +68,8 @@ class Guard:
        a spike not recovered within ``recover_patience`` steps, restores the newest
        snapshot taken before the incident's onset, then adapts; a recovered spike of
        the adaptive-edge-of-stability kind (Adam family, gradient not an outlier) is
-       counted, and ``adapt_after`` of them within ``adapt_window`` steps adapt.
+       counted (unless within ``spike.window`` steps of a gradient outlier: its echo), and
+       ``adapt_after`` of them within ``adapt_window`` steps adapt.
     4. **snapshot** every ``snapshot_every`` calm steps (CPU copies, ``keep_snapshots``).
 
     Adaptation walks ``policy.remedies`` (AMSGrad on; eps raised to
@@ -121,6 +122,7 @@ class Guard:
         self._aeos: list[int] = []  # AEoS spike steps since the last adaptation
         self._ladder = 0
         self._last_adapt: int | None = None
+        self._last_outlier: int | None = None
         self._snaps: list[S.Snapshot] = []
         self._saved_lr: list[Any] = []
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -166,6 +168,7 @@ class Guard:
                 and prev_z < p.outlier_z / 2):
             data = {"loss": loss_v, "grad_norm": gnorm, "z": z,
                     "median": math.exp(st["mean"]), "sigma": sigma}
+            self._last_outlier = step
             if p.outlier_action == "skip":
                 self._record(step, "skip", "gradient-outlier", data)
                 return False
@@ -219,6 +222,8 @@ class Guard:
         p = self.policy
         if self._last_adapt is not None and step - self._last_adapt < p.adapt_cooldown:
             return
+        if self._last_outlier is not None and step - self._last_outlier < p.spike.window:
+            return  # the echo of a bad batch (momentum carries it), not Adam's instability
         self._aeos = [s for s in self._aeos if step - s < p.adapt_window] + [step]
         if p.adapt and len(self._aeos) >= p.adapt_after:
             evidence = {"spike_steps": list(self._aeos), "loss": alarm.value,
@@ -366,6 +371,7 @@ class Guard:
                 "records": [r.to_dict() for r in self.records],
                 "nonfinite_run": self._nonfinite_run, "episode": self._episode,
                 "aeos": list(self._aeos), "ladder": self._ladder, "last_adapt": self._last_adapt,
+                "last_outlier": self._last_outlier,
                 "detectors": copy.deepcopy(self._detectors()),
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
@@ -384,6 +390,7 @@ class Guard:
         self._episode = (int(ep[0]), int(ep[1])) if ep is not None else None
         self._aeos, self._ladder = [int(s) for s in state["aeos"]], int(state["ladder"])
         self._last_adapt = state["last_adapt"]
+        self._last_outlier = state["last_outlier"]
         self._load_detectors(state["detectors"])
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
