@@ -120,20 +120,24 @@ def test_accumulated_steps_record_the_mean_loss(tmp_path):
     np.testing.assert_allclose(loss, pairs, rtol=1e-6)
 
 
-def test_checkpoint_resume_continues_identically(tmp_path):
+@pytest.mark.parametrize("guard", [None, True])
+def test_checkpoint_resume_continues_identically(tmp_path, guard):
     # one batch per epoch: Lightning's own resume replays batches of a finished epoch in
     # another order, which is not what this test is about
     store = tmp_path / "l.db"
-    whole = StablestepCallback(store=store, run="whole", state_every=2)
+    whole = StablestepCallback(store=store, run="whole", state_every=2, guard=guard)
     _trainer(whole, 9).fit(Tiny(), _loader(n=16))
 
-    first = StablestepCallback(store=store, run="parts", state_every=2)
+    first = StablestepCallback(store=store, run="parts", state_every=2, guard=guard)
     trainer = _trainer(first, 5)
     trainer.fit(Tiny(), _loader(n=16))
     ckpt = tmp_path / "five.ckpt"
     trainer.save_checkpoint(ckpt)
-    second = StablestepCallback(store=store, run="ignored", state_every=2)
+    second = StablestepCallback(store=store, run="ignored", state_every=2, guard=guard)
     _trainer(second, 9).fit(Tiny(), _loader(n=16), ckpt_path=ckpt)
+    if guard:
+        assert second.guard.state_dict()["step"] == 9
+        assert second.guard.counts == whole.guard.counts
 
     a, b = whole.read(), second.read()
     assert b.name == "parts" and a.names() == b.names()
@@ -145,17 +149,46 @@ def test_checkpoint_resume_continues_identically(tmp_path):
 
 
 def test_nonfinite_loss_is_an_event(tmp_path):
-    class Nan(Tiny):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            return loss * math.inf if self.global_step == 2 else loss
-
     cb = StablestepCallback(store=tmp_path / "l.db", run="nan", state_every=1)
-    _trainer(cb, 3).fit(Nan(), _loader())
+    _trainer(cb, 3).fit(Inf(), _loader())
     run = cb.read()
     ev = [e for e in run.events if e.kind == N.EVENT_NONFINITE]
     assert ev and ev[0].step == 2 and "loss" in ev[0].data["what"]
     assert run.series(N.LOSS)[0].tolist() == [0, 1]
+
+
+class Inf(Tiny):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.inf if self.global_step == 2 else loss
+
+
+def test_guard_skips_a_nonfinite_step_so_adam_never_sees_it(tmp_path):
+    from stablestep.guard import GuardPolicy
+
+    class Weights(L.Callback):
+        def __init__(self):
+            self.w, self.t = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.w.append(torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]))
+            opt = trainer.optimizers[0]
+            self.t.append(int(opt.state[next(iter(pl_module.parameters()))]["step"]))
+
+    cb = StablestepCallback(store=tmp_path / "l.db", run="guarded", guard=GuardPolicy())
+    rec = Weights()
+    _trainer(cb, 5, extra=[rec]).fit(Inf(), _loader())
+    assert rec.t == [1, 2, 2, 3, 4]  # step 2 was not taken: Adam's count stands still
+    assert torch.equal(rec.w[1], rec.w[2]) and torch.isfinite(rec.w[-1]).all()
+    assert cb.guard.counts["skip"] == 1
+    run = cb.read()
+    guard_events = [e for e in run.events if e.kind == N.EVENT_GUARD]
+    assert [e.step for e in guard_events] == [2]
+    # without the guard, the infinite loss reaches Adam and the weights
+    unguarded = StablestepCallback(store=tmp_path / "l.db", run="unguarded")
+    rec = Weights()
+    _trainer(unguarded, 5, extra=[rec]).fit(Inf(), _loader())
+    assert not torch.isfinite(rec.w[-1]).all()
 
 
 @pytest.mark.parametrize(
@@ -164,9 +197,10 @@ def test_nonfinite_loss_is_an_event(tmp_path):
         ({"every": 0}, "Invalid every: 0 (a positive int)"),
         ({"optimizer": -1}, "Invalid optimizer: -1 (an index into trainer.optimizers)"),
         ({"curvature_every": 5}, "curvature_every and curvature_loss must be given together"),
+        ({"guard": "yes"}, "guard must be None, True or a GuardPolicy, got 'yes'"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises((ValueError, TypeError)) as err:
         StablestepCallback(**kwargs)
     assert str(err.value) == message

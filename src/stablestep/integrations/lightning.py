@@ -5,6 +5,11 @@ calls ``on_before_optimizer_step`` after the closure, once per optimizer step (a
 gradient accumulation, after AMP unscaling, before gradient clipping). That is exactly
 where :meth:`stablestep.Monitor.observe` belongs; the Monitor's step post-hook then records
 the update. Works with ``lightning`` 2.x (``lightning.pytorch``) or ``pytorch_lightning``.
+
+With ``guard=`` a :class:`stablestep.guard.Guard` decides each step right after the
+Monitor has seen it; a step the guard refuses (non-finite, outlier, rolled back) is skipped
+by dropping the gradients (``p.grad = None``): torch.optim's optimizers leave a parameter
+without a gradient untouched, moments and step count included.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class StablestepCallback(Callback):
         trainer.fit(model, train_loader)
         # then: stablestep diagnose runs.db   /   stablestep report runs.db -o r.html
 
+    The seatbelt: ``StablestepCallback(..., guard=GuardPolicy(...))`` (or ``guard=True`` for
+    the default policy) adds a :class:`stablestep.guard.Guard`; its actions are events of
+    the run and :attr:`guard` ``.records``.
+
     One record per optimizer step of the watched optimizer (``trainer.optimizers[optimizer]``),
     steps counted from 0. The loss recorded for a step is the loss ``training_step``
     returned, averaged over the micro-batches of an accumulated step (Lightning divides
@@ -54,8 +63,10 @@ class StablestepCallback(Callback):
             flush_seconds, sinks: as for :class:`stablestep.Monitor`.
         curvature_every: probe the curvature every this many steps (needs
             ``curvature_loss``).
-        curvature_loss: ``fn(pl_module) -> loss tensor`` on a fixed probe batch.
+        curvature_loss: ``fn(pl_module) -> loss tensor`` on a fixed probe batch (also
+            given to the guard, which uses it to compute eps and lr remedies).
         optimizer: index into ``trainer.optimizers`` of the optimizer to watch.
+        guard: ``None`` (off), ``True`` (default policy) or a ``GuardPolicy``.
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class StablestepCallback(Callback):
         curvature_loss: Callable[[LightningModule], torch.Tensor] | None = None,
         sinks: Sequence[Any] = (),
         optimizer: int = 0,
+        guard: Any = None,
     ):
         check_every("every", every)
         check_every("state_every", state_every, optional=True)
@@ -83,6 +95,13 @@ class StablestepCallback(Callback):
             raise ValueError("curvature_every and curvature_loss must be given together")
         if not isinstance(optimizer, int) or isinstance(optimizer, bool) or optimizer < 0:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (an index into trainer.optimizers)")
+        if guard is not None and guard is not True:
+            from stablestep.guard import GuardPolicy
+
+            if not isinstance(guard, GuardPolicy):
+                raise TypeError(f"guard must be None, True or a GuardPolicy, got {guard!r}")
+        self._policy = guard
+        self.guard: Any = None
         self.store = os.fspath(store)
         self.run_name = run or default_run_name()
         self.optimizer_index = optimizer
@@ -122,7 +141,20 @@ class StablestepCallback(Callback):
             **self._kwargs,
         )
         if self._state is not None:
-            self.monitor.load_state_dict(self._state)
+            self.monitor.load_state_dict(self._state["monitor"])
+        if self._policy is not None:
+            from stablestep.guard import Guard, GuardPolicy
+
+            policy = GuardPolicy() if self._policy is True else self._policy
+            self.guard = Guard(
+                pl_module,
+                opt,
+                policy=policy,
+                monitor=self.monitor,
+                curvature_loss=None if fn is None else (lambda: fn(pl_module)),
+            )
+            if self._state is not None and self._state.get("guard") is not None:
+                self.guard.load_state_dict(self._state["guard"])
         self._loss = None
 
     def on_before_backward(
@@ -142,6 +174,10 @@ class StablestepCallback(Callback):
             return
         loss, self._loss = self._loss, None
         self.monitor.observe(loss)
+        if self.guard is not None and not self.guard.check(loss if loss is not None else 0.0):
+            for group in self.monitor.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # skipped: torch.optim leaves p and its state alone
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Flush and detach; a later ``fit`` continues the same run."""
@@ -155,15 +191,19 @@ class StablestepCallback(Callback):
 
     def _close(self) -> None:
         if self.monitor is not None:
-            self._state = self.monitor.state_dict()
+            self._state = self.state_dict()
             self.monitor.close()
             self.monitor = None
+        if self.guard is not None:
+            self.guard.close()
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The Monitor's state (next step, run name, curvature probe): saved in checkpoints."""
+        """The Monitor's state (next step, run name, curvature probe) and the guard's
+        (counters, detectors, snapshots): saved in Lightning's checkpoints."""
         if self.monitor is not None:
-            return self.monitor.state_dict()
+            guard = self.guard.state_dict() if self.guard is not None else None
+            return {"version": 1, "monitor": self.monitor.state_dict(), "guard": guard}
         return dict(self._state) if self._state is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -172,8 +212,10 @@ class StablestepCallback(Callback):
             return
         if self.monitor is not None:
             raise RuntimeError("load_state_dict() must be called before fit() starts recording")
+        if state_dict.get("version") != 1:
+            raise ValueError(f"unsupported callback state version: {state_dict.get('version')!r}")
         self._state = dict(state_dict)
-        self.run_name = self._state["run"]
+        self.run_name = self._state["monitor"]["run"]
 
     def read(self) -> Run:
         """Flush and return the run as a :class:`~stablestep.telemetry.store.Run`."""
