@@ -119,7 +119,42 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         np.testing.assert_allclose(vb, va, rtol=1e-5, err_msg=name)
 
 
+def test_guard_skips_a_nonfinite_step(tmp_path):
+    class Poisoned(Tokens):
+        def __getitem__(self, i):
+            item = super().__getitem__(i)
+            return {**item, "bad": torch.tensor(float(i == 16))}  # one row: one bad batch
+
+    class InfOnBad(transformers.GPT2LMHeadModel):
+        def forward(self, bad=None, **kw):
+            out = super().forward(**kw)
+            if bad is not None and bool(bad.any()):
+                out.loss = out.loss * float("inf")
+            return out
+
+    torch.manual_seed(0)
+    model = InfOnBad(_model().config)
+    seen = []
+
+    class Count(transformers.TrainerCallback):
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            opt = optimizer.optimizer
+            seen.append(int(opt.state[next(iter(model.parameters()))]["step"]))
+
+    cb = StablestepCallback(store=tmp_path / "hf.db", run="g", guard=True)
+    args = _args(tmp_path, 4, remove_unused_columns=False)
+    transformers.Trainer(model=model, args=args, train_dataset=Poisoned(),
+                         callbacks=[cb, Count()]).train()
+    skipped = [e.step for e in cb.read().events if e.kind == N.EVENT_GUARD]
+    assert len(skipped) == 1 and cb.guard.counts["skip"] == 1
+    # Adam's step count stands still at the skipped step: it never saw the inf
+    assert seen == [s + 1 - (s >= skipped[0]) for s in range(4)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError) as err:
         StablestepCallback(state_every=0)
     assert str(err.value) == "Invalid state_every: 0 (a positive int)"
+    with pytest.raises(TypeError, match="guard must be None, True or a GuardPolicy"):
+        StablestepCallback(guard=1)

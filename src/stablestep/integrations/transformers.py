@@ -6,6 +6,10 @@ after its gradient clipping, right before ``optimizer.step()``: there the callba
 :meth:`stablestep.Monitor.observe`, and the Monitor's step post-hook records the update.
 The Trainer does not hand the loss to callbacks; a forward hook on the model reads the
 ``loss`` of each training forward pass (HF models return it when given ``labels``).
+
+With ``guard=`` a :class:`stablestep.guard.Guard` decides each step after the Monitor; a
+refused step is skipped by dropping the gradients (``p.grad = None``), which torch.optim's
+optimizers leave untouched (the Trainer's scheduler still steps).
 """
 
 from __future__ import annotations
@@ -57,9 +61,14 @@ class StablestepCallback(TrainerCallback):
     ``run`` at the checkpoint's step: steps stored at or after it are replaced. Give a
     fixed ``run`` name to continue the same run (the default name is new every time).
 
+    The seatbelt: ``guard=GuardPolicy(...)`` (or ``True``) adds a
+    :class:`stablestep.guard.Guard` (:attr:`guard`; its actions are events of the run). Its
+    state is not part of the Trainer's checkpoints: after a resume it starts afresh.
+
     Args:
         store, run, config, every, state_every, top_k, quantile_sample, flush_every,
             flush_seconds, sinks: as for :class:`stablestep.Monitor`.
+        guard: ``None`` (off), ``True`` (default policy) or a ``GuardPolicy``.
     """
 
     def __init__(
@@ -75,10 +84,18 @@ class StablestepCallback(TrainerCallback):
         flush_every: int = 100,
         flush_seconds: float = 10.0,
         sinks: Sequence[Any] = (),
+        guard: Any = None,
     ):
         check_every("every", every)
         check_every("state_every", state_every, optional=True)
         check_every("flush_every", flush_every)
+        if guard is not None and guard is not True:
+            from stablestep.guard import GuardPolicy
+
+            if not isinstance(guard, GuardPolicy):
+                raise TypeError(f"guard must be None, True or a GuardPolicy, got {guard!r}")
+        self._policy = guard
+        self.guard: Any = None
         self.store = os.fspath(store)
         self.run_name = run or default_run_name()
         self._kwargs: dict[str, Any] = {
@@ -115,6 +132,11 @@ class StablestepCallback(TrainerCallback):
                 {"version": 1, "step": int(state.global_step), "run": self.run_name,
                  "store": self.store, "curvature": None}
             )
+        if self._policy is not None:
+            from stablestep.guard import Guard, GuardPolicy
+
+            policy = GuardPolicy() if self._policy is True else self._policy
+            self.guard = Guard(model, self.monitor.optimizer, policy=policy, monitor=self.monitor)
         self._hook = model.register_forward_hook(self._capture)
         self._losses = []
 
@@ -125,6 +147,10 @@ class StablestepCallback(TrainerCallback):
         losses, self._losses = self._losses, []
         loss = torch.stack(losses).double().mean() if losses else None
         self.monitor.observe(loss)
+        if self.guard is not None and not self.guard.check(loss if loss is not None else 0.0):
+            for group in self.monitor.optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # skipped: torch.optim leaves p and its state alone
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Flush and detach the Monitor and the forward hook."""
@@ -134,6 +160,8 @@ class StablestepCallback(TrainerCallback):
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        if self.guard is not None:
+            self.guard.close()
 
     def read(self) -> Run:
         """Flush and return the run as a :class:`~stablestep.telemetry.store.Run`."""
