@@ -27,7 +27,7 @@ test: setup browser
 # Each benchmark prints its ratio against the anchor measured in the same run on its last line.
 bench: setup
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
-	@for b in optim_step monitor_overhead curvature detection; do \
+	@for b in optim_step monitor_overhead curvature detection guard; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py | tail -n 1; done
 
 lint: setup

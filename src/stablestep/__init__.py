@@ -22,6 +22,8 @@ _LAZY = {
     "curvature": "stablestep.curvature",
     "diagnose": "stablestep.diagnosis",
     "Finding": "stablestep.diagnosis",
+    "Guard": "stablestep.guard",
+    "GuardPolicy": "stablestep.guard",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
