@@ -164,6 +164,35 @@ def test_loss_is_the_batch_loss_history_averages(tmp_path):
     assert cb.read().series(N.EFF_STEP_MAX)[0].tolist() == [0, 3, 6, 9]
 
 
+def test_history_is_untouched_and_small_losses_keep_their_digits(tmp_path):
+    # one long epoch of full batches: Keras' float32 running sum reaches ~1e3 while the
+    # batch loss falls to ~1e-3, whose digits a difference of running sums would lose
+    x, y = _data(n=64)
+    steps = 400
+    xs, ys = np.tile(x, (steps, 1)), np.tile(y, (steps, 1))
+
+    class Forward(keras.callbacks.Callback):  # reference: the loss of the batch, forward only
+        def __init__(self):
+            super().__init__()
+            self.loss = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            pred = _np(self.model(x, training=False))
+            self.loss.append(float(np.mean((pred - y) ** 2)))
+
+    hists = []
+    for cbs in ([], [StablestepCallback(store=tmp_path / "k.db", run="long", state_every=None)]):
+        model = _model(keras.optimizers.Adam(3e-2))
+        ref = Forward()
+        hist = model.fit(xs, ys, batch_size=64, epochs=1, shuffle=False,
+                         callbacks=[*cbs, ref], verbose=0)
+        hists.append(hist.history["loss"])
+    assert hists[0] == hists[1]  # bit-identical History with the callback
+    loss = cbs[0].read().series(N.LOSS)[1]
+    assert loss[-1] < 1e-2 * loss[0]
+    np.testing.assert_allclose(loss, ref.loss, rtol=2e-5)
+
+
 def test_lr_schedule_is_the_lr_each_step_used(tmp_path):
     x, y = _data(n=64)
     sched = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=3, decay_rate=0.5)

@@ -177,9 +177,8 @@ class StablestepCallback(keras.callbacks.Callback):
     Steps are counted from 0 by train batches (one record per ``on_train_batch_end``;
     with ``steps_per_execution > 1`` a record covers that many batches). Recorded:
 
-    * every ``every`` steps: ``loss`` (this batch's loss, recovered from Keras' running
-      mean ``model._loss_tracker`` as (total difference)/(count difference), so it is the
-      sample-weighted batch mean Keras optimised, to float32 precision of the running sum;
+    * every ``every`` steps: ``loss`` (this batch's loss: the sample-weighted batch mean
+      Keras optimised, read from Keras' running mean ``model._loss_tracker``, see below;
       ``logs["loss"]`` when the model has no such tracker) and ``lr`` (the learning rate
       this step used, schedules included);
     * every ``state_every`` steps (``None``: off): ``param_norm``, ``update_norm``,
@@ -190,11 +189,19 @@ class StablestepCallback(keras.callbacks.Callback):
       them (module docstring for the epsilon-hat math). These steps copy the weights and
       first moments once before the batch.
 
+    The batch loss: Keras keeps only a float32 running sum of the epoch's losses, whose
+    differences lose the digits of small losses late in a long epoch. So on the torch and
+    TensorFlow backends the callback zeroes the tracker's ``total``/``count`` before a
+    recorded batch, reads this batch's own sum after it, and puts back ``old + batch``:
+    the same float32 addition Keras does, so ``History`` is bit-identical. On JAX (whose
+    fit loop does not see writes from callbacks) the loss is the difference of the
+    running sums (float32 precision of the sum). After a non-finite batch Keras' running
+    loss stays non-finite until the epoch ends; on JAX the following batches of that
+    epoch are then reported non-finite too.
+
     A non-finite loss or statistic is never stored as a number: the value is missing
     and a ``non-finite`` event says what (``what``; ``tensors``: non-finite gradient
-    entries per variable). After a non-finite batch Keras' running loss stays
-    non-finite until the epoch ends, so the following batches of that epoch are also
-    reported non-finite.
+    entries per variable).
 
     ``Run.config`` holds ``optimizer`` (``keras.Adam`` ...), ``hyper``
     (``eps_mode="tf"``, Keras' epsilon), ``keras_version``, ``keras_backend``.
@@ -296,16 +303,37 @@ class StablestepCallback(keras.callbacks.Callback):
         self._since_flush = 0
 
     # ---------------------------------------------------------------- reading
-    def _tracker(self) -> tuple[float, float] | None:
+    def _loss_tracker(self) -> Any:
         tr = getattr(self.model, "_loss_tracker", None)
         if tr is None or not hasattr(tr, "total") or not hasattr(tr, "count"):
             return None
-        return _host(tr.total), _host(tr.count)
+        return tr
 
-    def _batch_loss(self, before: tuple[float, float] | None, logs: dict | None) -> float | None:
-        after = self._tracker() if before is not None else None
-        if after is not None and after[1] > before[1]:
-            return (after[0] - before[0]) / (after[1] - before[1])
+    def _tracker(self) -> tuple[Any, Any, bool] | None:
+        """Before a batch: the tracker's (total, count) as float32 numpy scalars, and
+        whether they were zeroed (so that after the batch they hold this batch alone)."""
+        tr = self._loss_tracker()
+        if tr is None:
+            return None
+        total, count = (np.asarray(keras.ops.convert_to_numpy(v)) for v in (tr.total, tr.count))
+        reset = keras.backend.backend() != "jax"
+        if reset:
+            tr.total.assign(keras.ops.zeros_like(tr.total))
+            tr.count.assign(keras.ops.zeros_like(tr.count))
+        return total, count, reset
+
+    def _batch_loss(self, before: tuple | None, logs: dict | None) -> float | None:
+        tr = self._loss_tracker() if before is not None else None
+        if tr is not None:
+            total0, count0, reset = before
+            total, count = (np.asarray(keras.ops.convert_to_numpy(v)) for v in (tr.total, tr.count))
+            if reset:  # this batch alone; put back old + batch, Keras' own float32 addition
+                tr.total.assign(total0 + total)
+                tr.count.assign(count0 + count)
+                if count > 0:
+                    return float(total) / float(count)
+            elif count > count0:
+                return (float(total) - float(total0)) / (float(count) - float(count0))
         if logs and "loss" in logs:
             return _host(logs["loss"])
         return None
@@ -391,7 +419,7 @@ class StablestepCallback(keras.callbacks.Callback):
                 "every": self.every,
                 "state_every": self.state_every,
                 "top_k": self.top_k,
-                "loss": "loss_tracker" if self._tracker() is not None else "logs",
+                "loss": "loss_tracker" if self._loss_tracker() is not None else "logs",
             },
         }
         cfg.update(self._extra)
