@@ -63,11 +63,15 @@ class Regression(L.LightningModule):
 
 def fit(name: str, store: str, *, amsgrad: bool = False, guard=None) -> StablestepCallback:
     """2. one callback gives the Trainer stablestep's Monitor (and Guard when asked)."""
-    cb = StablestepCallback(store=store, run=name, state_every=10, guard=guard)
+    data = FullBatch()
+    cb = StablestepCallback(  # curvature on the full batch every 25 steps: lam_max(P^-1 H)
+        store=store, run=name, state_every=10, guard=guard, curvature_every=25,
+        curvature_loss=lambda m: torch.mean((m.net(data.x) - data.y) ** 2),
+    )
     trainer = L.Trainer(max_steps=STEPS, callbacks=[cb], logger=False, accelerator="cpu",
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(Regression(amsgrad), torch.utils.data.DataLoader(FullBatch(), batch_size=None))
+    trainer.fit(Regression(amsgrad), torch.utils.data.DataLoader(data, batch_size=None))
     return cb
 
 
