@@ -41,7 +41,7 @@ def test_grokking_slingshot_adam_has_recurring_spikes():
     assert [x.kind for x in f] == ["periodic-spikes"]
     ev = f[0].evidence
     assert ev["n_spikes"] >= 10
-    assert 3600 <= f[0].step <= 3800  # 0.0081 -> 0.189 between logged steps 3600 and 3700
+    assert f[0].step in (600, 3700)  # 0.015 -> 0.83 at 600 (warmup), 0.0081 -> 0.189 at 3700
     # only a loss curve: the mechanism is not claimed, the missing evidence is named
     assert f[0].mechanism == "unknown"
     assert "precond_sharpness" in ev["missing"] and "grad_norm" in ev["missing"]
@@ -62,11 +62,12 @@ def test_char_cnn_adam_explosion_is_one_divergence():
     assert f.evidence["peak_over_baseline"] > 1000
 
 
-def test_litgpt_spike_only_in_run_a():
-    f = diagnose(_p("Lightning-AI_litgpt_issue628__codellama7b_full_finetune_spike.csv"))
-    assert [(x.step, x.evidence["run"]) for x in f] == [(1152, "A_default_precision")]
-    assert diagnose(_p("Lightning-AI_litgpt_issue628__codellama7b_full_finetune_spike.csv"),
-                    run="B_other_precision") == []
+def test_litgpt_run_a_jumps_to_chance_level_and_stays():
+    name = "Lightning-AI_litgpt_issue628__codellama7b_full_finetune_spike.csv"
+    (f,) = diagnose(_p(name), run="A_default_precision")
+    assert (f.step, f.kind) == (1152, "divergence")  # 1.70 -> ~11 for the rest of the log
+    assert f.evidence["short_excerpt_records"] == 9
+    assert f.evidence["peak_over_baseline"] > 6
 
 
 def test_bigscience_segments_each_show_their_spike():

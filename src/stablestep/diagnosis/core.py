@@ -45,8 +45,11 @@ class DiagnoseConfig:
 def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[int]]:
     n = len(trace)
     spike_cfg = cfg.spike
-    if n < 4 * spike_cfg.warmup:  # short excerpts: the first records are the baseline
-        spike_cfg = SpikeConfig(**{**spike_cfg.__dict__, "warmup": max(1, n // 4)})
+    if n < 2 * spike_cfg.warmup:
+        # A short excerpt cannot teach the noise: the first record is the baseline and
+        # a rise of 2 * min_rise (confirmed, or a jump) is the only test.
+        spike_cfg = SpikeConfig(**{**spike_cfg.__dict__, "warmup": 1, "z": 1e-9,
+                                   "min_rise": 2 * spike_cfg.min_rise, "window": 1000})
     spike, nonfinite = SpikeDetector(spike_cfg), NonFiniteDetector()
     gnf = trace.metric(names.GRAD_NONFINITE)
     nf_steps = []
@@ -133,9 +136,11 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
     findings: list[Finding] = []
     recurring = [x for x in explained if x[0].kind == "spike"
                  and x[1] not in ("gradient-outlier", "non-finite")]
+    # recurring: min_spikes episodes at regular intervals, or ten spike alarms at all
+    onsets = [x[0].onset for x in recurring]
     alarms = _alarm_steps([x[0] for x in recurring])
-    grouped = len(alarms) >= cfg.periodic.min_spikes and (
-        _cv(alarms) <= cfg.periodic.max_cv or len(alarms) >= 10)
+    grouped = (len(onsets) >= cfg.periodic.min_spikes
+               and _cv(onsets) <= cfg.periodic.max_cv) or len(alarms) >= 10
     if grouped:
         findings.append(_periodic(trace, recurring))
     for inc, mech, conf, ev in explained:
@@ -149,6 +154,8 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
     for f in findings:
         if trace.name:
             f.evidence["run"] = trace.name
+        if len(trace) < 2 * cfg.spike.warmup:  # say how little there was to go on
+            f.evidence["short_excerpt_records"] = len(trace)
     findings.sort(key=lambda f: f.step)
     return findings
 
@@ -167,9 +174,10 @@ def _alarm_steps(incidents: list[Incident]) -> list[int]:
 
 def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, Any]]]) -> Finding:
     steps = _alarm_steps([inc for inc, *_ in spikes])
-    gaps = np.diff(steps).astype(float)
-    period = float(np.median(gaps))
-    cv = _cv(steps)
+    onsets = [inc.onset for inc, *_ in spikes]
+    gaps = np.diff(onsets if len(onsets) >= 2 else steps).astype(float)
+    period = float(np.median(gaps)) if gaps.size else math.nan
+    cv = _cv(onsets)
     mechs = [m for _, m, _, _ in spikes]
     mech = statistics.mode(mechs)
     ev_counts = {m: mechs.count(m) for m in sorted(set(mechs))}

@@ -6,7 +6,9 @@ Each detector is fed one record at a time (``update(step, value)``), returns an
 acting are someone else's job (the diagnosis, the guard, the CLI).
 
 The spike detector works on :math:`y_t = \log \ell_t` (a spike is multiplicative) and
-keeps exponential moving statistics with span ``window`` (:math:`\alpha = 2/(w+1)`):
+keeps exponential moving statistics with span ``window``
+(:math:`\alpha = \max(2/(w+1), 1/(n+1))` after :math:`n` records: a plain mean until
+the EMA fills, so nothing lags the first fast fall of the loss):
 
 .. math::
 
@@ -52,10 +54,18 @@ class Alarm:
 
 @dataclass(frozen=True)
 class SpikeConfig:
-    """Settings of :class:`SpikeDetector` (log-loss units: 0.02 is a 2% rise)."""
+    """Settings of :class:`SpikeDetector` (log-loss units: 0.05 is a 5% rise).
+
+    ``window``: span of the moving statistics (records); ``warmup``: records before any
+    alarm; ``z``: alarm threshold in noise units; ``min_rise``: smallest rise that counts;
+    ``jump``: a single-record rise that needs no confirmation; ``recover``: share of the
+    peak excess the loss must fall back under to end an excursion; ``patience``: records
+    after which an unrecovered excursion is closed as a new regime; ``nested_rise``: rise
+    from the trough that makes a new spike while the loss rings after one.
+    """
 
     window: int = 50
-    warmup: int = 5
+    warmup: int = 10
     z: float = 8.0
     min_rise: float = 0.05
     jump: float = 0.4
@@ -146,7 +156,7 @@ class SpikeDetector:
             return None
         c, s = self.config, self._s
         y = math.log(loss)
-        a = 2.0 / (c.window + 1)
+        a = max(2.0 / (c.window + 1), 1.0 / (s.n + 1))  # a plain mean until the EMA fills
         if s.n == 0:
             s.n, s.level, s.prev_y, s.rise_start_y, s.prev_step = 1, y, y, y, step
             s.rise_start_step = step
@@ -206,6 +216,10 @@ class SpikeDetector:
                                                baseline=s.after_base, peak=loss,
                                                peak_step=step, jump=True, follows=True))
             s.after_trough = min(s.after_trough, y)
+            # the level stays frozen, but the noise keeps learning (winsorised), so an
+            # alarm raised before the noise was known cannot lock the detector in alarms
+            up = max(max(y - s.prev_y, 0.0) - max(s.trend, 0.0), 0.0)
+            s.noise += a * (2.0 * min(up, max(4.0 * s.noise, c.jump)) - s.noise)
             s.n += 1
             self._shift(y, step)
             return alarm  # statistics stay frozen until the ringing is over
