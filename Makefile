@@ -2,17 +2,26 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+CORE := $(VENV)/.core-installed
+DEV := $(VENV)/.dev-installed
+PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup setup-dev demo test lint bench clean browser
 
-$(STAMP): pyproject.toml constraints.txt
+# The library, matplotlib for the reports, and torch pinned to the CPU build on local disk.
+$(CORE): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[plot]'
+	touch $(CORE)
 
-setup: $(STAMP)
+# Everything the tests compare against (keras, lightning, transformers, tensorboard, pandas).
+$(DEV): $(CORE)
+	$(PIP) -e '.[dev]'
+	touch $(DEV)
+
+setup: $(CORE)
+setup-dev: $(DEV)
 
 demo: setup
 	$(BIN)/stablestep lab run all --out runs/demo
@@ -21,16 +30,16 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"; }
 
-test: setup browser
+test: setup-dev browser
 	$(BIN)/python -m pytest
 
 # Each benchmark prints its ratio against the anchor measured in the same run on its last line.
-bench: setup
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,bench]'
+bench: setup-dev
+	$(PIP) -e '.[dev,bench]'
 	@for b in optim_step monitor_overhead curvature detection guard; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py | tail -n 1; done
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks examples
 
 clean:
