@@ -190,14 +190,14 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
 
 
 def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
-                 lookback: int = 50, quiet: int = 25) -> list[int]:
+                 lookback: int = 50, quiet: int = 25, ring: int = 10) -> list[int]:
     """Offline ground truth for spike episodes, using the whole curve (not causal).
 
     An episode starts when the loss reaches ``peak`` times the lowest loss of the
     ``lookback`` steps before; its onset is the first step of the rise leading there at
     which the loss stands ``exp(rise)`` above the rise's starting point. It lasts until
     ``quiet`` consecutive steps pass without the loss rising ``peak`` times above its
-    lowest value since the episode's last peak (Adam rings for a while after a spike;
+    lowest value of the ``ring`` steps before (Adam rings for a while after a spike;
     those rises belong to the same episode).
     """
     y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
@@ -213,12 +213,10 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
             j -= 1
         onset = next((k for k in range(j, i + 1) if y[k] >= y[j] + rise), i)
         out.append(int(trace.steps[onset]))
-        k, trough, calm = i, y[i], 0
+        k, calm = i, 0
         while k + 1 < n and calm < quiet:
             k += 1
-            if y[k] >= trough + step:  # a new rise inside the episode
-                trough, calm = y[k], 0
-            else:
-                trough, calm = min(trough, y[k]), calm + 1
+            recent = np.nanmin(y[max(j, k - ring): k])
+            calm = 0 if y[k] >= recent + step else calm + 1  # a new rise: still ringing
         i = k + 1
     return out
