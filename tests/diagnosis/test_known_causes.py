@@ -50,6 +50,8 @@ def test_adaptive_edge_of_stability_is_one_periodic_finding_with_eps_and_amsgrad
     assert expect <= eps <= expect * 1.1
     assert eps > 1e-8
     assert _remedy(f, "amsgrad").value is True
+    # telemetry warned before the loss rose (precond. sharpness over 38, or g^2/v_hat)
+    assert f.evidence["early_warning"]["lead_steps"] >= 1
     assert _remedy(f, "set-lr").value < 1e-2
 
 
@@ -102,6 +104,7 @@ def test_outlier_batches_blame_the_batch_not_adam():
         assert 0 < clip < f.evidence["grad_norm"]
         assert _remedy(f, "skip-batch").value == f.step
         assert not any(r.action in ("set-eps", "amsgrad") for r in f.remedies)
+        assert f.evidence.get("early_warning", {"lead_steps": 0})["lead_steps"] == 0
 
 
 def test_overflow_is_non_finite_with_restore_point():
@@ -130,3 +133,10 @@ def test_findings_serialise_to_the_json_contract():
     assert set(d["remedies"][0]) == {"action", "value", "why"}
     json.dumps(d, allow_nan=False)
     assert not math.isnan(d["confidence"])
+
+
+def test_make_run_validates_its_arguments():
+    with pytest.raises(ValueError, match="Invalid cause: 'oops'"):
+        make_run("oops")
+    with pytest.raises(ValueError, match="Invalid steps: 100"):
+        make_run("non-finite", steps=100)

@@ -39,7 +39,8 @@ def _fmt(v: Any) -> str:
 _SHOWN = ("run", "peak_over_baseline", "detected_at", "recovered", "n_spikes", "period",
           "interval_cv", "precond_sharpness", "precond_threshold", "lr_sharpness",
           "gd_threshold", "grad_norm_z", "eps_share", "g2v_rms_surge", "eff_step_max_surge",
-          "first_non_finite_step", "last_finite_loss", "non_finite_at", "missing", "suspected")
+          "early_warning", "first_non_finite_step", "last_finite_loss", "non_finite_at",
+          "short_excerpt_records", "missing", "suspected")
 
 
 def run_diagnose(args: argparse.Namespace) -> int:

@@ -122,6 +122,44 @@ def _surge(trace: Trace, name: str, step: int, *, window: int = 50, lead: int = 
     return float(np.max(recent) / np.median(hist))
 
 
+def early_warning(trace: Trace, onset: int, *, lead: int = 20, window: int = 50,
+                  factor: float = 3.0) -> dict[str, Any] | None:
+    """The first telemetry signal that warned before the loss began to rise, if any.
+
+    Looks at the ``lead`` records up to the onset for: ``precond_sharpness`` at/above
+    ``precond_threshold`` (the bound crossed), or ``g2v_rms`` / ``eff_step_max`` at
+    ``factor`` times their median over the ``window`` records before that span.
+    Returns ``{"signal", "step", "lead_steps"}`` for the earliest such record.
+    """
+    i = _index(trace, onset)
+    lo = max(0, i - lead)
+    best: tuple[int, str] | None = None
+    ps, thr = trace.metric(names.PRECOND_SHARPNESS), trace.metric(names.PRECOND_THRESHOLD)
+    if ps is not None and thr is not None:
+        for k in range(lo, min(i + 1, len(trace))):
+            if math.isfinite(ps[k]) and math.isfinite(thr[k]) and ps[k] >= thr[k]:
+                best = (k, names.PRECOND_SHARPNESS)
+                break
+    for name in (names.G2V_RMS, names.EFF_STEP_MAX):
+        arr = trace.metric(name)
+        if arr is None:
+            continue
+        hist = arr[max(0, lo - window): lo]
+        hist = hist[np.isfinite(hist) & (hist > 0)]
+        if hist.size < 5:
+            continue
+        bar = factor * float(np.median(hist))
+        for k in range(lo, min(i + 1, len(trace))):
+            if math.isfinite(arr[k]) and arr[k] >= bar:
+                if best is None or k < best[0]:
+                    best = (k, name)
+                break
+    if best is None:
+        return None
+    step = int(trace.steps[best[0]])
+    return {"signal": best[1], "step": step, "lead_steps": int(onset) - step}
+
+
 def curvature(trace: Trace, inc: Incident, *, window: int = 50) -> dict[str, float]:
     """Curvature numbers at the incident: last values at or before detection (for the
     preconditioned sharpness, the largest over ``window`` steps before the onset)."""
@@ -229,6 +267,9 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         if s is not None:
             surges[name] = s
             ev[f"{name}_surge"] = s
+    warn = early_warning(trace, inc.onset)
+    if warn is not None:
+        ev["early_warning"] = warn
     share = trace.value_at(names.EPS_SHARE, inc.onset)
     if share is not None:
         ev[names.EPS_SHARE] = share

@@ -84,6 +84,8 @@ def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
     """Train one small labelled run (see module docstring); ``cause`` in ``MECHANISM_RUNS``."""
     if cause not in MECHANISM_RUNS:
         raise ValueError(f"Invalid cause: {cause!r} (one of {', '.join(MECHANISM_RUNS)})")
+    if steps is not None and steps < 400 and cause in ("gradient-outlier", "non-finite"):
+        raise ValueError(f"Invalid steps: {steps} (need >= 400 for {cause!r} injections)")
     from stablestep.curvature import CurvatureProbe, ProbeConfig
 
     x, y = _data(seed)
