@@ -120,12 +120,13 @@ def score(events, detections):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Generate the labelled runs, run every detector, print the scores (ratio line last)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
                         help="seeds per model and cause (default 0 1 2; others are held out)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # main: generate, detect, score, print the table
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     names = ("stablestep", "lightning", "olmo-core", "megatron")

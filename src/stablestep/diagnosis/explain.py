@@ -99,6 +99,7 @@ def grad_stats(trace: Trace, step: int, *, window: int = 50) -> dict[str, float]
     scale = max(mad, 0.05)  # a floor: +5% in log units counts as one sigma at least
 
     def z(v: float) -> float:
+        """Robust z-score of a gradient norm against the running statistics."""
         return (math.log(v) - med) / scale if math.isfinite(v) and v > 0 else math.nan
 
     prev = [z(float(v)) for v in g[max(0, i - 3): i]]
