@@ -76,6 +76,9 @@ def test_bigscience_segments_each_show_their_spike():
     assert len(runs) == 7
     first = next(x for x in f if x.evidence["run"].startswith("tr1-13B"))
     assert first.step == 29050 and first.kind == "spike"
+    assert first.evidence["loss_scale_halvings"] == 4  # fp16 scale 65536 -> 4096 around it
+    bloom = next(x for x in f if x.evidence["run"].startswith("tr11-176B"))
+    assert bloom.evidence["grad_norm_over_median_before"] > 100  # 0.24 ... 960
     assert all(x.mechanism == "unknown" for x in f)  # no curvature, no Adam statistics
 
 

@@ -262,6 +262,22 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         ev["grad_norm_z"] = gs["z"]
         ev["grad_norm_z_before"] = gs["z_before"]
         ev["grad_norm"] = gs["value"]
+    else:  # too few records for statistics: say how the gradient norm moved
+        g = trace.metric(names.GRAD_NORM)
+        i = _index(trace, inc.detected)
+        if g is not None and i < len(trace):
+            before = g[:_index(trace, inc.onset)]
+            before = before[np.isfinite(before) & (before > 0)]
+            if before.size and math.isfinite(g[i]):
+                ev["grad_norm"] = float(g[i])
+                ev["grad_norm_over_median_before"] = float(g[i] / np.median(before))
+    scale = trace.metric("loss_scale")
+    if scale is not None:  # fp16 dynamic loss scaling halves on every overflow
+        i0, i1 = _index(trace, inc.onset) - 1, _index(trace, inc.detected) + 3
+        seg = scale[max(0, i0): i1]
+        seg = seg[np.isfinite(seg)]
+        if seg.size >= 2:
+            ev["loss_scale_halvings"] = int(round(max(0.0, math.log2(seg[0] / seg.min()))))
     surges = {}
     for name in ADAM_SIGNALS:
         s = _surge(trace, name, inc.onset)

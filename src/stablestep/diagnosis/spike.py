@@ -1,8 +1,9 @@
 r"""The spike detector: finds loss spikes at their onset, O(1) work and memory per step.
 
 Each detector (here and in :mod:`stablestep.diagnosis.detectors`) is fed one record
-at a time (``update(step, value)``), returns an :class:`Alarm` or ``None``, and round-trips through ``state_dict()`` /
-``load_state_dict()`` so a resumed run continues identically. Printing, raising and
+at a time (``update(step, value)``), returns an :class:`Alarm` or ``None``, and
+round-trips through ``state_dict()`` / ``load_state_dict()`` so a resumed run continues
+identically. Printing, raising and
 acting are someone else's job (the diagnosis, the guard, the CLI).
 
 The spike detector works on :math:`y_t = \log \ell_t` (a spike is multiplicative) and
