@@ -21,7 +21,8 @@ def _p():
         (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
         (dict(eps_mode="keras"), "Invalid eps_mode: 'keras' (expected 'torch' or 'tf')"),
         (dict(impl="cuda"),
-         "Invalid impl: 'cuda' (expected one of 'auto', 'fused', 'foreach', 'reference', 'compiled')"),
+         "Invalid impl: 'cuda' (expected one of "
+         "'auto', 'fused', 'foreach', 'reference', 'compiled')"),
         (dict(lr=torch.tensor(0.1)), "lr as a Tensor is not supported: pass a float"),
     ],
 )
