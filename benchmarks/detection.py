@@ -13,13 +13,13 @@ incidents). Mechanism accuracy (ours only: the baselines name no mechanism) = sh
 found incidents whose finding names the labelled mechanism.
 
 Baselines, re-implemented from their published rules (loss only):
-- Lightning ``SpikeDetection(window=10, warmup=1, rtol=2.0, mode="min")``: a spike if
-  the loss is non-finite, or (after warmup) worse than the running mean of the last 10
-  accepted losses by at least ``rtol`` times that mean; spikes are not added to the mean.
-- OLMo-core ``SkipStepOptimizer``: skip if the loss exceeds the mean of the last 128
-  losses by 6 standard deviations (once 64 losses are known), or is non-finite.
-- Megatron's spiky-loss check: the loss is above 10x the largest loss seen so far, or
-  is NaN/Inf.
+- Lightning ``SpikeDetection(window=10, warmup=1, rtol=2.0, mode="min")``: after warmup,
+  a non-finite loss, or a loss above the last accepted one that is off the running mean
+  of the last 10 accepted losses by ``rtol`` times that mean; spikes stay out of the mean.
+- OLMo-core ``SkipStepOptimizer``: skip if the loss or the gradient norm exceeds the
+  mean of the last 128 by 6 standard deviations (once 64 are known), or is non-finite.
+- Megatron's rerun state machine: NaN/Inf (``check_for_nan_in_loss``), or the loss at
+  or above 10x the largest of its first 100 values (``is_unexpectedly_large``).
 
 Run: ``.venv/bin/python benchmarks/detection.py`` (about a minute on one CPU core);
 ``--seeds 3 4 5`` scores runs the detector's settings were never looked at on.
@@ -39,6 +39,7 @@ import torch
 
 from stablestep.diagnosis import diagnose_trace
 from stablestep.diagnosis.labeled import MECHANISM_RUNS, make_run
+from stablestep.telemetry import names as names_
 
 MODELS = ((32, "tanh"), (64, "gelu"))
 SEEDS = (0, 1, 2)
@@ -46,48 +47,64 @@ MATCH_BEFORE, MATCH_AFTER = 2, 20
 
 
 def lightning(steps, losses, *, window=10, warmup=1, rtol=2.0):
-    """Lightning's SpikeDetection rule, mode='min', atol=None, finite_only=True."""
+    """Lightning's SpikeDetection, mode='min', atol=None, finite_only=True: after warmup a
+    spike is a non-finite loss, or a loss above the last accepted one that differs from
+    the running mean of the last 10 accepted losses by rtol times that mean. Lightning
+    raises there; here the run goes on with the batch excluded from the statistics."""
     buf: deque[float] = deque(maxlen=window)
-    out = []
+    out, last = [], None
     for i, (s, v) in enumerate(zip(steps, losses, strict=True)):
-        if not math.isfinite(v):
-            out.append(s)
-            continue
+        spike = False
         if i >= warmup and buf:
             mean = sum(buf) / len(buf)
-            if v - mean > 0 and abs(v - mean) >= abs(rtol * mean):
-                out.append(s)
-                continue
-        buf.append(v)
+            if not math.isfinite(v):
+                spike = True
+            elif not (last is not None and v - last <= 0):
+                spike = abs(v - mean) >= abs(rtol * mean)
+        if spike:
+            out.append(s)
+        elif math.isfinite(v):
+            buf.append(v)
+            last = v
     return out
 
 
-def olmo(steps, losses, *, interval=128, sigma=6.0):
-    """OLMo-core SkipStepOptimizer's loss rule (rolling 128, 6 sigma)."""
-    buf: deque[float] = deque(maxlen=interval)
+def olmo(steps, losses, grad_norms, *, interval=128, sigma=6.0):
+    """OLMo-core SkipStepOptimizer.get_step_factor: once 64 values are known, skip when the
+    loss or the gradient norm exceeds the mean of the previous 128 by 6 (unbiased) standard
+    deviations; a NaN compares false, so it is skipped too. Non-finite values are kept out
+    of the window here (in OLMo-core they would enter it and poison the statistics)."""
+    lbuf: deque[float] = deque(maxlen=interval)
+    gbuf: deque[float] = deque(maxlen=interval)
     out = []
-    for s, v in zip(steps, losses, strict=True):
-        if not math.isfinite(v):
+    for s, v, g in zip(steps, losses, grad_norms, strict=True):
+        if not (math.isfinite(v) and math.isfinite(g)):
             out.append(s)
             continue
-        if len(buf) >= interval // 2:
-            arr = np.asarray(buf)
-            if v - arr.mean() > sigma * arr.std():
+        if len(lbuf) + 1 >= interval // 2:
+            la, ga = np.asarray(lbuf), np.asarray(gbuf)
+            if (v - la.mean() > sigma * la.std(ddof=1)
+                    or g - ga.mean() > sigma * ga.std(ddof=1)):
                 out.append(s)
-        buf.append(v)
+        lbuf.append(v)
+        gbuf.append(g)
     return out
 
 
-def megatron(steps, losses, *, factor=10.0):
-    """Megatron's spiky-loss check: loss > 10x the maximum seen so far, or NaN/Inf."""
-    out, top = [], -math.inf
+def megatron(steps, losses, *, factor=10.0, num_samples=100):
+    """Megatron's rerun state machine: ``check_for_nan_in_loss`` flags NaN/Inf;
+    ``is_unexpectedly_large(threshold=10)`` takes the max |loss| of the first 100 values
+    and then flags a loss >= 10x that max."""
+    out, top, count = [], 0.0, 0
     for s, v in zip(steps, losses, strict=True):
         if not math.isfinite(v):
             out.append(s)
             continue
-        if top > -math.inf and v > factor * top:
+        if count < num_samples:
+            count += 1
+            top = max(top, abs(v))
+        elif abs(v) >= factor * top:
             out.append(s)
-        top = max(top, v)
     return out
 
 
@@ -142,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 dets = {
                     "stablestep": ours(tr),
                     "lightning": [(s, None) for s in lightning(steps, losses)],
-                    "olmo-core": [(s, None) for s in olmo(steps, losses)],
+                    "olmo-core": [(s, None) for s in olmo(
+                        steps, losses, tr.metric(names_.GRAD_NORM).tolist())],
                     "megatron": [(s, None) for s in megatron(steps, losses)],
                 }
                 for n in names:
