@@ -64,16 +64,25 @@ struct Lerp {
     }
 };
 
-static inline V atan2_pos(const V& y, const V& x) {
 #if @POLY@
-    // atan2(y, x) for x >= 0: r = min(|y|, x) / max(|y|, x) in [0, 1], SLEEF's atanf
-    // polynomial (the one behind its u35 atan2f), pi/2 - atan(r) where |y| > x, y's sign.
-    V a = y.abs();
+// float32 atan2(y, x), x >= 0, in two halves (see kernel_atan2). Range reduction: with
+// r = min(|y|, x) / max(|y|, x) in [0, 1], atan2(y, x) = s * (o + atan(w)) where s is y's
+// sign, and w = r, o = 0 for |y| <= x, w = -r, o = pi/2 otherwise; returned as s*w, s*o.
+static inline void atan2_reduce(const V& y, const V& x, V& w, V& o) {
+    const V sign(T(-0.0));
+    V s = y & sign;
+    V a = y ^ s;
     V big = a > x;
     V num = V::blendv(a, x, big);
     V den = at::vec::clamp_min(V::blendv(x, a, big), V(std::numeric_limits<T>::min()));
     V r = num / den;  // 0/0 (m = v = 0) -> 0/min -> 0
-    V t = r * r;
+    w = r ^ (s ^ (big & sign));
+    o = (big & V(T(1.5707963267948966))) ^ s;
+}
+
+// atan(w) for |w| <= 1: SLEEF's atanf polynomial (the one behind its u35 atan2f), Horner
+static inline V atan_poly(const V& w) {
+    V t = w * w;
     V u = at::vec::fmadd(V(T(0.00282363896258175373077393)), t,
                          V(T(-0.0159569028764963150024414)));
     u = at::vec::fmadd(u, t, V(T(0.0425049886107444763183594)));
@@ -82,13 +91,9 @@ static inline V atan2_pos(const V& y, const V& x) {
     u = at::vec::fmadd(u, t, V(T(-0.142027363181114196777344)));
     u = at::vec::fmadd(u, t, V(T(0.199926957488059997558594)));
     u = at::vec::fmadd(u, t, V(T(-0.333331018686294555664062)));
-    V res = at::vec::fmadd(r * t, u, r);
-    res = V::blendv(res, V(T(1.5707963267948966)) - res, big);
-    return res | (y & V(T(-0.0)));
-#else
-    return y.atan2(x);
-#endif
+    return at::vec::fmadd(w * t, u, w);
 }
+#endif
 
 // ptrs: 6 per tensor (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or 0, numel)
 // hyp:  [lr, beta1, beta2, weight_decay] then 3 per tensor (bc1, bc2, eps_t)
@@ -190,21 +195,57 @@ extern "C" void kernel_atan2(const int64_t* ptrs, const double* hyp,
         const int64_t n = ptrs[5 * i + 4];
         const double bc1 = hyp[6 + 2 * i], bc2 = hyp[7 + 2 * i];
         const V c(T(std::sqrt(bc2) / (b * bc1)));
-        auto update = [&](int64_t j, int64_t k) {
+        auto moments = [&](int64_t j, int64_t k, V& mm, V& vv) {
             V gg = V::loadu(g + j, k);
             if (maximize) gg = gg.neg();
+            mm = lerp(V::loadu(m + j, k), gg);
+            mm.store(m + j, k);
+            vv = at::vec::fmadd(V::loadu(v + j, k), V(tb2), gg * gg * V(t1b2));
+            vv.store(v + j, k);
+        };
+        auto param = [&](int64_t j, int64_t k, const V& angle) {
             V pp = V::loadu(p + j, k);
             if (wd != 0) pp = pp * pdecay;
-            V mm = lerp(V::loadu(m + j, k), gg);
-            mm.store(m + j, k);
-            V vv = at::vec::fmadd(V::loadu(v + j, k), V(tb2), gg * gg * V(t1b2));
-            vv.store(v + j, k);
-            pp = at::vec::fmadd(atan2_pos(mm * c, vv.sqrt()), alpha, pp);
+            pp = at::vec::fmadd(angle, alpha, pp);
             pp.store(p + j, k);
+        };
+#if @POLY@
+        // Two passes over chunks of CHUNK elements (2 KB of scratch, in L1): moments and
+        // range reduction, then polynomial and parameter. Same operations, same bits as one
+        // pass, but each pass's dependency chain (sqrt -> div, 8 FMAs) is short enough for the
+        // out-of-order window to overlap many vectors: measured 1.45x -> 1.15-1.2x torch's
+        // fused Adam step (25M float32 parameters, 1 thread, Zen 3).
+        constexpr int64_t CHUNK = 256;
+        alignas(64) T wbuf[CHUNK];
+        alignas(64) T obuf[CHUNK];
+        for (int64_t c0 = 0; c0 < n; c0 += CHUNK) {
+            const int64_t len = std::min(CHUNK, n - c0);
+            auto first = [&](int64_t j, int64_t k) {
+                V mm, vv, w, o;
+                moments(c0 + j, k, mm, vv);
+                atan2_reduce(mm * c, vv.sqrt(), w, o);
+                w.store(wbuf + j);  // whole vectors: CHUNK is a multiple of V::size()
+                o.store(obuf + j);
+            };
+            auto second = [&](int64_t j, int64_t k) {
+                param(c0 + j, k, atan_poly(V::loadu(wbuf + j)) + V::loadu(obuf + j));
+            };
+            int64_t j = 0;
+            for (; j + V::size() <= len; j += V::size()) first(j, V::size());  // full vectors
+            if (j < len) first(j, len - j);
+            for (j = 0; j + V::size() <= len; j += V::size()) second(j, V::size());
+            if (j < len) second(j, len - j);
+        }
+#else
+        auto update = [&](int64_t j, int64_t k) {
+            V mm, vv;
+            moments(j, k, mm, vv);
+            param(j, k, (mm * c).atan2(vv.sqrt()));  // SLEEF's atan2, 1 ulp
         };
         int64_t j = 0;
         for (; j + V::size() <= n; j += V::size()) update(j, V::size());  // full vectors
         if (j < n) update(j, n - j);
+#endif
     }
 }
 
