@@ -201,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pc['mech'] / max(1, pc['found']):.3f}  ({pc['events']} events)")
     print(f"elapsed {time.perf_counter() - t0:.0f}s")
     best = max((n for n in names if n != "stablestep"), key=lambda n: f1s[n])
-    print(f"stablestep F1 {f1s['stablestep']:.3f} | best baseline ({best}) F1 {f1s[best]:.3f}")
+    ratio = f1s["stablestep"] / max(f1s[best], 1e-12)
+    print(f"stablestep F1 {f1s['stablestep']:.3f} | best baseline ({best}) F1 {f1s[best]:.3f}"
+          f" | ratio {ratio:.2f}x")
     return 0
 
 
