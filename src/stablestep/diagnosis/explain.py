@@ -10,8 +10,9 @@ Decision, in order (DESIGN.md's vocabulary):
    measured curvature (when recorded) is under its bound.
 3. ``lr-too-high``: :math:`\mathrm{lr}\,\lambda_{\max}(H)` above the GD bound
    (2, or :math:`2+2\mu` with heavy-ball momentum) for a non-Adam optimizer; or, for
-   Adam, :math:`\lambda_{\max}(P^{-1}H)` above :math:`(2+2\beta_1)/(1-\beta_1)` and the
-   loss never recovers (a divergence, not a self-stabilising spike).
+   Adam, :math:`\lambda_{\max}(P^{-1}H)` above :math:`(2+2\beta_1)/(1-\beta_1)`, the
+   loss never recovers, and it happened before :math:`\hat v` could go stale
+   (:math:`t < 1/(1-\beta_2)`): the preconditioner did not grow, the lr is too large.
 4. ``adaptive-edge-of-stability``: Adam's preconditioned sharpness (largest over the
    50 steps before the onset) at/above 90% of :math:`(2+2\beta_1)/(1-\beta_1)`; or the
    effective step or :math:`g^2/\hat v` surging (3x its running median) just before the
@@ -295,7 +296,11 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     if adam is False and lrs is not None and gthr and lrs > gthr:
         return "lr-too-high", 0.9, ev
     if ps is not None and pthr and ps >= 0.9 * pthr:
-        if inc.kind == "divergence" and ps > pthr:
+        # A blow-up before v_hat could go stale (t < 1/(1-b2) steps): the preconditioner
+        # did not grow, the lr itself is too large for the curvature (seed 003). Later,
+        # the same crossing is the adaptive edge of stability (seeds 000 and 001).
+        fresh_v = inc.onset < 1.0 / (1.0 - float(trace.hyper.get("beta2", 0.999) or 0.999))
+        if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v):
             return "lr-too-high", 0.8, ev
         return "adaptive-edge-of-stability", 0.9 if ps >= pthr else 0.75, ev
     if adam and any(v >= 3 for v in surges.values()) and (
