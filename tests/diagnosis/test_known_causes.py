@@ -140,3 +140,24 @@ def test_make_run_validates_its_arguments():
         make_run("oops")
     with pytest.raises(ValueError, match="Invalid steps: 100"):
         make_run("non-finite", steps=100)
+
+
+@pytest.mark.parametrize("start,expect", [(100, "lr-too-high"),
+                                          (5000, "adaptive-edge-of-stability")])
+def test_adam_blow_up_is_lr_too_high_only_while_v_is_fresh(start, expect):
+    """Same numbers, different age: before 1/(1-b2) = 1000 steps v_hat cannot be stale."""
+    import numpy as np
+
+    from stablestep.diagnosis import Trace
+
+    steps = np.arange(start, start + 120)
+    loss = np.r_[np.linspace(1.0, 0.8, 100), 0.8 * 1.5 ** np.arange(1, 21)]
+    ps = np.where(steps >= start + 95, 60.0, 30.0)
+    trace = Trace(steps=steps, loss=loss, metrics={
+        names.PRECOND_SHARPNESS: ps, names.PRECOND_THRESHOLD: np.full(120, 38.0),
+        names.SHARPNESS: np.full(120, 500.0)},
+        hyper={"kind": "adam", "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8})
+    (f,) = diagnose_trace(trace)
+    assert (f.kind, f.mechanism) == ("divergence", expect)
+    lr = _remedy(f, "set-lr").value
+    assert lr == pytest.approx(0.9 * 1e-3 * 38 / 60, rel=0.02)
