@@ -88,6 +88,18 @@ def test_tensorboard_directory(tmp_path):
     assert t.metric(names.LR)[0] == pytest.approx(1e-3)
 
 
+def test_tensorboard_keras_layout_skips_the_validation_run(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for sub, values in (("train", LOSS), ("validation", [5.0] * len(LOSS))):
+        w = SummaryWriter(str(tmp_path / "logs" / sub))
+        for i, v in enumerate(values):
+            w.add_scalar("epoch_loss", v, i)
+        w.close()
+    (t,) = load(str(tmp_path / "logs"))
+    assert t.name == "" and t.loss[0] == pytest.approx(LOSS[0])
+
+
 @pytest.mark.parametrize("content,match", [
     ("a,b\n1,2\n", "no training-loss column"),
     ("{not json", "not valid JSON"),

@@ -270,6 +270,11 @@ def read_tensorboard(path: str) -> list[Trace]:
         ) from None
     dirs = sorted({root for root, _, files in os.walk(path)
                    if any("tfevents" in f for f in files)})
+    # Keras and Lightning write validation scalars to a sibling 'validation'/'val' run
+    # under the same tag ('epoch_loss'): that is not a training loss.
+    train_dirs = [d for d in dirs
+                  if not _EXCLUDE_LOSS.search(os.path.basename(os.path.relpath(d, path)))]
+    dirs = train_dirs or dirs
     traces = []
     for d in dirs:
         acc = EventAccumulator(d, size_guidance={"scalars": 0})
