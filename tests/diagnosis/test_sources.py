@@ -152,3 +152,9 @@ def test_store_written_by_monitor_is_diagnosed_end_to_end(tmp_path):
     assert diagnose(run)[0].to_dict() == findings[0].to_dict()
     with pytest.raises(SourceError, match="no run named 'other'|no run 'other'"):
         diagnose(str(store), run="other")
+    # the telemetry's CSV export reads back with every metric the diagnosis needs
+    from stablestep.telemetry import export_csv
+
+    export_csv(str(store), tmp_path / "aeos.csv", name="aeos")
+    from_csv = [g for g in diagnose(str(tmp_path / "aeos.csv")) if g.kind == "periodic-spikes"]
+    assert [(g.step, g.mechanism) for g in from_csv] == [(f.step, f.mechanism)]
