@@ -214,3 +214,25 @@ def test_uneven_step_counts(which):
             opt.step()
     assert float(fast.state[pa[1]]["step"]) == 5.0
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
+
+
+def test_atan2_step_counters_in_and_out_of_the_kernel():
+    """The optimizer's float32 step counters are incremented inside the kernel; counters of
+    another dtype (e.g. from a loaded state dict) are incremented in Python instead. Both
+    equal the reference path, counters included."""
+    pa, pb = make_params(), make_params()
+    fast = AdamAtan2(pa, lr=1e-2, impl="compiled")
+    ref = AdamAtan2(pb, lr=1e-2, impl="reference")
+    grads = grad_sequence(pa, 6)
+    run(fast, pa, grads[:3])
+    run(ref, pb, grads[:3])
+    assert fast.state[pa[0]]["step"].dtype == torch.float32
+    _state_equal(fast, ref, pa, pb, rtol=1e-12)
+    for opt, ps in ((fast, pa), (ref, pb)):
+        for p in ps[1:]:
+            opt.state[p]["step"] = opt.state[p]["step"].double()
+    run(fast, pa, grads[3:])
+    run(ref, pb, grads[3:])
+    assert fast.state[pa[1]]["step"].dtype == torch.float64
+    assert [float(fast.state[p]["step"]) for p in pa] == [6.0] * len(pa)
+    _state_equal(fast, ref, pa, pb, rtol=1e-12)
