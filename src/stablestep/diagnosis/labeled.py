@@ -192,15 +192,15 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
 
 
 def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
-                 lookback: int = 50, quiet: int = 25, ring: int = 10) -> list[int]:
+                 lookback: int = 50, quiet: int = 25) -> list[int]:
     """Offline ground truth for spike episodes, using the whole curve (not causal).
 
     An episode starts when the loss reaches ``peak`` times the lowest loss of the
     ``lookback`` steps before; its onset is the first step of the rise leading there at
     which the loss stands ``exp(rise)`` above the rise's starting point. It lasts until
-    ``quiet`` consecutive steps pass without the loss rising ``peak`` times above its
-    lowest value of the ``ring`` steps before (Adam rings for a while after a spike;
-    those rises belong to the same episode).
+    ``quiet`` consecutive steps pass with the loss under ``peak`` times its level at the
+    start of the rise (Adam rings for a while after a spike; rises above the pre-spike
+    level in that time belong to the same episode).
     """
     y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
     out, i, n = [], 1, len(y)
@@ -215,10 +215,9 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
             j -= 1
         onset = next((k for k in range(j, i + 1) if y[k] >= y[j] + rise), i)
         out.append(int(trace.steps[onset]))
-        k, calm = i, 0
+        k, calm, base = i, 0, y[j]
         while k + 1 < n and calm < quiet:
             k += 1
-            recent = np.nanmin(y[max(j, k - ring): k])
-            calm = 0 if y[k] >= recent + step else calm + 1  # a new rise: still ringing
+            calm = 0 if y[k] >= base + step else calm + 1  # still above the pre-spike level
         i = k + 1
     return out
