@@ -73,19 +73,16 @@ struct Lerp {
 };
 
 #if @POLY@
-// float32 atan2(y, x), x >= 0, in two halves (see kernel_atan2). Range reduction: with
-// r = min(|y|, x) / max(|y|, x) in [0, 1], atan2(y, x) = s * (o + atan(w)) where s is y's
-// sign, and w = r, o = 0 for |y| <= x, w = -r, o = pi/2 otherwise; returned as s*w, s*o.
+// float32 atan2(y, x), x >= 0, in two halves (see kernel_atan2). Range reduction to
+// w in [-1, 1]: atan2(y, x) = atan(y / x) where |y| <= x, else copysign(pi/2, y) + atan(-x / y),
+// returned as w and that offset o (+0 or +-pi/2); the division is the only rounding here.
 static inline void atan2_reduce(const V& y, const V& x, V& w, V& o) {
     const V sign(T(-0.0));
-    V s = y & sign;
-    V a = y ^ s;
-    V big = a > x;
-    V num = V::blendv(a, x, big);
-    V den = at::vec::clamp_min(V::blendv(x, a, big), V(std::numeric_limits<T>::min()));
-    V r = num / den;  // 0/0 (m = v = 0) -> 0/min -> 0
-    w = r ^ (s ^ (big & sign));
-    o = (big & V(T(1.5707963267948966))) ^ s;
+    V big = y.abs() > x;
+    V num = V::blendv(y, x ^ sign, big);
+    V den = V::blendv(at::vec::clamp_min(x, V(std::numeric_limits<T>::min())), y, big);
+    w = num / den;  // 0/0 (m = v = 0) -> 0/min -> 0; |y| > x >= 0 keeps den away from 0
+    o = big & ((y & sign) | V(T(1.5707963267948966)));
 }
 
 // atan(w) for |w| <= 1: SLEEF's atanf polynomial (the one behind its u35 atan2f), Horner
