@@ -47,3 +47,36 @@ def test_unusable_input_exit_2_one_line(tmp_path, capsys):
     assert err.startswith("stablestep: error:") and err.count("\n") == 1
     assert main(["diagnose", str(tmp_path / "missing.csv"), "--json"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_human_output_fits_80_and_120_columns(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from stablestep.diagnosis import diagnose
+    from stablestep.diagnosis.cli import _fmt, render
+
+    path = _log(tmp_path)
+    (f,) = diagnose(path)
+    for width in (80, 120):
+        buf = io.StringIO()
+        render([f], source=path, console=Console(file=buf, width=width, color_system=None))
+        lines = buf.getvalue().splitlines()
+        assert max(len(ln) for ln in lines) <= width
+        text = buf.getvalue()
+        # evidence as key: value lines, remedies as "action value -- why" lines
+        assert "    peak_over_baseline: " in text
+        flat = " ".join(text.split())
+        for r in f.remedies:
+            assert any(ln.startswith(f"    {r.action} ") for ln in lines)
+            assert " ".join(f"{r.action} {_fmt(r.value)} -- {r.why}".split()) in flat
+        # the table row keeps step, kind and mechanism on one line at either width
+        assert any("30" in ln and "spike" in ln and "unknown" in ln for ln in lines)
+
+
+def test_not_a_terminal_prints_120_wide(tmp_path, capsys):
+    assert main(["diagnose", _log(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(ln) for ln in lines) <= 120
+    assert any(len(ln) > 80 for ln in lines)  # the remedies' sentences use the width

@@ -37,10 +37,77 @@ def _fmt(v: Any) -> str:
 
 
 _SHOWN = ("run", "peak_over_baseline", "detected_at", "recovered", "n_spikes", "period",
-          "interval_cv", "precond_sharpness", "precond_threshold", "lr_sharpness",
-          "gd_threshold", "grad_norm_z", "eps_share", "g2v_rms_surge", "eff_step_max_surge",
-          "early_warning", "first_non_finite_step", "last_finite_loss", "non_finite_at",
-          "short_excerpt_records", "missing", "suspected")
+          "interval_cv", "precond_sharpness", "precond_threshold", "precond_ratio",
+          "lr_sharpness", "gd_threshold", "lr_sharpness_ratio", "grad_norm_z", "eps_share",
+          "g2v_rms_surge", "eff_step_max_surge", "early_warning", "first_non_finite_step",
+          "last_finite_loss", "non_finite_at", "short_excerpt_records", "missing", "suspected")
+# the table's one-line summary: the first three of these a finding has, with short labels
+_HEADLINE = {"peak_over_baseline": "peak/base", "n_spikes": "spikes", "period": "period",
+             "precond_ratio": "P^-1H/bound", "lr_sharpness_ratio": "lr*lam/bound",
+             "grad_norm_z": "grad z", "first_non_finite_step": "first non-finite",
+             "last_finite_loss": "last finite loss", "recovered": "recovered"}
+
+
+def _console() -> Any:
+    """A console 120 columns wide when stdout is not a terminal (pipes, files, CI logs)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(file=sys.stdout, width=120)
+
+
+def _line(console: Any, text: str, *, indent: int, style: str | None = None) -> None:
+    """Print ``text`` indented, wrapped at the console width with a hanging indent."""
+    import textwrap
+
+    from rich.markup import escape
+
+    width = max(40, console.width)
+    lines = textwrap.wrap(text, width=width, initial_indent=" " * indent,
+                          subsequent_indent=" " * (indent + 4), break_on_hyphens=False) or [""]
+    for ln in lines:
+        console.print(escape(ln), style=style, highlight=False, soft_wrap=True)
+
+
+def render(findings: list[Any], *, source: str, console: Any) -> None:
+    """Print ``findings`` for people: a compact table (one line per finding), then per
+    finding its evidence as ``key: value`` lines and its remedies as
+    ``action value -- why`` lines, wrapped to the console width."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    if not findings:
+        console.print(f"[green]{escape(source)}: no spike, divergence or non-finite value "
+                      "found[/]")
+        return
+    _line(console, f"stablestep diagnose {source}", indent=0, style="bold")
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("mechanism", overflow="fold")
+    table.add_column("conf.", justify="right", no_wrap=True)
+    table.add_column("headline", overflow="fold")
+    dicts = [f.to_dict() for f in findings]
+    for n, d in enumerate(dicts, 1):
+        ev = d["evidence"]
+        head = ", ".join([f"{lab} {_fmt(ev[k])}" for k, lab in _HEADLINE.items() if k in ev][:3])
+        table.add_row(str(n), str(d["step"]), d["kind"], d["mechanism"],
+                      f"{d['confidence']:.2f}", escape(head))
+    console.print(table)
+    for n, d in enumerate(dicts, 1):
+        console.print()
+        _line(console, f"[{n}] step {d['step']} {d['kind']}: {d['mechanism']} "
+                             f"(confidence {d['confidence']:.2f})", indent=0, style="bold")
+        ev = d["evidence"]
+        keys = [k for k in _SHOWN if k in ev] + [k for k in ev if k not in _SHOWN]
+        if keys:
+            _line(console, "evidence", indent=2)
+        for k in keys:
+            _line(console, f"{k}: {_fmt(ev[k])}", indent=4)
+        if d["remedies"]:
+            _line(console, "remedies", indent=2)
+        for r in d["remedies"]:
+            _line(console, f"{r['action']} {_fmt(r['value'])} -- {r['why']}", indent=4)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
@@ -56,26 +123,5 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"source": args.path, "findings": [f.to_dict() for f in findings]}))
         return 0
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console(file=sys.stdout)
-    if not findings:
-        console.print(f"[green]{args.path}: no spike, divergence or non-finite value found[/]")
-        return 0
-    table = Table(title=f"stablestep diagnose {args.path}", show_lines=True)
-    for col in ("step", "kind", "mechanism", "conf.", "evidence", "remedies"):
-        table.add_column(col, overflow="fold")
-    for f in findings:
-        d = f.to_dict()
-        ev = "\n".join(escape(f"{k}: {_fmt(d['evidence'][k])}")
-                       for k in _SHOWN if k in d["evidence"])
-        rem = "\n".join(escape(f"{r['action']} = {_fmt(r['value'])}") for r in d["remedies"])
-        table.add_row(str(d["step"]), d["kind"], d["mechanism"], f"{d['confidence']:.2f}", ev,
-                      rem)
-    console.print(table)
-    for f in findings:
-        for r in f.remedies:
-            console.print(escape(f"step {f.step} {r.action}: {r.why}"), highlight=False)
+    render(findings, source=args.path, console=_console())
     return 0
