@@ -21,14 +21,6 @@ from tests.curvature.helpers import dense_for, make_problem
 KINDS = ["mlp", "cnn", "attention"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def problem(request):
     torch.set_num_threads(1)

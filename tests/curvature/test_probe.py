@@ -17,14 +17,6 @@ from stablestep.telemetry import names
 from tests.curvature.helpers import dense_for, make_problem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _step(opt, loss_fn):
     opt.zero_grad()
     loss_fn().backward()

@@ -18,14 +18,6 @@ from stablestep.telemetry import names
 from tests.curvature.helpers import dense_hessian
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _count_spikes(losses: np.ndarray, window: int = 20) -> int:
     """Rising edges of "loss above twice its minimum over the previous ``window`` steps"."""
     above = [losses[t] > 2 * losses[t - window:t].min() for t in range(window, len(losses))]

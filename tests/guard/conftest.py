@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def regression_data(seed: int = 0, n: int = 512, dim: int = 8):

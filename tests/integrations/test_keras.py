@@ -19,14 +19,6 @@ from stablestep.integrations.keras import StablestepCallback  # noqa: E402
 from stablestep.telemetry import names as N  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=96, d=6, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype("float32")

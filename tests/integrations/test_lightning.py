@@ -15,14 +15,6 @@ from stablestep.integrations.lightning import StablestepCallback  # noqa: E402
 from stablestep.telemetry import names as N  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _loader(n=48, batch=16):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 5, generator=g)

@@ -14,14 +14,6 @@ from stablestep.integrations.transformers import StablestepCallback  # noqa: E40
 from stablestep.telemetry import names as N  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tokens(torch.utils.data.Dataset):
     """Sequences counting up modulo the vocabulary from a random start (learnable)."""
 

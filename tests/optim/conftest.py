@@ -4,16 +4,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # must precede any `import keras`
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_params(seed: int = 0, dtype=torch.float64) -> list[torch.Tensor]:
