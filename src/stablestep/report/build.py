@@ -22,6 +22,7 @@ from stablestep.report.html import (
     panels,
     table,
 )
+from stablestep.report.incidents import remedy_value
 
 
 def _findings(store: str, run: str) -> list[dict] | None:
@@ -111,7 +112,7 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
         remedy = ""
         for f in v.findings or []:
             for r in f.get("remedies") or []:
-                remedy = f"{r.get('action')} {fmt(r.get('value'))}"
+                remedy = f"{r.get('action')} = {remedy_value(str(r.get('action')), r.get('value'))}"
                 break
             if remedy:
                 break
@@ -126,14 +127,23 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
         decays = {v.label: np.array([lr_factor(v.config)(t) for t in range(steps)])
                   for v in scenario.variants if v.config.schedule != "constant"}
         b1, b2 = scenario.base().betas
-        extra.append(figure(plots.bias_correction_panel(steps, decays, b1=b1, b2=b2),
+        colors = {v.label: plots.TAB10[i % 10] for i, v in enumerate(outcome.variants)}
+        extra.append(figure(plots.bias_correction_panel(steps, decays, b1=b1, b2=b2,
+                                                        colors=colors),
                             "Adam's bias-correction factor next to the lr decays compared "
                             "here: it rises to 1 within a few thousand steps."))
     if "period" in scenario.panels:
         spikes = {v.label: v.spikes or [] for v in outcome.variants}
         extra.append(figure(plots.interval_panel(spikes),
-                            "Spikes per run and the median number of steps between them."))
-    cfg_rows = [[v.label, v.config.optimizer, v.config.lr, v.config.eps, v.config.amsgrad,
+                            "Spikes per run and the median number of steps between them, "
+                            "as counted by the lab's simple spike counter (loss above "
+                            "a factor times its recent minimum); the diagnosis below "
+                            "groups alarms into episodes, so its counts differ."))
+    adam = {v.name: str(v.config.optimizer).lower().startswith("adam")
+            for v in scenario.variants}  # eps and amsgrad mean nothing to SGD
+    cfg_rows = [[v.label, v.config.optimizer, v.config.lr,
+                 v.config.eps if adam[v.name] else "-",
+                 v.config.amsgrad if adam[v.name] else "-",
                  v.config.schedule, v.config.n, v.config.steps] for v in scenario.variants
                 if v.name in {o.name for o in outcome.variants}]
     title = f"seed {scenario.seed} · {scenario.name}: {scenario.title}"

@@ -34,6 +34,13 @@ figure{margin:0;border:1px solid #e3e3e3;padding:.3em;background:#fff}
 figure img{width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555}
 .badge{display:inline-block;border-radius:50%;width:1.5em;height:1.5em;text-align:center;
 color:#fff;font-size:.8em;line-height:1.5em;font-weight:700}code{background:#f5f5f5;padding:0 .2em}
+.incident{border:1px solid #e3e3e3;border-radius:4px;padding:.2em .9em .5em;margin:.8em 0}
+.incident p.headline{font-size:1.02em;margin:.5em 0}.incident .badge{margin-right:.3em}
+table.evidence td:nth-child(2),table.evidence td:nth-child(3){white-space:nowrap;
+font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555}
+p.remedy-head{margin:.4em 0 .1em;font-weight:600}ul.remedies{margin:.1em 0 .4em}
+ul.remedies li{margin:.15em 0}details{font-size:.85em;color:#555}
+ul.all-evidence{columns:2;margin:.2em 0}
 """
 
 _SCRIPT = """
@@ -89,39 +96,19 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, raw: bool = F
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _short(v: Any) -> str:
-    """An evidence value in a few characters: lists as their first items and length."""
-    if isinstance(v, (list, tuple)):
-        head = ", ".join(fmt(x) for x in v[:4])
-        return f"[{head}{', ...' if len(v) > 4 else ''}] ({len(v)})" if v else "[]"
-    if isinstance(v, dict):
-        return "{...}"
-    text = fmt(v)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def finding_text(f: dict) -> str:
-    """One line explaining a finding dict (``Finding.to_dict()``): kind, mechanism,
-    confidence, the evidence numbers and the computed remedies."""
-    ev = ", ".join(f"{k}={_short(v)}" for k, v in list((f.get("evidence") or {}).items())[:8])
-    rem = "; ".join(
-        f"{r.get('action')} {fmt(r.get('value'))}" + (f" ({r.get('why')})" if r.get("why") else "")
-        for r in f.get("remedies") or []
-    )
-    conf = f.get("confidence")
-    text = f"{f.get('kind')}: {f.get('mechanism')}"
-    if isinstance(conf, (int, float)):
-        text += f" (confidence {conf:.2f})"
-    if ev:
-        text += f". Evidence: {ev}"
-    if rem:
-        text += f". Remedy: {rem}"
-    return text
+    """One sentence explaining a finding dict (``Finding.to_dict()``): what happened, the
+    mechanism in words with its deciding numbers, the confidence
+    (:func:`stablestep.report.incidents.headline`)."""
+    from stablestep.report.incidents import headline
+
+    return headline(f)
 
 
 def incidents_for(findings: Sequence[dict], start: int, *, limit: int = 6) -> list[plots.Incident]:
     """Numbered incidents (numbers from ``start``) for the first ``limit`` findings."""
-    return [plots.Incident(number=start + i, step=int(f.get("step", 0)), text=finding_text(f))
+    return [plots.Incident(number=start + i, step=int(f.get("step", 0)), text=finding_text(f),
+                           finding=f)
             for i, f in enumerate(list(findings)[:limit])]
 
 
@@ -132,35 +119,42 @@ def panels(series: Sequence[plots.Series], *, smooth: int = 0) -> list[str]:
 
     figs = [
         figure(plots.loss_panel(series, smooth=smooth), "Loss (log axis); numbered circles "
-               "are the incidents explained below, a cross marks a run that stopped on a "
-               "non-finite loss."),
+               "are the incidents explained below (same numbers, same colours), a cross marks "
+               "a run that stopped on a non-finite loss"
+               + (f"; lines are running means of {smooth} steps, raw losses faint."
+                  if smooth > 0 else ".")),
         figure(plots.eff_step_panel(series), "Effective per-coordinate step (diagonal of "
-               "P^-1): median line and band up to the 99th percentile."),
+               "P^-1): median line, shaded band up to the 99th percentile (dotted edge)."),
         figure(plots.eps_share_panel(series), "Share of coordinates where eps, not "
                "sqrt(v_hat), sets the step."),
-        figure(plots.precond_panel(series), "Preconditioned sharpness: Adam is stable while "
-               "it stays under the dashed threshold."),
-        figure(plots.lr_sharpness_panel(series), "lr * lam_max(H): gradient descent is "
-               "stable while it stays under the dashed bound (Adam runs are governed by the "
-               "preconditioned sharpness instead and are left out when both are present)."),
+        figure(plots.precond_panel(series), "Preconditioned sharpness lam_max(P^-1 H): a "
+               "run is stable while it stays under its dashed bound ((2+2 beta1)/(1-beta1) = "
+               "38 for Adam with beta1 = 0.9; 2 for plain gradient descent)."),
+        figure(plots.lr_sharpness_panel(series), "lr * lam_max(H) of the non-adaptive runs: "
+               "gradient descent is stable while it stays under the dashed bound (Adam runs "
+               "are left out: their bound is on the preconditioned sharpness above)."),
         figure(plots.line_panel(series, N.GRAD_NORM, title="Gradient norm", ylabel="||g||",
-                                logy=True), "Global gradient norm."),
-        figure(plots.line_panel(series, N.LR, title="Learning rate", ylabel="lr"),
-               "Learning rate used at each step."),
+                                logy=True, smooth=smooth), "Global gradient norm"
+               + (f" (lines: running mean of {smooth} steps, raw values faint)."
+                  if smooth > 0 else ".")),
+        figure(plots.line_panel(series, N.LR, title="Learning rate", ylabel="lr",
+                                from_zero=True), "Learning rate used at each step."),
     ]
     return [f for f in figs if f]
 
 
 def incident_list(series: Sequence[plots.Series]) -> str:
-    """An ordered list explaining every numbered incident."""
-    items = []
-    for s in series:
+    """One block per numbered incident (the numbers of the loss panel's markers, badges
+    in the run's colour): headline, evidence table, remedies."""
+    from stablestep.report.incidents import incident_html, incidents_html
+
+    blocks = []
+    for s, color in zip(series, plots.TAB10 * (len(series) // 10 + 1), strict=False):
         for inc in s.incidents:
-            items.append(f"<li value=\"{inc.number}\"><b>{esc(s.label)}</b>, step "
-                         f"{inc.step}: {esc(inc.text)}</li>")
-    if not items:
-        return "<p>No incidents were found.</p>"
-    return "<ol>" + "".join(items) + "</ol>"
+            f = inc.finding if inc.finding is not None else {
+                "step": inc.step, "kind": "spike", "mechanism": inc.text}
+            blocks.append(incident_html(inc.number, s.label, f, color=color))
+    return incidents_html(blocks)
 
 
 def page(title: str, body: str) -> str:

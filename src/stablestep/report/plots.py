@@ -34,11 +34,14 @@ _EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 
 @dataclass
 class Incident:
-    """A numbered marker on the loss panel: ``number`` (shown), ``step``, ``text``."""
+    """A numbered marker on the loss panel: ``number`` (shown), ``step``, ``text`` (a
+    one-sentence headline) and the ``finding`` dict it explains (``None`` for a bare
+    marker)."""
 
     number: int
     step: int
     text: str
+    finding: dict | None = None
 
 
 @dataclass
@@ -78,10 +81,13 @@ def _plt():
     return plt
 
 
+# matplotlib's tab10, as hex so the HTML can colour incident badges like their run's line
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+         "#7f7f7f", "#bcbd22", "#17becf")
+
+
 def _colors(n: int) -> list:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    return [cmap(i % 10) for i in range(n)]
+    return [TAB10[i % 10] for i in range(n)]
 
 
 def _figure(title: str, ylabel: str, *, logy: bool = False):
@@ -101,11 +107,42 @@ def _png(fig, *, tight: bool = True) -> bytes:
     buf = io.BytesIO()
     if tight:
         fig.tight_layout()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.08)
     else:
         fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _legend(ax, n: int) -> None:
+    """The legend under the axes (below the step label), never over the data."""
+    _tidy_log(ax)
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    ncol = 1 if n == 1 else (3 if max(len(x) for x in labels) <= 24 else 2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol,
+              frameon=False, handlelength=1.6, columnspacing=1.2)
+
+
+def _tidy_log(ax) -> None:
+    """Plain tick labels (1, 2, 5, 10, 20, ...) on a log y axis spanning under three
+    decades, instead of crowded minor labels like 4x10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if ax.get_yscale() != "log":
+        return
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 1e3:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _note(ax, text: str) -> None:
+    """A grey note in the middle of the axes (why a panel shows nothing of interest)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9,
+            color="#444", bbox=dict(boxstyle="round,pad=0.4", fc="white", ec="#bbb"))
 
 
 def _positive(v: np.ndarray) -> np.ndarray:
@@ -121,38 +158,54 @@ def _rolling_mean(v: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _last_finite(v: np.ndarray) -> int | None:
+    ok = np.flatnonzero(np.isfinite(v) & (v > 0))
+    return int(ok[-1]) if ok.size else None
+
+
 def loss_panel(runs: Sequence[Series], *, smooth: int = 0) -> bytes | None:
     """Loss on a log axis; numbered circles at incidents, a cross where a run stops
-    (non-finite loss: the run's data end before the others). ``smooth > 0`` (noisy
-    minibatch losses): draw the running mean over ``smooth`` steps, raw loss faint."""
+    (non-finite loss: the run's data end before the others, or its last values are
+    NaN/Inf) with the step it stopped at. ``smooth > 0`` (noisy minibatch losses): draw
+    the running mean over ``smooth`` steps, raw loss faint."""
     if not any(r.has(N.LOSS) for r in runs):
         return None
-    fig, ax = _figure("Training loss (log scale), incidents numbered", "loss", logy=True)
+    title = "Training loss (log scale), incidents numbered"
+    if smooth > 0:
+        title += f"; lines: mean of {smooth} steps"
+    fig, ax = _figure(title, "loss", logy=True)
     last = max(int(r.get(N.LOSS)[0][-1]) for r in runs if r.has(N.LOSS))
     # a diverging run may reach 1e30: keep the others readable, clip it at the top
-    top = 1e4 * float(np.median([r.get(N.LOSS)[1][0] for r in runs if r.has(N.LOSS)]))
+    firsts = [r.get(N.LOSS)[1][0] for r in runs if r.has(N.LOSS)]
+    firsts = [x for x in firsts if np.isfinite(x) and x > 0]
+    top = 1e4 * float(np.median(firsts)) if firsts else np.inf
+    stops = []
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(N.LOSS)
         if not len(s):
             continue
         if smooth > 0:
             ax.plot(s, _positive(v), color=c, lw=0.5, alpha=0.15)
-            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5,
-                    label=f"{r.label} (mean of {smooth} steps)")
+            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=r.label)
         else:
             ax.plot(s, _positive(v), color=c, lw=1.0, label=r.label)
-        if s[-1] < last:  # stopped early: diverged
-            ax.plot([s[-1]], [min(v[-1], top)], marker="X", ms=11, color=c, mec="black",
-                    ls="none")
+        j = _last_finite(v)
+        if j is not None and (s[-1] < last or j < len(v) - 1):  # stopped early: diverged
+            stops.append((s[j], min(float(v[j]), top), c))
         for inc in r.incidents:
             i = int(np.clip(np.searchsorted(s, inc.step), 0, len(s) - 1))
-            y = v[i] if v[i] > 0 else np.nanmax(_positive(v))
-            ax.annotate(str(inc.number), (s[i], y), xytext=(0, 9), textcoords="offset points",
-                        ha="center", fontsize=8, color="white", weight="bold",
+            y = v[i] if np.isfinite(v[i]) and v[i] > 0 else np.nanmax(_positive(v))
+            ax.annotate(str(inc.number), (s[i], min(float(y), top)), xytext=(0, 9),
+                        textcoords="offset points", ha="center", fontsize=8, color="white",
+                        weight="bold", annotation_clip=False,
                         bbox=dict(boxstyle="circle,pad=0.2", fc=c, ec="black", lw=0.5))
     if ax.get_ylim()[1] > top:
         ax.set_ylim(top=top)
-    ax.legend(fontsize=8, loc="best")
+    for x, y, c in stops:
+        ax.plot([x], [y], marker="X", ms=11, color=c, mec="black", ls="none", clip_on=False)
+        ax.annotate(f"stopped at step {x:g}", (x, y), xytext=(8, -12),
+                    textcoords="offset points", fontsize=8, color=c, annotation_clip=False)
+    _legend(ax, len(runs))
     return _png(fig)
 
 
@@ -168,62 +221,79 @@ def eff_step_panel(runs: Sequence[Series]) -> bytes | None:
         if not len(s):
             continue
         s99, p99 = r.get(N.EFF_STEP_P99)
-        ax.plot(s, _positive(p50), color=c, lw=1.2, label=r.label)
-        if len(s99) == len(s):
-            ax.fill_between(s, _positive(p50), _positive(p99), color=c, alpha=0.18, lw=0)
-    ax.legend(fontsize=8, loc="best")
+        ax.plot(s, _positive(p50), color=c, lw=1.4, label=r.label)
+        if len(s99) == len(s):  # band edge drawn too: overlapping bands stay tellable apart
+            ax.fill_between(s, _positive(p50), _positive(p99), color=c, alpha=0.10, lw=0)
+            ax.plot(s, _positive(p99), color=c, lw=0.6, ls=":")
+    _legend(ax, len(runs))
     return _png(fig)
 
 
 def eps_share_panel(runs: Sequence[Series]) -> bytes | None:
-    """Share of coordinates whose step epsilon governs (sqrt(v_hat) < eps_t)."""
+    """Share of coordinates whose step epsilon governs (sqrt(v_hat) < eps_t); says so
+    on the panel when eps governs no coordinate in any run."""
+    vals = [r.get(N.EPS_SHARE)[1] for r in runs if r.has(N.EPS_SHARE)]
+    flat = bool(vals) and all(np.nanmax(np.abs(v)) < 1e-3 for v in vals if np.isfinite(v).any())
     return line_panel(runs, N.EPS_SHARE, title="Share of coordinates governed by eps "
-                      "(sqrt(v_hat) < eps)", ylabel="share", ylim=(-0.02, 1.02))
+                      "(sqrt(v_hat) < eps)", ylabel="share", ylim=(-0.02, 1.02),
+                      note="0 throughout: sqrt(v_hat) > eps on every coordinate,\n"
+                      "eps never sets the step in these runs" if flat else None)
+
+
+def _bound_lines(ax, bounds: dict[float, list[str]], word: str) -> None:
+    """Dashed bound lines; when runs have different bounds, each says whose it is."""
+    for b, who in sorted(bounds.items()):
+        ax.axhline(b, color="black", ls="--", lw=1.0)
+        whose = f" ({', '.join(who)})" if len(bounds) > 1 else ""
+        ax.annotate(f"{word} {b:g}{whose}", (0.01, b), xycoords=("axes fraction", "data"),
+                    xytext=(0, 3), textcoords="offset points", fontsize=8,
+                    bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
 
 
 def precond_panel(runs: Sequence[Series]) -> bytes | None:
-    r""":math:`\lambda_{\max}(P^{-1}H)` per run with its threshold as a dashed line."""
+    r""":math:`\lambda_{\max}(P^{-1}H)` per run with its threshold as a dashed line (labelled
+    with its runs when they differ, e.g. Adam's 38 next to gradient descent's 2)."""
     if not any(r.has(N.PRECOND_SHARPNESS) for r in runs):
         return None
-    fig, ax = _figure("Preconditioned sharpness lam_max(P^-1 H) vs threshold (2+2b1)/(1-b1)",
+    fig, ax = _figure("Preconditioned sharpness lam_max(P^-1 H) vs its stability bound",
                       "lam_max(P^-1 H)", logy=True)
-    thresholds = set()
+    thresholds: dict[float, list[str]] = {}
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(N.PRECOND_SHARPNESS)
         if not len(s):
             continue
         ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=r.label)
         _, th = r.get(N.PRECOND_THRESHOLD)
-        thresholds.update(np.unique(np.round(th, 6)).tolist())
-    for th in sorted(thresholds):
-        ax.axhline(th, color="black", ls="--", lw=1.0)
-        ax.annotate(f"threshold {th:g}", (0.01, th), xycoords=("axes fraction", "data"),
-                    xytext=(0, 3), textcoords="offset points", fontsize=8)
-    ax.legend(fontsize=8, loc="best")
+        for t in np.unique(np.round(th[np.isfinite(th)], 6)).tolist():
+            thresholds.setdefault(t, []).append(r.label)
+    _bound_lines(ax, thresholds, "bound")
+    _legend(ax, len(runs))
     return _png(fig)
 
 
 def lr_sharpness_panel(runs: Sequence[Series]) -> bytes | None:
-    r""":math:`\mathrm{lr}\cdot\lambda_{\max}(H)` per run against the gradient-descent
-    bound 2 (or the run's recorded ``gd_threshold``)."""
-    if not any(r.has(N.LR_SHARPNESS) for r in runs):
+    r""":math:`\mathrm{lr}\cdot\lambda_{\max}(H)` of the non-adaptive runs against the
+    gradient-descent bound 2 (or the run's recorded ``gd_threshold``). Runs that record a
+    preconditioned sharpness (Adam) are left out: their bound is on
+    :math:`\lambda_{\max}(P^{-1}H)` (:func:`precond_panel`), and a GD bound next to them
+    would mislead; ``None`` when no run is left."""
+    shown = [r for r in runs if r.has(N.LR_SHARPNESS)
+             and (r.has(N.GD_THRESHOLD) or not r.has(N.PRECOND_SHARPNESS))]
+    if not shown:
         return None
     fig, ax = _figure("lr * lam_max(H) vs the gradient-descent bound", "lr * lam_max(H)",
                       logy=True)
-    bounds = set()
-    gd_only = any(r.has(N.GD_THRESHOLD) for r in runs)  # Adam runs: see precond_panel
+    bounds: dict[float, list[str]] = {}
     for r, c in zip(runs, _colors(len(runs)), strict=True):
-        s, v = r.get(N.LR_SHARPNESS)
-        if not len(s) or (gd_only and not r.has(N.GD_THRESHOLD)):
+        if not any(r is x for x in shown):
             continue
+        s, v = r.get(N.LR_SHARPNESS)
         ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=r.label)
         _, gd = r.get(N.GD_THRESHOLD)
-        bounds.update(np.unique(np.round(gd, 6)).tolist() or [2.0])
-    for b in sorted(bounds or {2.0}):
-        ax.axhline(b, color="black", ls="--", lw=1.0)
-        ax.annotate(f"stable below {b:g}", (0.01, b), xycoords=("axes fraction", "data"),
-                    xytext=(0, 3), textcoords="offset points", fontsize=8)
-    ax.legend(fontsize=8, loc="best")
+        for b in np.unique(np.round(gd[np.isfinite(gd)], 6)).tolist() or [2.0]:
+            bounds.setdefault(b, []).append(r.label)
+    _bound_lines(ax, bounds, "stable below")
+    _legend(ax, len(shown))
     return _png(fig)
 
 
@@ -235,41 +305,66 @@ def line_panel(
     ylabel: str,
     logy: bool = False,
     ylim: tuple[float, float] | None = None,
+    smooth: int = 0,
+    from_zero: bool = False,
+    note: str | None = None,
 ) -> bytes | None:
-    """Metric ``name`` of every run as lines on shared axes."""
+    """Metric ``name`` of every run as lines on shared axes. ``smooth > 0``: running
+    mean over ``smooth`` steps on top of the faint raw values; ``from_zero``: linear axis
+    from 0 (a constant does not get a magnified offset axis); ``note``: a sentence shown
+    on the panel."""
     if not any(r.has(name) for r in runs):
         return None
-    fig, ax = _figure(title, ylabel, logy=logy)
+    fig, ax = _figure(title + (f"; lines: mean of {smooth} steps" if smooth > 0 else ""),
+                      ylabel, logy=logy)
+    top = 0.0
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(name)
-        if len(s):
-            ax.plot(s, _positive(v) if logy else v, color=c, lw=1.0, label=r.label)
+        if not len(s):
+            continue
+        y = _positive(v) if logy else v
+        if np.isfinite(v).any():
+            top = max(top, float(np.nanmax(np.where(np.isfinite(v), v, np.nan))))
+        if smooth > 0:
+            ax.plot(s, y, color=c, lw=0.5, alpha=0.15)
+            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=r.label)
+        else:
+            ax.plot(s, y, color=c, lw=1.0, label=r.label)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.legend(fontsize=8, loc="best")
+    elif from_zero and not logy and top > 0:
+        ax.set_ylim(0, 1.1 * top)
+    if note:
+        _note(ax, note)
+    _legend(ax, len(runs))
     return _png(fig)
 
 
 def bias_correction_panel(steps: int, decays: dict[str, np.ndarray], *, b1: float = 0.9,
-                          b2: float = 0.999) -> bytes:
+                          b2: float = 0.999, colors: dict[str, str] | None = None) -> bytes:
     r"""Adam's bias-correction factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` against real
-    lr decays (multipliers ``decays[label][t]``): the factor rises to 1, it does not decay."""
+    lr decays (multipliers ``decays[label][t]``): the factor rises to 1, it does not decay.
+    ``colors[label]``: the run's colour in the other panels."""
     from stablestep.optim.schedules import bias_correction
 
     fig, ax = _figure("Bias correction sqrt(1-b2^t)/(1-b1^t) is not a decay", "lr multiplier")
     t = np.arange(1, steps + 1)
     bc = np.array([bias_correction(int(k), b1, b2) for k in t])
     ax.plot(t, bc, color="black", lw=2.0, label="Adam bias correction (tends to 1)")
-    for (label, d), c in zip(decays.items(), _colors(len(decays)), strict=True):
-        ax.plot(t[: len(d)], d, color=c, lw=1.0, ls="--", label=label)
+    own = _colors(len(decays))
+    for (label, d), c in zip(decays.items(), own, strict=True):
+        ax.plot(t[: len(d)], d, color=(colors or {}).get(label, c), lw=1.0, ls="--",
+                label=label)
     ax.set_ylim(0, 1.1)
-    ax.legend(fontsize=8, loc="best")
+    _legend(ax, len(decays) + 1)
     return _png(fig)
 
 
 def interval_panel(spikes: dict[str, Sequence[int]]) -> bytes:
     """Number of spikes per run (bars) and the median interval between consecutive
     spikes (annotated), e.g. to compare dataset sizes."""
+    import textwrap
+
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.2, 3.4), dpi=100)
     labels = list(spikes)
@@ -277,11 +372,13 @@ def interval_panel(spikes: dict[str, Sequence[int]]) -> bytes:
     bars = ax.bar(range(len(labels)), counts, color=_colors(len(labels)))
     for b, k in zip(bars, labels, strict=True):
         st = np.asarray(spikes[k])
-        text = f"median gap {np.median(np.diff(st)):.0f} steps" if len(st) > 1 else "no period"
+        text = (f"{len(st)} spikes,\nmedian gap {np.median(np.diff(st)):.0f} steps"
+                if len(st) > 1 else "no spikes" if not len(st) else "1 spike")
         ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                    xytext=(0, 3), textcoords="offset points", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=10)
-    ax.set_ylabel("spikes")
+                    va="bottom", xytext=(0, 3), textcoords="offset points", fontsize=8)
+    ax.set_ylim(0, max(1, max(counts, default=0)) * 1.3)  # room for the labels
+    ax.set_xticks(range(len(labels)), [textwrap.fill(x, 22) for x in labels], fontsize=8)
+    ax.set_ylabel("spikes (lab count)")
     ax.set_title("Spikes per run and their period", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)
     return _png(fig)
