@@ -59,6 +59,7 @@ def test_list_evidence_is_summarised_as_count_and_range():
     assert rows["episodes by mechanism"][1] == "adaptive-edge-of-stability 28, unknown 2"
     block = incident_html(3, "run", _periodic())
     assert "3065, 3100" not in block  # the list is never dumped
+    assert "periodic-spikes / adaptive-edge-of-stability</code>" in block  # as in the JSON
     assert "follow_on_alarms</code>: 77 values" in block.replace(str(len(ALARMS)), "77")
 
 

@@ -40,7 +40,7 @@ table.evidence td:nth-child(2),table.evidence td:nth-child(3){white-space:nowrap
 font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555}
 p.remedy-head{margin:.4em 0 .1em;font-weight:600}ul.remedies{margin:.1em 0 .4em}
 ul.remedies li{margin:.15em 0}details{font-size:.85em;color:#555}
-ul.all-evidence{columns:2;margin:.2em 0}
+ul.all-evidence{columns:2;margin:.2em 0}code.mech{font-size:.8em;color:#666}
 """
 
 _SCRIPT = """

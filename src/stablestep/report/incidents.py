@@ -285,7 +285,8 @@ def incident_html(number: int, label: str, f: dict, *, color: str = "#555") -> s
     ev = f.get("evidence") or {}
     parts = [f'<section class="incident" id="incident-{int(number)}">',
              f'<p class="headline"><span class="badge" style="background:{esc(color)}">'
-             f"{int(number)}</span> {esc(headline(f, label))}</p>"]
+             f"{int(number)}</span> {esc(headline(f, label))} "
+             f'<code class="mech">{esc(f.get("kind"))} / {esc(f.get("mechanism"))}</code></p>']
     rows = evidence_rows(f)
     if rows:
         body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
