@@ -99,3 +99,61 @@ def test_divergence_detector_fires_on_sustained_growth_only():
     alarms = [a for s, v in enumerate(loss) if (a := det.update(s, float(v)))]
     assert len(alarms) == 1 and 100 <= alarms[0].onset <= 101
     assert alarms[0].value / alarms[0].baseline >= 4
+
+
+def _bump(loss, at, size, width=6):
+    """Multiply a smooth rise-and-fall of peak factor ``size`` into ``loss`` at ``at``."""
+    k = np.arange(2 * width + 1)
+    loss[at: at + k.size] *= np.exp(np.log(size) * np.sin(np.pi * k / (k.size - 1)))
+
+
+@pytest.mark.parametrize(("size", "alarmed"), [(1.07, False), (1.2, True)])
+def test_rise_must_clear_the_ten_percent_bar(size, alarmed):
+    """A 7% wobble of a flat, noiseless loss is under the 10% that defines an episode in
+    the labels (min_rise = log 1.1), whatever the noise scale says; a 20% rise is not."""
+    loss = np.full(400, 0.3)
+    _bump(loss, 200, size)
+    det = SpikeDetector()
+    alarms = [a for s, v in enumerate(loss) if (a := det.update(s, float(v)))]
+    assert bool(alarms) is alarmed
+
+
+def test_early_overshoot_is_not_an_incident():
+    """The same 20% bump raises no alarm when it begins before step ``settle`` (Adam's
+    first steps overshoot the first minimum), one when it begins after, and one when the
+    log starts mid-run (steps count from the start of training, not from the record); an
+    early 3x blow-up is an incident."""
+    loss = np.concatenate([np.linspace(0.8, 0.2, 10), np.full(300, 0.2)])
+    early, late = loss.copy(), loss.copy()
+    _bump(early, 10, 1.2)
+    _bump(late, 150, 1.2)
+    big = loss.copy()
+    _bump(big, 10, 3.0)
+    for curve, first_step, n_alarms in ((early, 0, 0), (late, 0, 1), (early, 5000, 1),
+                                        (big, 0, 1)):
+        det = SpikeDetector()
+        alarms = [a for s, v in enumerate(curve, start=first_step)
+                  if (a := det.update(s, float(v)))]
+        assert len(alarms) == n_alarms
+    with pytest.raises(ValueError, match="Invalid settle: -1"):
+        SpikeConfig(settle=-1)
+
+
+def test_label_spikes_skips_the_early_transient():
+    """The offline labels follow the detector's definition: an episode under 1.5x whose
+    onset is before step ``settle`` is training's early overshoot, a larger one is not;
+    ``start`` skips the steps before it."""
+    from stablestep.diagnosis.labeled import label_spikes
+    from stablestep.diagnosis.trace import from_series
+
+    loss = np.concatenate([np.linspace(0.8, 0.2, 10), np.full(390, 0.2)])
+    for at in (10, 150, 300):
+        _bump(loss, at, 1.3)
+    tr = from_series(list(range(loss.size)), loss.tolist())
+    on = label_spikes(tr)
+    assert len(on) == 2 and 150 <= on[0] <= 153 and 300 <= on[1] <= 303
+    assert len(label_spikes(tr, settle=0)) == 3
+    assert label_spikes(tr, start=200) == on[1:]
+    blowup = loss.copy()
+    _bump(blowup, 10, 3.0)
+    assert len(label_spikes(from_series(list(range(loss.size)), blowup.tolist()))) == 3

@@ -49,7 +49,7 @@ def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[in
         # A short excerpt cannot teach the noise: the first record is the baseline and
         # a rise of 2 * min_rise (confirmed, or a jump) is the only test.
         spike_cfg = SpikeConfig(**{**spike_cfg.__dict__, "warmup": 1, "z": 1e-9,
-                                   "min_rise": 2 * spike_cfg.min_rise, "window": 1000})
+                                   "min_rise": max(spike_cfg.min_rise, 0.1), "window": 1000})
     spike, nonfinite = SpikeDetector(spike_cfg), NonFiniteDetector()
     gnf = trace.metric(names.GRAD_NONFINITE)
     nf_steps = []
