@@ -4,6 +4,16 @@ Labelled runs are generated here (``stablestep.diagnosis.labeled.make_run``: sma
 models on CPU, two models x three seeds per cause): Adam's adaptive edge of stability,
 lr above the GD bound, injected outlier batches, injected overflow, stable runs.
 
+Labels (the same for every detector; :mod:`stablestep.diagnosis.labeled`): adaptive
+edge of stability and stable runs: every episode of ``label_spikes`` (a rise to 1.1x
+the lowest loss of the 50 steps before) except those with onset before step 20, the
+early overshoot of Adam's (and heavy ball's) first steps (10-25% above the first
+minimum; it used to be labelled in AEoS runs but not in lr-too-high runs, where heavy
+ball's overshoot then counted as a false alarm); lr-too-high: the first rise after the
+lr switch, then every later ``label_spikes`` episode (only the first rise used to count,
+so a later 24x spike of a run that survived its first blow-up was scored a false alarm
+for whoever found it); outlier batches and overflows: the injected steps.
+
 Event-level scoring: a labelled incident is found if a detection falls in
 ``[onset - 2, onset + 20]`` (labels in time order, each taking the earliest unused
 detection in its window: a maximum matching for equal-length windows); each detection

@@ -11,7 +11,8 @@ incidents:
   the loss flattens, ``v`` decays and the loss spikes again and again (DESIGN.md).
   Labels come from the loss curve after the fact (:func:`label_spikes`).
 - ``lr-too-high``: full-batch GD (or heavy ball) at a stable lr, then the lr is set to
-  ``factor`` times the bound ``(2+2mu)/lam_max(H)`` measured at that step.
+  ``factor`` times the bound ``(2+2mu)/lam_max(H)`` measured at that step. Labels:
+  the first rise after the switch, then each later episode of :func:`label_spikes`.
 - ``gradient-outlier``: mini-batch Adam with a few batches whose targets are scaled.
 - ``non-finite``: mini-batch Adam with a few steps whose loss overflows to ``inf``
   (the step is skipped, as a GradScaler does).
@@ -168,7 +169,10 @@ def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
     if cause in ("adaptive-edge-of-stability", "stable"):  # a spike in a 'stable' run counts
         events = [(s, "adaptive-edge-of-stability") for s in label_spikes(trace)]
     elif cause == "lr-too-high":
-        events = [(_first_rise(trace, switch), cause)]
+        # the first rise after the switch, then every later spike episode: the lr stays
+        # above the bound, and a run that survives the first blow-up spikes again
+        later = label_spikes(trace, start=switch)[1:]
+        events = [(s, cause) for s in [_first_rise(trace, switch), *later]]
     elif cause in ("gradient-outlier", "non-finite"):
         events = [(s, cause) for s in inject]
     else:
@@ -192,7 +196,8 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
 
 
 def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
-                 lookback: int = 50, quiet: int = 25) -> list[int]:
+                 lookback: int = 50, quiet: int = 25, start: int | None = None,
+                 settle: int = 20, settle_rise: float = 0.4) -> list[int]:
     """Offline ground truth for spike episodes, using the whole curve (not causal).
 
     An episode starts when the loss reaches ``peak`` times the lowest loss of the
@@ -200,10 +205,15 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
     which the loss stands ``exp(rise)`` above the rise's starting point. It lasts until
     ``quiet`` consecutive steps pass with the loss under ``peak`` times its level at the
     start of the rise (Adam rings for a while after a spike; rises above the pre-spike
-    level in that time belong to the same episode).
+    level in that time belong to the same episode). ``start``: first step searched (the
+    ``lookback`` may reach before it). An episode whose onset is before step ``settle``
+    and whose peak stays under ``exp(settle_rise)`` (1.5x) times the rise's starting
+    point is the early transient of training (Adam's or heavy ball's first steps
+    overshoot the first minimum by 10-25%), not an incident: it is not returned.
     """
     y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
-    out, i, n = [], 1, len(y)
+    i = 1 if start is None else max(1, int(np.searchsorted(trace.steps, start)))
+    out, n = [], len(y)
     step = math.log(peak)
     while i < n:
         lo = np.nanmin(y[max(0, i - lookback): i])
@@ -214,10 +224,11 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
         while j > 0 and y[j - 1] < y[j]:
             j -= 1
         onset = next((k for k in range(j, i + 1) if y[k] >= y[j] + rise), i)
-        out.append(int(trace.steps[onset]))
         k, calm, base = i, 0, y[j]
         while k + 1 < n and calm < quiet:
             k += 1
             calm = 0 if y[k] >= base + step else calm + 1  # still above the pre-spike level
+        if trace.steps[onset] >= settle or np.nanmax(y[j: k + 1]) >= base + settle_rise:
+            out.append(int(trace.steps[onset]))
         i = k + 1
     return out
