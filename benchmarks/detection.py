@@ -6,7 +6,11 @@ lr above the GD bound, injected outlier batches, injected overflow, stable runs.
 
 Labels (the same for every detector; :mod:`stablestep.diagnosis.labeled`): adaptive
 edge of stability and stable runs: every episode of ``label_spikes`` (a rise to 1.1x
-the lowest loss of the 50 steps before) except those with onset before step 20, the
+the lowest loss of the 50 steps before; it lasts until the loss stays under 1.1x its
+pre-spike level for 25 steps, or until a new climb of 8+ rising steps by 10%: ringing
+rises last 1-4 steps, and without that split a run that rang between spikes had 20-200x
+spikes merged into one episode) except those with onset before step 20 that stay
+under 1.5x, the
 early overshoot of Adam's (and heavy ball's) first steps (10-25% above the first
 minimum; it used to be labelled in AEoS runs but not in lr-too-high runs, where heavy
 ball's overshoot then counted as a false alarm); lr-too-high: the first rise after the

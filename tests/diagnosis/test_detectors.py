@@ -157,3 +157,23 @@ def test_label_spikes_skips_the_early_transient():
     blowup = loss.copy()
     _bump(blowup, 10, 3.0)
     assert len(label_spikes(from_series(list(range(loss.size)), blowup.tolist()))) == 3
+
+
+def test_label_spikes_splits_a_new_climb_out_of_ringing():
+    """Rises of 2 steps while the loss rings after a spike stay in its episode; a
+    12-step climb to 20x inside it (the loss never quiet for 25 steps) is a new one."""
+    from stablestep.diagnosis.labeled import label_spikes
+    from stablestep.diagnosis.trace import from_series
+
+    loss = np.full(400, 0.01)
+    _bump(loss, 100, 20.0)
+    for a, b in ((113, 150), (175, 200)):  # 3x ringing, 2-step rises
+        loss[a:b] *= 1.0 + 2.0 * (np.arange(b - a) % 4 < 2)
+    ring = loss.copy()
+    ring[150:175] *= 3.0
+    _bump(loss, 150, 20.0, width=12)
+    tr = lambda v: from_series(list(range(v.size)), v.tolist())  # noqa: E731
+    assert len(label_spikes(tr(ring))) == 1
+    on = label_spikes(tr(loss))
+    assert len(on) == 2 and 150 <= on[1] <= 153
+    assert len(label_spikes(tr(loss), climb=20)) == 1  # the old rule merged them

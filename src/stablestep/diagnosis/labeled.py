@@ -197,7 +197,7 @@ def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
 
 def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
                  lookback: int = 50, quiet: int = 25, start: int | None = None,
-                 settle: int = 20, settle_rise: float = 0.4) -> list[int]:
+                 settle: int = 20, settle_rise: float = 0.4, climb: int = 8) -> list[int]:
     """Offline ground truth for spike episodes, using the whole curve (not causal).
 
     An episode starts when the loss reaches ``peak`` times the lowest loss of the
@@ -205,11 +205,14 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
     which the loss stands ``exp(rise)`` above the rise's starting point. It lasts until
     ``quiet`` consecutive steps pass with the loss under ``peak`` times its level at the
     start of the rise (Adam rings for a while after a spike; rises above the pre-spike
-    level in that time belong to the same episode). ``start``: first step searched (the
-    ``lookback`` may reach before it). An episode whose onset is before step ``settle``
-    and whose peak stays under ``exp(settle_rise)`` (1.5x) times the rise's starting
-    point is the early transient of training (Adam's or heavy ball's first steps
-    overshoot the first minimum by 10-25%), not an incident: it is not returned.
+    level in that time belong to the same episode), unless the loss climbs ``climb``
+    steps in a row by ``peak`` or more: ringing rises last 1-4 steps, a new spike's
+    geometric rise 10-25, so that climb is a new episode (otherwise a run that rings
+    between spikes merges 20-200x spikes into one episode). ``start``: first step
+    searched (the ``lookback`` may reach before it). An episode whose onset is before
+    step ``settle`` and whose peak stays under ``exp(settle_rise)`` (1.5x) times the
+    rise's starting point is the early transient of training (Adam's or heavy ball's
+    first steps overshoot the first minimum by 10-25%), not an incident: not returned.
     """
     y = np.log(np.where(trace.loss > 0, trace.loss, np.nan))
     i = 1 if start is None else max(1, int(np.searchsorted(trace.steps, start)))
@@ -224,11 +227,15 @@ def label_spikes(trace: Trace, *, peak: float = 1.1, rise: float = 0.05,
         while j > 0 and y[j - 1] < y[j]:
             j -= 1
         onset = next((k for k in range(j, i + 1) if y[k] >= y[j] + rise), i)
-        k, calm, base = i, 0, y[j]
+        k, calm, base, run, nxt = i, 0, y[j], 0, None
         while k + 1 < n and calm < quiet:
             k += 1
+            run = run + 1 if y[k] > y[k - 1] else 0
+            if run >= climb and k - run > i and y[k] >= y[k - run] + step:
+                nxt = k - run  # a new spike's climb: the next episode starts there
+                break
             calm = 0 if y[k] >= base + step else calm + 1  # still above the pre-spike level
         if trace.steps[onset] >= settle or np.nanmax(y[j: k + 1]) >= base + settle_rise:
             out.append(int(trace.steps[onset]))
-        i = k + 1
+        i = k + 1 if nxt is None else nxt + 1
     return out
