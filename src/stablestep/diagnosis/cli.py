@@ -69,9 +69,11 @@ def _line(console: Any, text: str, *, indent: int, style: str | None = None) -> 
 
 
 def render(findings: list[Any], *, source: str, console: Any) -> None:
-    """Print ``findings`` for people: a compact table (one line per finding), then per
-    finding its evidence as ``key: value`` lines and its remedies as
+    """Print ``findings`` for people: a compact table (one line per finding: step, kind,
+    mechanism, confidence, and from 100 columns the headline numbers), then per finding
+    its headline, its evidence as ``key: value`` lines and its remedies as
     ``action value -- why`` lines, wrapped to the console width."""
+    from rich import box
     from rich.markup import escape
     from rich.table import Table
 
@@ -80,24 +82,27 @@ def render(findings: list[Any], *, source: str, console: Any) -> None:
                       "found[/]")
         return
     _line(console, f"stablestep diagnose {source}", indent=0, style="bold")
-    table = Table()
-    table.add_column("#", justify="right")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("step", justify="right", no_wrap=True)
     table.add_column("kind", no_wrap=True)
-    table.add_column("mechanism", overflow="fold")
+    table.add_column("mechanism", no_wrap=True)
     table.add_column("conf.", justify="right", no_wrap=True)
-    table.add_column("headline", overflow="fold")
+    wide = console.width >= 100  # at 80 columns the headline goes under each finding
+    if wide:
+        table.add_column("headline", overflow="fold")
     dicts = [f.to_dict() for f in findings]
-    for n, d in enumerate(dicts, 1):
-        ev = d["evidence"]
-        head = ", ".join([f"{lab} {_fmt(ev[k])}" for k, lab in _HEADLINE.items() if k in ev][:3])
-        table.add_row(str(n), str(d["step"]), d["kind"], d["mechanism"],
-                      f"{d['confidence']:.2f}", escape(head))
+    heads = [", ".join([f"{lab} {_fmt(d['evidence'][k])}" for k, lab in _HEADLINE.items()
+                        if k in d["evidence"]][:3]) for d in dicts]
+    for d, head in zip(dicts, heads, strict=True):
+        table.add_row(str(d["step"]), d["kind"], d["mechanism"], f"{d['confidence']:.2f}",
+                      *([escape(head)] if wide else []))
     console.print(table)
     for n, d in enumerate(dicts, 1):
         console.print()
         _line(console, f"[{n}] step {d['step']} {d['kind']}: {d['mechanism']} "
                              f"(confidence {d['confidence']:.2f})", indent=0, style="bold")
+        if heads[n - 1]:
+            _line(console, heads[n - 1], indent=2)
         ev = d["evidence"]
         keys = [k for k in _SHOWN if k in ev] + [k for k in ev if k not in _SHOWN]
         if keys:
