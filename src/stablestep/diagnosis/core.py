@@ -191,7 +191,7 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
                "interval_cv": cv, "mechanism_share": share, "mechanism_counts": ev_counts,
                "peak_over_baseline_median": float(np.median(
                    [i.peak / i.baseline for i, *_ in spikes if i.baseline > 0]))})
-    rem = remedies(trace, mech, inc, ev, period=period)
+    rem = remedies(trace, mech, inc, ev)
     if mech == "unknown":
         ev["suspected"] = "adaptive-edge-of-stability"
         rem.append(Remedy(

@@ -30,6 +30,9 @@ Remedies (computed for this run):
 - lr: the preconditioned sharpness scales with lr, so
   :math:`\mathrm{lr}' = 0.9\,\mathrm{lr}\cdot\text{threshold}/\lambda_{\max}(P^{-1}H)`;
   for GD :math:`\mathrm{lr}' = 0.9\,(2+2\mu)/\lambda_{\max}(H)`.
+- decay: an exponential decay (Keras/TF semantics, :math:`\mathrm{lr}\,r^{t/T}`) with
+  :math:`T` the onset step and :math:`r = \mathrm{lr}'/\mathrm{lr}`, so the lr is down to
+  :math:`\mathrm{lr}'` where the instability began and keeps falling as :math:`\hat v` shrinks.
 - clip: :math:`\exp(\mathrm{median} + 3\cdot 1.4826\,\mathrm{MAD})` of :math:`\log\|g\|`.
 """
 
@@ -315,8 +318,7 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     return "unknown", 0.3, ev
 
 
-def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any],
-             *, period: float | None = None) -> list[Remedy]:
+def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -> list[Remedy]:
     """Computed remedies for ``mechanism`` (formulas in the module docstring)."""
     h = trace.hyper
     lr = lr_at(trace, inc.onset)
@@ -369,11 +371,14 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any],
             out.append(Remedy("set-lr", new_lr,
                               f"lam_max(P^-1 H)={ps:.3g} scales with lr; 0.9*lr*{pthr:.0f}/"
                               f"{ps:.3g} puts it under the threshold"))
-            steps = int(round(period)) if period and period > 1 else max(1, int(inc.onset))
+            # Keras/TF semantics, lr * rate**(t / decay_steps): reach the stable lr by the
+            # step where the first incident began, and keep decaying as v keeps shrinking.
+            steps = max(1, int(inc.onset))
             out.append(Remedy("exponential-decay",
-                              {"decay_rate": round(min(0.9, pthr / ps), 3), "decay_steps": steps},
-                              f"lower lr by {pthr:.0f}/{ps:.3g} every {steps} steps"
-                              + (" (the spike period)" if period else "")))
+                              {"decay_rate": _sig_down(new_lr / lr), "decay_steps": steps},
+                              f"stablestep.schedules.exponential_decay({steps}, "
+                              f"{_sig_down(new_lr / lr)}) brings lr to {new_lr:.3g} by step "
+                              f"{steps}, where the instability began, and lower after it"))
         return out
     if mechanism == "lr-too-high":
         gthr = ev.get(names.GD_THRESHOLD)
