@@ -80,3 +80,16 @@ def test_not_a_terminal_prints_120_wide(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert max(len(ln) for ln in lines) <= 120
     assert any(len(ln) > 80 for ln in lines)  # the remedies' sentences use the width
+
+
+def test_unreadable_rows_are_skipped_with_a_one_line_warning(tmp_path, capsys):
+    p = tmp_path / "partly.csv"
+    p.write_text("step,loss\n" + "".join(f"{i},{1.0 / (i + 1)}\n" for i in range(30))
+                 + "30,oops\n31,0.03\n")
+    assert main(["diagnose", str(p), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["findings"] == []
+    assert out.err == f"stablestep: warning: {p}: skipped 1 record(s) whose step or 'loss' " \
+                      "is not a number\n"
+    assert main(["diagnose", _log(tmp_path)]) == 0  # a clean file warns about nothing
+    assert capsys.readouterr().err == ""

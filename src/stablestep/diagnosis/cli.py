@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from typing import Any
 
 
@@ -119,10 +120,15 @@ def run_diagnose(args: argparse.Namespace) -> int:
     """Run the diagnosis and print it; unusable input raises ``UsageError`` (exit 2)."""
     from stablestep.cli import UsageError
     from stablestep.diagnosis.core import diagnose
-    from stablestep.diagnosis.sources import SourceError
+    from stablestep.diagnosis.sources import SourceError, SourceWarning
 
     try:
-        findings = diagnose(args.path, run=args.run)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SourceWarning)
+            findings = diagnose(args.path, run=args.run)
+        for w in caught:
+            if issubclass(w.category, SourceWarning):
+                print(f"stablestep: warning: {w.message}", file=sys.stderr)
     except (SourceError, ValueError, OSError) as exc:
         raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     if args.json:

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,6 +50,10 @@ _EXCLUDE_LOSS = re.compile(r"(val|test|eval|valid)", re.IGNORECASE)
 
 class SourceError(ValueError):
     """The input cannot be read as a training log; the message is one line."""
+
+
+class SourceWarning(UserWarning):
+    """Part of the input was unreadable and skipped (e.g. a loss cell that is not a number)."""
 
 
 def _norm(key: str) -> str:
@@ -141,6 +146,7 @@ def _records_to_traces(
     for r in rows:
         groups.setdefault(str(r.get(run_col, "")) if run_col else "", []).append(r)
     traces = []
+    unreadable = 0
     for run, group in groups.items():
         steps, losses, nonfinite = [], [], []
         series: dict[str, tuple[list[int], list[float]]] = {}
@@ -148,9 +154,11 @@ def _records_to_traces(
         for i, r in enumerate(group):
             st = _to_float(r.get(step_col)) if step_col else float(i)
             if st is None or not math.isfinite(st):
+                unreadable += step_col is not None and str(r.get(step_col) or "").strip() != ""
                 continue
             st_i = int(st)
             loss = _to_float(r.get(loss_col))
+            unreadable += loss is None and str(r.get(loss_col) or "").strip() != ""
             for col, key in ((lr_col, names.LR), (grad_col, names.GRAD_NORM)):
                 if col is not None:
                     val = _to_float(r.get(col))
@@ -189,6 +197,9 @@ def _records_to_traces(
         )
     if not traces:
         raise SourceError(f"{source}: column {loss_col!r} has no numeric values")
+    if unreadable:
+        warnings.warn(f"{source}: skipped {unreadable} record(s) whose step or {loss_col!r} "
+                      "is not a number", SourceWarning, stacklevel=2)
     return traces
 
 
