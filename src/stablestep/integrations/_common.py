@@ -1,24 +1,24 @@
-"""Small helpers shared by the framework callbacks (argument checks, run names)."""
+"""Helpers shared by the framework callbacks: the Monitor's argument checks and run names,
+and the ``guard=`` option of the Lightning and Hugging Face callbacks."""
 
 from __future__ import annotations
 
-import secrets
-from datetime import datetime, timezone
+from typing import Any
+
+from stablestep.telemetry._common import check_every, default_run_name, utc_now
+
+__all__ = ["check_every", "default_run_name", "guard_policy", "utc_now"]
 
 
-def check_every(name: str, value: int | None, *, optional: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive int (or ``None`` when optional)."""
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (a positive int)")
+def guard_policy(guard: Any) -> Any:
+    """Validate a callback's ``guard`` option: ``None`` (off) stays ``None``; ``True`` gives the
+    default :class:`stablestep.guard.GuardPolicy`; a ``GuardPolicy`` is returned as is."""
+    if guard is None:
+        return None
+    from stablestep.guard import GuardPolicy
 
-
-def default_run_name() -> str:
-    """``run-<UTC time>-<random>``, the Monitor's default run name."""
-    return f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-
-
-def utc_now() -> str:
-    """The current UTC time in ISO format (seconds), as ``Run.config["started_at"]``."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if guard is True:
+        return GuardPolicy()
+    if not isinstance(guard, GuardPolicy):
+        raise TypeError(f"guard must be None, True or a GuardPolicy, got {guard!r}")
+    return guard

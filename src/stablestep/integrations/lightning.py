@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - the standalone package
     from pytorch_lightning import Callback, LightningModule, Trainer
 
-from stablestep.integrations._common import check_every, default_run_name
+from stablestep.integrations._common import check_every, default_run_name, guard_policy
 from stablestep.telemetry.monitor import Monitor
 from stablestep.telemetry.store import Run
 
@@ -95,12 +95,7 @@ class StablestepCallback(Callback):
             raise ValueError("curvature_every and curvature_loss must be given together")
         if not isinstance(optimizer, int) or isinstance(optimizer, bool) or optimizer < 0:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (an index into trainer.optimizers)")
-        if guard is not None and guard is not True:
-            from stablestep.guard import GuardPolicy
-
-            if not isinstance(guard, GuardPolicy):
-                raise TypeError(f"guard must be None, True or a GuardPolicy, got {guard!r}")
-        self._policy = guard
+        self._policy = guard_policy(guard)
         self.guard: Any = None
         self.store = os.fspath(store)
         self.run_name = run or default_run_name()
@@ -143,13 +138,12 @@ class StablestepCallback(Callback):
         if self._state is not None:
             self.monitor.load_state_dict(self._state["monitor"])
         if self._policy is not None:
-            from stablestep.guard import Guard, GuardPolicy
+            from stablestep.guard import Guard
 
-            policy = GuardPolicy() if self._policy is True else self._policy
             self.guard = Guard(
                 pl_module,
                 opt,
-                policy=policy,
+                policy=self._policy,
                 monitor=self.monitor,
                 curvature_loss=None if fn is None else (lambda: fn(pl_module)),
             )

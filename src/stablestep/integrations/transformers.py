@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from stablestep.integrations._common import check_every, default_run_name
+from stablestep.integrations._common import check_every, default_run_name, guard_policy
 from stablestep.telemetry.monitor import Monitor
 from stablestep.telemetry.store import Run, open_run
 
@@ -89,12 +89,7 @@ class StablestepCallback(TrainerCallback):
         check_every("every", every)
         check_every("state_every", state_every, optional=True)
         check_every("flush_every", flush_every)
-        if guard is not None and guard is not True:
-            from stablestep.guard import GuardPolicy
-
-            if not isinstance(guard, GuardPolicy):
-                raise TypeError(f"guard must be None, True or a GuardPolicy, got {guard!r}")
-        self._policy = guard
+        self._policy = guard_policy(guard)
         self.guard: Any = None
         self.store = os.fspath(store)
         self.run_name = run or default_run_name()
@@ -133,10 +128,10 @@ class StablestepCallback(TrainerCallback):
                  "store": self.store, "curvature": None}
             )
         if self._policy is not None:
-            from stablestep.guard import Guard, GuardPolicy
+            from stablestep.guard import Guard
 
-            policy = GuardPolicy() if self._policy is True else self._policy
-            self.guard = Guard(model, self.monitor.optimizer, policy=policy, monitor=self.monitor)
+            self.guard = Guard(model, self.monitor.optimizer, policy=self._policy,
+                               monitor=self.monitor)
         self._hook = model.register_forward_hook(self._capture)
         self._losses = []
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
+from stablestep.telemetry._common import check_every, default_run_name, utc_now
 from stablestep.telemetry.probes import (
     CoordinateSample,
     Scratch,
@@ -25,13 +24,6 @@ from stablestep.telemetry.probes import (
 from stablestep.telemetry.store import Run, RunWriter, open_run
 
 _RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
-
-
-def _check_every(name: str, value: int | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (a positive int)")
 
 
 class Monitor:
@@ -111,10 +103,10 @@ class Monitor:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        _check_every("every", every)
-        _check_every("state_every", state_every, optional=True)
-        _check_every("flush_every", flush_every)
-        _check_every("curvature_every", curvature_every, optional=True)
+        check_every("every", every)
+        check_every("state_every", state_every, optional=True)
+        check_every("flush_every", flush_every)
+        check_every("curvature_every", curvature_every, optional=True)
         if not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"Invalid top_k: {top_k!r} (an int >= 0)")
         if not flush_seconds > 0:
@@ -127,9 +119,7 @@ class Monitor:
         self.model = model
         self.optimizer = optimizer
         self.store = os.fspath(store)
-        self.run_name = run or (
-            f"run-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-        )
+        self.run_name = run or default_run_name()
         self.every, self.state_every, self.top_k = every, state_every, top_k
         self.flush_every, self.flush_seconds = flush_every, float(flush_seconds)
         self.curvature_every, self.curvature_loss = curvature_every, curvature_loss
@@ -305,7 +295,7 @@ class Monitor:
             "hyper": dataclasses.asdict(inspect.group_hyper(self.optimizer, groups[0])),
             "n_params": sum(p.numel() for _, p, _ in self._params),
             "torch_version": torch.__version__,
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": utc_now(),
             "monitor": {
                 "every": self.every,
                 "state_every": self.state_every,
