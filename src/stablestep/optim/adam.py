@@ -61,7 +61,51 @@ def compiled_kernel(params: list[torch.Tensor], tensors: list[torch.Tensor]):
     return _compiled.load(params[0].dtype)
 
 
-class Adam(torch.optim.Optimizer):
+class _AdamFamily(torch.optim.Optimizer):
+    """What the Adam family shares: torch's state keys, created lazily, and loading a
+    foreign (e.g. ``torch.optim.Adam``) state_dict whose groups lack our keys."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._scratch = _fast.Scratch()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill keys a foreign state_dict lacks from our defaults."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if not hasattr(self, "_scratch"):
+            self._scratch = _fast.Scratch()
+
+    def _init_group(self, group: dict) -> tuple[list[torch.Tensor], ...]:
+        """``(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps)`` of the
+        parameters that have a gradient, creating their state on first use."""
+        amsgrad = bool(group.get("amsgrad", False))
+        params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
+
+
+class Adam(_AdamFamily):
     r"""Adam (Kingma & Ba 2015) with the epsilon convention, AMSGrad, weight decay and
     update clipping explicit.
 
@@ -132,41 +176,8 @@ class Adam(torch.optim.Optimizer):
             impl=impl,
         )
         super().__init__(params, defaults)
-        self._scratch = _fast.Scratch()
         for group in self.param_groups:
             resolve_impl(group["impl"], group["params"])  # fail early on impl="fused"
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Fill keys a foreign (e.g. ``torch.optim.Adam``) state_dict lacks from our defaults."""
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        if not hasattr(self, "_scratch"):
-            self._scratch = _fast.Scratch()
-
-    def _init_group(
-        self, group: dict, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
-    ) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
 
     @staticmethod
     def _hyper(group: dict) -> AdamStep:
@@ -191,8 +202,7 @@ class Adam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps)
+            params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = self._init_group(group)
             if not params:
                 continue
             h = self._hyper(group)

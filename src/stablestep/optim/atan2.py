@@ -10,10 +10,10 @@ import torch
 
 from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import Atan2Step, atan2_reference
-from stablestep.optim.adam import check_common, compiled_kernel, resolve_impl
+from stablestep.optim.adam import _AdamFamily, check_common, compiled_kernel, resolve_impl
 
 
-class AdamAtan2(torch.optim.Optimizer):
+class AdamAtan2(_AdamFamily):
     r"""Adam with :math:`m/(\sqrt v+\epsilon)` replaced by a bounded, scale-invariant ``atan2``.
 
     .. math::
@@ -69,16 +69,6 @@ class AdamAtan2(torch.optim.Optimizer):
             impl=impl,
         )
         super().__init__(params, defaults)
-        self._scratch = _fast.Scratch()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Fill keys a foreign state_dict lacks from our defaults."""
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        if not hasattr(self, "_scratch"):
-            self._scratch = _fast.Scratch()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -88,22 +78,7 @@ class AdamAtan2(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, ms, vs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamAtan2 does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+            params, grads, ms, vs, _, steps = self._init_group(group)
             if not params:
                 continue
             beta1, beta2 = group["betas"]
