@@ -169,7 +169,7 @@ def test_rollback_restores_weights_and_moments_but_keeps_adapted_hyperparameters
         opt.step()
     assert guard.snapshots == [10, 20]
     opt.param_groups[0]["eps"] = 1e-3  # changed after the snapshot: must survive
-    for _ in range(2):  # parameters gone bad: two non-finite steps in a row roll back
+    for _ in range(2):  # parameters gone bad: skipped, then the state check rolls back
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
         opt.zero_grad()
@@ -177,7 +177,7 @@ def test_rollback_restores_weights_and_moments_but_keeps_adapted_hyperparameters
         loss.backward()
         assert not guard.check(loss)
     assert [(r.action, r.reason) for r in guard.records] == [
-        ("skip", "non-finite"), ("rollback", "repeated-non-finite"), ("adapt", "after-rollback")]
+        ("skip", "non-finite"), ("rollback", "non-finite-state"), ("adapt", "after-rollback")]
     assert guard.records[1].data["to_step"] == 20
     for p, w, v in zip(model.parameters(), saved["w"], saved["v"], strict=True):
         assert torch.equal(p, w) and torch.equal(opt.state[p]["exp_avg_sq"], v)

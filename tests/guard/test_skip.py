@@ -102,5 +102,7 @@ def test_a_stable_run_gets_no_action():
     guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=50))
     _train(model, opt, guard, x, y, idx)
     assert guard.records == []
-    assert guard.counts == {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "spike": 0}
+    assert guard.counts == {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "restore": 0,
+                            "spike": 0}
+    assert guard.summary()["skipped"] == 0 and guard.summary()["lr_scale"] == 1.0
     assert guard.snapshots == [700, 750]  # kept every 50 calm steps, two at most

@@ -6,10 +6,12 @@ import io
 
 import torch
 
+from stablestep.diagnosis.stack import OutlierConfig, StackConfig
 from stablestep.guard import Guard, GuardPolicy
 from tests.guard.conftest import mlp, regression_data
 
-POLICY = GuardPolicy(snapshot_every=10, stats_warmup=5)
+POLICY = GuardPolicy(snapshot_every=10, stack=StackConfig(outlier=OutlierConfig(warmup=5)),
+                     remedies=("lr",))
 
 
 def _objects():
