@@ -464,7 +464,16 @@ class Guard:
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
     def close(self) -> None:
-        """Remove the optimizer hooks (the lr scale stops being applied)."""
+        """Log the :meth:`summary` (one line, WARNING if the guard acted, else INFO) and
+        remove the optimizer hooks (the lr scale stops being applied)."""
+        if self._handles:
+            s = self.summary()
+            acted = s["skipped"] or s["clipped"] or s["rollbacks"] or s["adaptations"]
+            log.log(logging.WARNING if acted else logging.INFO,
+                    "guard summary after %d steps: %d skipped %s, %d clipped, %d rollbacks "
+                    "(%d steps lost), adaptations %s, lr scale %.4g", s["steps"], s["skipped"],
+                    s["skipped_by_reason"], s["clipped"], s["rollbacks"], s["steps_lost"],
+                    s["adaptations"] or "none", s["lr_scale"])
         for h in self._handles:
             h.remove()
         self._handles = []
