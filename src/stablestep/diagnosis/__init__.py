@@ -20,11 +20,13 @@ from stablestep.diagnosis.detectors import (
 )
 from stablestep.diagnosis.findings import MECHANISMS, Finding, Remedy
 from stablestep.diagnosis.sources import SourceError, load
+from stablestep.diagnosis.stack import DetectorStack, StackConfig, StackIncident, replay
 from stablestep.diagnosis.trace import Trace, from_series
 
 __all__ = [
-    "MECHANISMS", "Alarm", "DiagnoseConfig", "DivergenceConfig", "DivergenceDetector",
-    "Finding", "NonFiniteDetector", "PeriodicConfig", "PeriodicDetector",
-    "PrecursorDetector", "Remedy", "SourceError", "SpikeConfig", "SpikeDetector", "Trace",
-    "diagnose", "diagnose_trace", "from_series", "load",
+    "MECHANISMS", "Alarm", "DetectorStack", "DiagnoseConfig", "DivergenceConfig",
+    "DivergenceDetector", "Finding", "NonFiniteDetector", "PeriodicConfig", "PeriodicDetector",
+    "PrecursorDetector", "Remedy", "SourceError", "SpikeConfig", "SpikeDetector",
+    "StackConfig", "StackIncident", "Trace", "diagnose", "diagnose_trace", "from_series",
+    "load", "replay",
 ]
