@@ -512,8 +512,8 @@ def _monitor_reading(monitor: Any) -> tuple[float, float] | None:
     """The (loss, grad_norm) a :class:`stablestep.Monitor` read at its last ``observe`` and
     has not yet written (the step being decided), or ``None``."""
     pending = getattr(monitor, "_pending", None)
-    if not isinstance(pending, dict):
-        return None
+    if not isinstance(pending, dict) or pending.get("step") != getattr(monitor, "step", 0) - 1:
+        return None  # nothing read at the latest observe()
     m = pending.get("metrics") or {}
     if names.LOSS in m and names.GRAD_NORM in m:
         return float(m[names.LOSS]), float(m[names.GRAD_NORM])
