@@ -145,3 +145,29 @@ def test_skipped_batches_are_saved_and_skipped_on_resume():
     assert list(skip_batches(range(5), [1, 3])) == [0, 2, 4]
     with torch.no_grad():
         assert math.isfinite(float(((model(x) - y) ** 2).mean()))
+
+
+@pytest.mark.parametrize("probe", [False, True])
+def test_a_harder_data_phase_is_held_when_the_fixed_probe_batch_says_so(probe):
+    # from step 150 the batches' targets are 30x larger: the loss jumps ~900x and stays;
+    # the model did not diverge (its loss on a fixed batch of the old data barely moved)
+    x, y = regression_data(n=256)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    closure = (lambda: ((model(x[:64]) - y[:64]) ** 2).mean()) if probe else None
+    guard = Guard(model, opt, curvature_loss=closure, policy=GuardPolicy(snapshot_every=20))
+    g = torch.Generator().manual_seed(0)
+    for t in range(170):
+        i = torch.randint(256, (32,), generator=g)
+        opt.zero_grad()
+        loss = ((model(x[i]) - (30.0 if t >= 150 else 1.0) * y[i]) ** 2).mean()
+        loss.backward()
+        if guard.check(loss):
+            opt.step()
+    acts = {(r.action, r.reason) for r in guard.records}
+    if probe:
+        assert ("hold", "divergence-not-on-probe-batch") in acts and guard.counts["rollback"] == 0
+        hold = next(r for r in guard.records if r.action == "hold")
+        assert hold.data["probe_loss"] < 2 * hold.data["probe_loss_at_snapshot"]
+    else:
+        assert ("rollback", "divergence") in acts  # without a probe batch, the loss decides

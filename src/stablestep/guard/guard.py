@@ -194,17 +194,41 @@ class Guard:
         div = kinds.get("divergence")
         if div is not None:
             self._last_trouble = step
-            if p.rollback:
-                self._rollback(step, "divergence", onset=div.onset,
-                               data={"loss": loss_v, "baseline": div.baseline,
-                                     "factor": loss_v / div.baseline})
+            data = {"loss": loss_v, "baseline": div.baseline, "factor": loss_v / div.baseline}
+            probe = self._probe_loss()
+            if probe is not None and self._snaps and "probe_loss" in self._snaps[-1].guard:
+                # the fixed batch says whether the model diverged or the batches changed
+                ref = self._snaps[-1].guard["probe_loss"]
+                data.update(probe_loss=_num(probe), probe_loss_at_snapshot=ref)
+                if math.isfinite(probe) and probe < 2.0 * ref:
+                    self._record(step, "hold", "divergence-not-on-probe-batch", data)
+                    div = None
+            if div is not None and p.rollback:
+                self._rollback(step, "divergence", onset=div.onset, data=data)
                 return False
         self._maybe_restore(step)
         last = self._snaps[-1].step if self._snaps else None
         if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
-            self._snaps.append(S.capture(step, self.model, self.optimizer, {}))
+            probe = self._probe_loss()
+            extra = {} if probe is None or not math.isfinite(probe) else {"probe_loss": probe}
+            self._snaps.append(S.capture(step, self.model, self.optimizer, extra))
             del self._snaps[:-p.keep_snapshots]
         return True
+
+    def _probe_loss(self) -> float | None:
+        """The loss on the user's fixed batch (``curvature_loss``), or ``None`` without one;
+        evaluated only at snapshots and divergence incidents, never per step."""
+        if self.curvature_loss is None:
+            return None
+        with torch.no_grad():
+            v = self.curvature_loss()
+        v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        d = _dist()
+        if d is not None:  # same decision on every rank
+            tt = torch.tensor([v], dtype=torch.float64, device=self._device())
+            d.all_reduce(tt)
+            v = float(tt.item()) / d.get_world_size()
+        return v
 
     def _skip(self, step: int, reason: str, data: dict, batch_id: Any) -> None:
         self.bad_batches.append(batch_id)
@@ -355,6 +379,7 @@ class Guard:
             "steps_lost": sum(int(r.data.get("lost_steps", 0)) for r in rb),
             "adaptations": [r.data.get("remedy") for r in self.records if r.action == "adapt"],
             "restorations": self.counts.get("restore", 0),
+            "holds": self.counts.get("hold", 0),
             "lr_scale": self.lr_scale,
             "spikes_seen": self.counts.get("spike", 0),
             "amsgrad": [bool(g.get("amsgrad", False)) for g in self.optimizer.param_groups],

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from stablestep.diagnosis.stack import StackConfig
 
 REMEDIES = ("amsgrad", "eps", "lr")
-ACTIONS = ("skip", "clip", "rollback", "adapt", "restore")
+ACTIONS = ("skip", "clip", "rollback", "adapt", "restore", "hold")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,10 @@ class GuardPolicy:
     - **divergence** (the loss not coming back: unrecovered after ``stack.spike.patience``
       records, or its running median ``stack.divergence.factor`` above its minimum and
       still rising): roll back to the newest snapshot before the onset (``rollback``), then
-      adapt. ``snapshot_every`` calm steps a snapshot is taken (CPU copies,
+      adapt. With the guard's ``curvature_loss`` (a fixed batch), the loss on that batch is
+      measured at each snapshot and at the incident: under 2x its snapshot value, the
+      model did not diverge (the batches did), and the guard records ``hold`` instead.
+      ``snapshot_every`` calm steps a snapshot is taken (CPU copies,
       ``keep_snapshots`` kept). ``max_rollbacks``: raise :class:`GuardError` after this many
       (``None``: never).
     - **recurring spikes** of Adam (``adapt_after`` spike incidents within
@@ -126,10 +129,10 @@ class GuardPolicy:
 class GuardRecord:
     """One action of the guard: ``step`` (the guard's step counter, see
     :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``,
-    ``restore``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
+    ``restore``, ``hold``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
     ``repeated-non-finite``, ``non-finite-state``, ``adaptive-edge-of-stability``,
-    ``after-rollback``, ``healthy``) and ``data``: the numbers behind it (plain
-    floats/ints/strings)."""
+    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``) and ``data``: the
+    numbers behind it (plain floats/ints/strings)."""
 
     step: int
     action: str
