@@ -237,6 +237,18 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
                    evidence=ev, remedies=rem)
 
 
+def incidents(source: Any, *, run: str | None = None,
+              config: DiagnoseConfig | None = None) -> list[StackIncident]:
+    """The detector stack's incidents ``(step, kind, onset, ...)`` that :func:`diagnose`
+    explains, replayed from ``source`` exactly as :func:`diagnose` replays it; for a run the
+    Guard watched, the same incidents the Guard saw live (``guard.incidents``)."""
+    cfg = config or DiagnoseConfig()
+    out: list[StackIncident] = []
+    for trace in load(source, run=run):
+        out.extend(_replay(trace, cfg)[2])
+    return out
+
+
 def diagnose(source: Any, *, run: str | None = None,
              config: DiagnoseConfig | None = None) -> list[Finding]:
     """Find every spike, divergence, non-finite value and periodic spiking in ``source``
