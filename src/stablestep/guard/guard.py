@@ -285,7 +285,7 @@ class Guard:
         self._record(step, "rollback", reason,
                      {**data, "onset": onset, "to_step": snap.step, "lost_steps": step - snap.step})
         if p.adapt:
-            self._adapt(step, "after-rollback", {"reason": reason})
+            self._adapt(step, "after-rollback", {"rollback_reason": reason})
 
     def _adapt(self, step: int, reason: str, evidence: dict) -> None:
         ladder = self.policy.remedies
