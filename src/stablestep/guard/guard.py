@@ -243,6 +243,8 @@ class Guard:
             return
         if self._last_outlier is not None and step - self._last_outlier < p.stack.spike.window:
             return  # the echo of a bad batch (momentum carries it), not Adam's instability
+        if step < p.stack.spike.window:
+            return  # the run's noise is not learnt yet (a mean of a few records): no evidence
         self._aeos = [s for s in self._aeos if step - s < p.adapt_window] + [step]
         if p.adapt and len(self._aeos) >= p.adapt_after:
             evidence = {"spike_steps": list(self._aeos), "loss": alarm.value,

@@ -44,7 +44,9 @@ class GuardPolicy:
       (``None``: never).
     - **recurring spikes** of Adam (``adapt_after`` spike incidents within
       ``adapt_window`` steps, none within ``stack.spike.window`` steps of a gradient outlier,
-      none within ``adapt_cooldown`` steps of the last adaptation): adapt (``adapt``).
+      none within ``adapt_cooldown`` steps of the last adaptation, none in the first
+      ``stack.spike.window`` steps, while the run's noise is still being learnt): adapt
+      (``adapt``).
       A single spike is never acted on.
 
     Adaptation walks ``remedies`` (``"amsgrad"``, ``"eps"``: needs the guard's
