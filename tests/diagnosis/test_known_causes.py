@@ -28,7 +28,7 @@ def _remedy(f, action):
     return next(r for r in f.remedies if r.action == action)
 
 
-def test_adaptive_edge_of_stability_is_one_periodic_finding_with_eps_and_amsgrad():
+def test_adaptive_edge_of_stability_is_a_periodic_finding_with_eps_and_amsgrad():
     run = make_run("adaptive-edge-of-stability", seed=0, width=64, act="gelu", steps=900)
     findings = diagnose_trace(run.trace)
     periodic = [f for f in findings if f.kind == "periodic-spikes"]
