@@ -16,7 +16,14 @@ import torch
 
 from stablestep import formulas as F
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 throughout this module only (the default dtype is process-global)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ---------------------------------------------------------------- effective step, eps_t
