@@ -109,8 +109,11 @@ def second_moment(
 def epsilon_t(h: GroupHyper, step: int) -> float:
     r"""The epsilon added to :math:`\sqrt{\hat v}` at ``step`` in PyTorch's convention.
 
-    :func:`stablestep.formulas.eps_t` with this group's ``eps``, ``beta2`` and ``eps_mode``.
+    :func:`stablestep.formulas.eps_t` with this group's ``eps``, ``beta2`` and ``eps_mode``;
+    an epsilon-free optimizer (``AdamAtan2``, ``eps_mode="none"``) adds its group ``eps`` (0).
     """
+    if h.eps_mode not in F.EPS_MODES:
+        return h.eps
     return F.eps_t(h.eps, h.beta2, step, h.eps_mode)
 
 
