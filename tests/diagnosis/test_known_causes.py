@@ -167,3 +167,35 @@ def test_adam_blow_up_is_lr_too_high_only_while_v_is_fresh(start, expect):
     assert (f.kind, f.mechanism) == ("divergence", expect)
     lr = _remedy(f, "set-lr").value
     assert lr == pytest.approx(0.9 * 1e-3 * 38 / 60, rel=0.02)
+
+
+def test_lr_remedy_for_nesterov_sgd_uses_nesterovs_bound_checked_on_torch():
+    """SGD momentum 0.9 with Nesterov is stable only below lr*lam = 3.8/2.8 = 1.357 (not
+    heavy ball's 3.8): torch's own SGD on a quadratic diverges just above, converges below,
+    and the diagnosis' lr lies under it."""
+    import numpy as np
+
+    from stablestep.diagnosis import Trace
+
+    lam = 50.0
+
+    def final(lr):
+        w = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+        opt = torch.optim.SGD([w], lr=lr, momentum=0.9, nesterov=True)
+        for _ in range(2000):
+            opt.zero_grad()
+            (0.5 * lam * w.square()).sum().backward()
+            opt.step()
+        return abs(float(w.detach()))
+
+    bound = 3.8 / 2.8
+    assert final(0.98 * bound / lam) < 1e-3 and final(1.02 * bound / lam) > 1e3
+    steps = np.arange(120)
+    loss = np.r_[np.linspace(1.0, 0.8, 100), 0.8 * 1.5 ** np.arange(1, 21)]
+    trace = Trace(steps=steps, loss=loss, metrics={names.SHARPNESS: np.full(120, lam)},
+                  hyper={"kind": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True})
+    (f,) = diagnose_trace(trace)
+    assert f.mechanism == "lr-too-high"
+    assert f.evidence[names.GD_THRESHOLD] == pytest.approx(bound)
+    lr = _remedy(f, "set-lr").value
+    assert 0.8 * bound / lam < lr < bound / lam
