@@ -93,8 +93,8 @@ def lr_factor(backoff: float, precond_sharpness: float | None,
     preconditioned sharpness asks for a larger cut (scaling lr scales :math:`P^{-1}H`)."""
     f = backoff
     if precond_sharpness and threshold and math.isfinite(precond_sharpness) \
-            and precond_sharpness > 0:
-        f = min(f, 0.9 * threshold / precond_sharpness)
+            and precond_sharpness > 0:  # formulas.max_stable_lr at lr 1: the factor itself
+        f = min(f, 0.9 * F.max_stable_lr(1.0, precond_sharpness, threshold))
     return f
 
 
