@@ -176,9 +176,8 @@ class Adam(_AdamFamily):
     bit-for-bit ``torch.optim.Adam``/``AdamW`` as constructed by default on CPU (and with
     ``foreach=True``/``False``); ``impl="fused"``, which ``"auto"`` picks for floating-point
     CPU/CUDA tensors, is bit-for-bit ``torch.optim.Adam(fused=True)`` and differs from
-    torch's default path by rounding (its kernel orders the arithmetic differently): about
-    one float32 ulp of the update per step, one bfloat16 ulp of a parameter within a few
-    steps.
+    torch's default path by rounding (its kernel orders the arithmetic differently): after
+    5 steps, parameters near 1 are at most 6e-8 apart in float32, 2e-2 in bfloat16.
 
     Example::
 
