@@ -12,24 +12,37 @@ r"""stablestep.curvature: the Hessian's top eigenvalue and the one Adam actually
 
 from __future__ import annotations
 
-from stablestep._lazy import attach
+# Eager on purpose: curvature is torch through and through (nothing torch-free imports it),
+# and ``hvp`` is both a submodule and a function here; a lazy attribute would hand out the
+# module once anything imported ``stablestep.curvature.hvp``.
+from stablestep.curvature.hvp import HessianOperator, hvp
+from stablestep.curvature.lanczos import EigenResult, LanczosConfig, lanczos_top
+from stablestep.curvature.probe import CurvatureProbe, ProbeConfig
+from stablestep.curvature.stability import (
+    PreconditionedOperator,
+    StableLR,
+    max_stable_lr,
+    preconditioned_sharpness,
+    preconditioner_diag,
+    sharpness,
+    stability_threshold,
+    top_eigen,
+)
 
-_LAZY = {
-    "HessianOperator": "stablestep.curvature.hvp",
-    "hvp": "stablestep.curvature.hvp",
-    "EigenResult": "stablestep.curvature.lanczos",
-    "LanczosConfig": "stablestep.curvature.lanczos",
-    "lanczos_top": "stablestep.curvature.lanczos",
-    "CurvatureProbe": "stablestep.curvature.probe",
-    "ProbeConfig": "stablestep.curvature.probe",
-    "PreconditionedOperator": "stablestep.curvature.stability",
-    "StableLR": "stablestep.curvature.stability",
-    "max_stable_lr": "stablestep.curvature.stability",
-    "preconditioned_sharpness": "stablestep.curvature.stability",
-    "preconditioner_diag": "stablestep.curvature.stability",
-    "sharpness": "stablestep.curvature.stability",
-    "stability_threshold": "stablestep.curvature.stability",
-    "top_eigen": "stablestep.curvature.stability",
-}
-
-__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())
+__all__ = [
+    "CurvatureProbe",
+    "EigenResult",
+    "HessianOperator",
+    "LanczosConfig",
+    "PreconditionedOperator",
+    "ProbeConfig",
+    "StableLR",
+    "hvp",
+    "lanczos_top",
+    "max_stable_lr",
+    "preconditioned_sharpness",
+    "preconditioner_diag",
+    "sharpness",
+    "stability_threshold",
+    "top_eigen",
+]
