@@ -17,7 +17,7 @@ from typing import Any
 
 class _Package(types.ModuleType):
     """A package whose public attribute may share its name with the submodule defining it
-    (``curvature.hvp`` the function in ``curvature/hvp.py``, ``lab.train``, ``lab.sweep``).
+    (``lab.train``, the function in ``lab/train.py``; ``lab.sweep``).
 
     Importing a submodule makes Python set it as an attribute of its package, which would
     hide the function once anyone imported the submodule; here the function wins, as it
