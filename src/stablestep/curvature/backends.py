@@ -13,8 +13,8 @@ backend     how                                                        cost per 
             (:class:`~stablestep.curvature.fd.FiniteDifferenceOperator`): runs wherever
             a plain backward runs (any attention kernel, fused ops, FSDP2).  2 forward +
                                                                        2 backward
-``forward`` the probe's forward-only tracking (Rayleigh quotients of the tracked
-            eigenvectors from loss values), refreshed with ``auto`` products on cold calls.
+``forward`` no product at all: the probe measures only the critical sharpness
+            (one gradient, a line search of forward passes).              0
 ==========  =========================================================  ======================
 
 ``auto`` tries ``exact``, then ``math``, then ``fd``: when a product raises (``RuntimeError``
@@ -65,8 +65,7 @@ def build_operator(
 class BackendChooser:
     """The backend in use, and the fallback of ``auto`` (module docstring).
 
-    ``requested``: a name of :data:`BACKENDS`. ``current``: the one to use now. For
-    ``forward``, :meth:`refresh_backend` is the product backend used on cold calls.
+    ``requested``: a name of :data:`BACKENDS`. ``current``: the one to use now.
     """
 
     def __init__(self, requested: str, *, sharded: bool = False,
@@ -80,17 +79,12 @@ class BackendChooser:
             self.current = current if current in _CHAIN else first
         else:
             self.current = requested
-        self._refresh = first if requested == "forward" else None
-
-    def refresh_backend(self) -> str:
-        """The product backend for ``forward``'s cold calls (``auto``'s current choice)."""
-        return self._refresh or self.current
 
     def demote(self, err: BaseException) -> bool:
         """Move to the next backend after ``err``; False when there is none (re-raise)."""
-        if self.requested not in ("auto", "forward"):
+        if self.requested != "auto":
             return False
-        now = self._refresh if self.requested == "forward" else self.current
+        now = self.current
         if now not in _CHAIN or now == _CHAIN[-1]:
             return False
         nxt = _CHAIN[_CHAIN.index(now) + 1]
@@ -98,8 +92,5 @@ class BackendChooser:
         logger.warning("curvature: %s Hessian-vector products failed (%s: %s); using %s "
                        "from now on", now, type(err).__name__, text,
                        "the math attention kernel" if nxt == "math" else "finite differences")
-        if self.requested == "forward":
-            self._refresh = nxt
-        else:
-            self.current = nxt
+        self.current = nxt
         return True

@@ -76,20 +76,19 @@ def critical_sharpness(
     *,
     eta0: float,
     rel_tol: float = 1e-3,
-    max_forward: int = 12,
-    dot=None,
+    refine: int = 5,
 ) -> CriticalSharpness:
     r""":math:`\lambda_c = 2/\eta_c` along ``direction`` :math:`\Delta` from the loss ``loss0``
     at :math:`\theta` (module docstring), forward passes only.
 
-    The search starts at ``eta0`` (the current lr: the actual step), doubles or halves until
-    the loss change :math:`f(\eta) = L(\theta-\eta\Delta) - L(\theta)` changes sign, then
-    narrows the bracket by regula falsi (Illinois variant) seeded with the parabola through
-    :math:`(0, 0)` and the two bracket ends, until it is ``rel_tol`` wide or ``max_forward``
-    passes are spent. No sign change within :math:`2^{20}\eta_0` (curvature along
-    :math:`\Delta` not positive there): value 0. A rise already at :math:`2^{-20}\eta_0`
-    (:math:`\Delta` is not a descent direction): value ``inf``. ``dot`` (unused here) keeps
-    the signature of the other measures.
+    The search starts at ``eta0`` (the current lr, or the previous :math:`\eta_c`),
+    multiplies or divides by 4 until the loss change :math:`f(\eta) = L(\theta-\eta\Delta) -
+    L(\theta)` changes sign, then takes at most ``refine`` more passes: the root of the
+    parabola :math:`-a\eta + b\eta^2` through the bracket ends (exact on a quadratic), then
+    regula falsi (Illinois variant), until the bracket is ``rel_tol`` wide or a pass lands
+    on the root. No sign change within :math:`4^{12}\eta_0` (curvature along :math:`\Delta`
+    not positive there): value 0. A rise already at :math:`4^{-12}\eta_0` (:math:`\Delta` is
+    not a descent direction): value ``inf``.
     """
     n = 0
 
@@ -101,11 +100,11 @@ def critical_sharpness(
 
     eta = float(eta0)
     fe = f(eta)
-    if fe > 0:  # too far: halve until the loss is not above loss0
+    lo = flo = hi = fhi = None
+    if fe > 0:  # too far: shrink until the loss is not above loss0
         hi, fhi = eta, fe
-        lo, flo = None, None
-        for _ in range(20):
-            eta /= 2
+        for _ in range(12):
+            eta /= 4
             fe = f(eta)
             if fe <= 0:
                 lo, flo = eta, fe
@@ -115,9 +114,8 @@ def critical_sharpness(
             return CriticalSharpness(math.inf, 0.0, n)
     else:
         lo, flo = eta, fe
-        hi = None
-        for _ in range(20):
-            eta *= 2
+        for _ in range(12):
+            eta *= 4
             fe = f(eta)
             if fe > 0:
                 hi, fhi = eta, fe
@@ -125,51 +123,37 @@ def critical_sharpness(
             lo, flo = eta, fe
         if hi is None:
             return CriticalSharpness(0.0, math.inf, n)
-    # f(eta) ~ -a eta + b eta^2 through (lo, flo), (hi, fhi): root a/b as the first guess
+    tiny = 1e-14 * max(abs(loss0), 1e-30)
+    best = lo + (hi - lo) * (-flo) / (fhi - flo) if math.isfinite(fhi) else 0.5 * (lo + hi)
     side = 0
-    while hi - lo > rel_tol * lo and n < max_forward:
-        if math.isfinite(fhi):
-            guess = lo + (hi - lo) * (-flo) / (fhi - flo) if fhi != flo else 0.5 * (lo + hi)
-            if side == 0 and flo < 0:
-                den = lo * hi * (hi - lo)
-                b = (fhi * lo - flo * hi) / den if den else 0.0
-                a = (fhi * lo * lo - flo * hi * hi) / den if den else 0.0
-                if b > 0 and lo < a / b < hi:
-                    guess = a / b
-        else:
+    for k in range(refine):
+        if hi - lo <= rel_tol * lo:
+            break
+        if not math.isfinite(fhi):
             guess = 0.5 * (lo + hi)
-        guess = min(max(guess, lo + 0.01 * (hi - lo)), hi - 0.01 * (hi - lo))
+        elif k == 0 and flo < 0:  # f ~ -a eta + b eta^2 through (0,0), (lo,flo), (hi,fhi)
+            den = lo * hi * (hi - lo)
+            b = (fhi * lo - flo * hi) / den
+            a = (fhi * lo * lo - flo * hi * hi) / den
+            guess = a / b if b > 0 and lo < a / b < hi else lo + (hi - lo) * (-flo) / (fhi - flo)
+        else:
+            guess = lo + (hi - lo) * (-flo) / (fhi - flo)
+        guess = min(max(guess, lo + 1e-3 * (hi - lo)), hi - 1e-3 * (hi - lo))
         fg = f(guess)
+        best = guess
+        if abs(fg) <= tiny:
+            break
         if fg > 0:
             hi, fhi = guess, fg
             if side == 1:
-                flo /= 2  # Illinois: keep the stale end from stalling the interpolation
+                flo /= 2  # Illinois: keep a stale end from stalling the interpolation
             side = 1
         else:
             lo, flo = guess, fg
             if side == -1 and math.isfinite(fhi):
                 fhi /= 2
             side = -1
-    # the root within the final bracket (linear interpolation)
-    if math.isfinite(fhi) and fhi != flo:
-        eta_c = lo + (hi - lo) * (-flo) / (fhi - flo)
     else:
-        eta_c = 0.5 * (lo + hi)
-    return CriticalSharpness(2.0 / eta_c, eta_c, n)
-
-
-def rayleigh_forward(ev: Evaluator, loss0: float, x: Sequence[torch.Tensor], h: float) -> float:
-    r""":math:`x^\top H x / x^\top x` from loss values only (4 forward passes).
-
-    Central second differences :math:`D(s) = (L(\theta+s\hat x) - 2L(\theta) +
-    L(\theta-s\hat x))/s^2` at :math:`s = h` and :math:`2h` combined by Richardson
-    extrapolation, :math:`(4D(h) - D(2h))/3`, which cancels the :math:`h^2` term of the
-    error. ``x`` is given as local tensors; the caller passes its global norm through
-    ``h`` scaling: ``x`` must have unit norm.
-    """
-    def d2(s: float) -> float:
-        plus = ev.loss([s * t for t in x])
-        minus = ev.loss([-s * t for t in x])
-        return (plus - 2.0 * loss0 + minus) / (s * s)
-
-    return (4.0 * d2(h) - d2(2.0 * h)) / 3.0
+        if math.isfinite(fhi) and fhi != flo:
+            best = lo + (hi - lo) * (-flo) / (fhi - flo)
+    return CriticalSharpness(2.0 / best, best, n)

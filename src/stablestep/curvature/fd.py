@@ -25,7 +25,8 @@ and the resulting eigenvalues against double backward. bfloat16/float16 give abo
 
 Every gradient evaluation runs the closure under a forked RNG reseeded identically, so a
 dropout mask is the same at :math:`\theta \pm h\hat v` (the global RNG is untouched). The
-parameters are perturbed in place and restored by copy (bit-exact). Gradients come from
+parameters are perturbed in place (through ``.data``, so the autograd version counters do
+not move and a graph the user holds stays usable) and restored by copy (bit-exact). Gradients come from
 :func:`torch.autograd.grad` (``.grad`` untouched), or, for FSDP2's sharded ``DTensor``
 parameters, from ``loss.backward()`` -- whose reduce-scatter averages over ranks -- with
 the user's ``.grad`` saved and restored. A BatchNorm in train mode updates its running
@@ -96,16 +97,17 @@ class Evaluator:
         if shift is None:
             yield
             return
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.local]
-            for p, s in zip(self.local, shift, strict=True):
-                p.add_(s.to(p.dtype))
+        # through .data: the version counters stay, so a graph the user still holds on these
+        # parameters stays valid (the values are bit-exactly back before it can run)
+        raw = [p.data for p in self.local]
+        saved = [p.clone() for p in raw]
+        for p, s in zip(raw, shift, strict=True):
+            p.add_(s.to(p.dtype))
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.local, saved, strict=True):
-                    p.copy_(s)
+            for p, s in zip(raw, saved, strict=True):
+                p.copy_(s)
 
     def loss(self, shift: Sequence[torch.Tensor] | None = None) -> float:
         """``loss_fn()`` at ``theta + shift``, forward only (no graph); averaged over ranks

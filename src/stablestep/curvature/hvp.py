@@ -70,6 +70,11 @@ def math_attention() -> Iterator[None]:
         yield
 
 
+class BackendError(RuntimeError):
+    """A Hessian-vector product raised (the backend cannot take products here, e.g. no
+    double backward for an op); the original error is the ``__cause__``."""
+
+
 class Operator:
     r"""What every Hessian-vector-product backend offers (base class).
 
@@ -101,7 +106,12 @@ class Operator:
     def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Return ``H v`` for ``v`` a list of tensors shaped like the local parameters."""
         self.n_hvp += 1
-        out = self._hvp(v)
+        try:
+            out = self._hvp(v)
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, BackendError):
+                raise
+            raise BackendError(" ".join(str(err).split())) from err
         if self.comm is not None and self.comm.kind == "replicated":
             out = self.unflatten(self.comm.mean(self.flatten(out)))
         return out

@@ -27,14 +27,10 @@ from typing import Any
 import torch
 
 from stablestep.curvature.backends import BACKENDS, BackendChooser, build_operator
-from stablestep.curvature.directional import (
-    critical_sharpness,
-    grad_curvature,
-    rayleigh_forward,
-)
+from stablestep.curvature.directional import critical_sharpness, grad_curvature
 from stablestep.curvature.distributed import detect
 from stablestep.curvature.fd import Evaluator
-from stablestep.curvature.hvp import LossFn, Operator, trainable
+from stablestep.curvature.hvp import BackendError, LossFn, Operator, trainable
 from stablestep.curvature.lanczos import LanczosConfig, lanczos_top
 from stablestep.curvature.stability import (
     PreconditionedOperator,
@@ -63,8 +59,8 @@ class ProbeConfig:
 
     ``backend``: ``"auto"`` (double backward, then the math attention kernel, then finite
     differences, falling back with one logged line), ``"exact"``, ``"math"``, ``"fd"`` or
-    ``"forward"`` (forward passes only between HVP refreshes; see
-    :class:`CurvatureProbe`). ``fd_step``: finite-difference step (default per dtype,
+    ``"forward"`` (no product: the critical sharpness only; see :class:`CurvatureProbe`).
+    ``fd_step``: finite-difference step (default per dtype,
     :data:`stablestep.curvature.fd.FD_STEP`). ``grad_curvature``: also the
     gradient-directional curvature (1 product); ``critical_sharpness``: also the critical
     sharpness (about 6-10 forward passes). ``budget``: the share of wall time the probe may
@@ -160,11 +156,12 @@ class CurvatureProbe:
     ``restart_every``-th call starts cold (:class:`ProbeConfig`). A non-finite loss or
     product yields NaN values and keeps the previous warm start. Any error (a backend that
     does not run, a closure that raises) gives a result with ``failed`` set and the error
-    text, never an exception. With ``backend="forward"`` warm estimates use no backward at
-    all: each eigenvalue is the Rayleigh quotient of the tracked eigenvector from loss
-    values (:func:`~stablestep.curvature.directional.rayleigh_forward`, 4 forward passes),
-    accurate while the eigenvector turns slowly (the error is quadratic in the turn); cold
-    calls refresh the vectors with Hessian-vector products.
+    text, never an exception. With ``backend="forward"`` the probe takes no Hessian-vector
+    product and estimates no eigenvalue: it returns the critical sharpness only (one
+    gradient and a line search of about 6-10 forward passes), for models where even
+    finite-difference products cost too much. It is a directional measure, not
+    :math:`\lambda_{\max}`: on a quadratic it is at most
+    :math:`\lambda_{\max}(P^{-1}H)/\mathrm{lr}`.
 
     The probe never touches ``.grad`` (FSDP2's backward writes and then restores it), the
     parameters (perturbed and restored bit-exactly under finite differences), the
@@ -253,7 +250,8 @@ class CurvatureProbe:
         try:
             res = self._run(loss_fn, cold)
         except Exception as err:  # never raise into the training loop
-            res = ProbeResult(error=_one_line(err), backend=self.backend)
+            cause = err.__cause__ if isinstance(err, BackendError) and err.__cause__ else err
+            res = ProbeResult(error=_one_line(cause), backend=self.backend)
             logger.warning("curvature: estimate %d failed (%s backend): %s",
                            self.n_calls, self.backend, res.error)
         self._last_seconds = time.perf_counter() - start
@@ -271,12 +269,12 @@ class CurvatureProbe:
             backend = self._chooser.current
             try:
                 if backend == "forward":
-                    out = self._forward_estimate(loss_fn, cold)
+                    out = self._forward_estimate(loss_fn)
                 else:
                     out = self._estimate(loss_fn, backend, cold)
                 return ProbeResult(out, backend=backend)
-            except (RuntimeError, NotImplementedError) as err:
-                if not self._chooser.demote(err):
+            except BackendError as err:  # a product failed (not the closure): next backend
+                if not self._chooser.demote(err.__cause__ or err):
                     raise
 
     def _diag(self) -> list[torch.Tensor] | None:
@@ -370,58 +368,30 @@ class CurvatureProbe:
         )
         g = op.flatten(op.grad)
         direction = g if flat_scale is None else flat_scale * g
-        cs = critical_sharpness(ev, ev.loss(), op.unflatten(direction), eta0=max(lr, 1e-12))
+        cs = critical_sharpness(ev, op.loss, op.unflatten(direction), eta0=max(lr, 1e-12))
         return cs.value
 
-    def _forward_estimate(self, loss_fn: LossFn, cold: bool) -> dict[str, float]:
-        """Forward-only tracking: Rayleigh quotients of the tracked vectors from loss values;
-        a cold call (or a missing vector) refreshes them with Hessian-vector products."""
-        diag = self._diag()
-        need = (self.config.sharpness and self._v_h is None) or (
-            diag is not None and self._v_p is None)
-        if cold or need:
-            return self._estimate(loss_fn, self._chooser.refresh_backend(), cold)
+    def _forward_estimate(self, loss_fn: LossFn) -> dict[str, float]:
+        """Forward-only: the critical sharpness from one gradient and a line search; no
+        Hessian-vector product, no eigenvalue."""
         h0, out = self._header()
+        diag = self._diag()
         ev = Evaluator(loss_fn, self.params, sharded=self._sharded,
                        seed=self.config.seed + self.n_calls, comm=self.comm)
-        loss0 = ev.loss()
         op = Operator(self.params, self.comm)
-        if not math.isfinite(loss0):
-            lam_h = lam_p = math.nan
-        else:
-            eps = torch.finfo(ev.loss_dtype).eps if ev.loss_dtype.is_floating_point else 1e-7
-            rise = 2.0 * math.sqrt(eps) * max(abs(loss0), 1e-3)  # target loss change
-
-            def quotient(x: torch.Tensor, lam_prev: float) -> float:
-                norm2 = op.dot(x, x)
-                unit = x / math.sqrt(norm2)
-                curv = abs(lam_prev) / norm2 if math.isfinite(lam_prev) and lam_prev else 1.0
-                h = math.sqrt(2.0 * rise / max(curv, 1e-12))
-                return rayleigh_forward(ev, loss0, op.unflatten(unit), h) * norm2
-
-            lam_h = quotient(self._v_h, self._lam_h) if self.config.sharpness else math.nan
-            lam_p = math.nan
-            if diag is not None:
-                sqrt_d = torch.cat(diag).clamp_min(0).sqrt()
-                lam_p = quotient(sqrt_d * self._v_p, self._lam_p)
-        if self.config.sharpness:
-            self._lam_h = lam_h if math.isfinite(lam_h) else self._lam_h
-            out[names.SHARPNESS] = lam_h
-            out[names.LR_SHARPNESS] = h0.lr * lam_h
-            if h0.kind == "sgd":
-                out[names.GD_THRESHOLD] = stability_threshold(self.optimizer)
+        op.loss, op.grad = ev.gradient()
+        op._average_loss_and_grad()
+        op.eval = ev  # type: ignore[attr-defined]
         if diag is not None:
-            self._lam_p = lam_p if math.isfinite(lam_p) else self._lam_p
-            out[names.PRECOND_SHARPNESS] = lam_p
             out[names.PRECOND_THRESHOLD] = stability_threshold(self.optimizer)
-        if self.config.critical_sharpness and math.isfinite(loss0):
-            _, grad = ev.gradient()
-            op.grad = grad
-            if self.comm is not None and self.comm.kind == "replicated":
-                op.grad = op.unflatten(self.comm.mean(op.flatten(grad)))
-            scale = self._scale(diag, h0.lr) if h0.lr > 0 else None
-            flat_scale = None if scale is None else torch.cat(scale)
-            out[names.CRITICAL_SHARPNESS] = self._critical(op, loss_fn, flat_scale, h0.lr)
+        elif h0.kind == "sgd":
+            out[names.GD_THRESHOLD] = stability_threshold(self.optimizer)
+        scale = self._scale(diag, h0.lr) if h0.lr > 0 else None
+        flat_scale = None if scale is None else torch.cat(scale)
+        out[names.CRITICAL_SHARPNESS] = (
+            self._critical(op, loss_fn, flat_scale, h0.lr) if math.isfinite(op.loss)
+            else math.nan
+        )
         return out
 
     # ------------------------------------------------------------------ state
