@@ -26,11 +26,11 @@ and the resulting eigenvalues against double backward. bfloat16/float16 give abo
 Every gradient evaluation runs the closure under a forked RNG reseeded identically, so a
 dropout mask is the same at :math:`\theta \pm h\hat v` (the global RNG is untouched). The
 parameters are perturbed in place (through ``.data``, so the autograd version counters do
-not move and a graph the user holds stays usable) and restored by copy (bit-exact). Gradients come from
-:func:`torch.autograd.grad` (``.grad`` untouched), or, for FSDP2's sharded ``DTensor``
-parameters, from ``loss.backward()`` -- whose reduce-scatter averages over ranks -- with
-the user's ``.grad`` saved and restored. A BatchNorm in train mode updates its running
-statistics on every evaluation (put it in eval mode for the probe if that matters).
+not move and a graph the user holds stays usable) and restored by copy (bit-exact).
+Gradients come from :func:`torch.autograd.grad` (``.grad`` untouched), or, for FSDP2's
+sharded ``DTensor`` parameters, from ``loss.backward()`` -- whose reduce-scatter averages
+over ranks -- with the user's ``.grad`` saved and restored. A BatchNorm in train mode
+updates its running statistics on every evaluation (eval mode for the probe avoids it).
 """
 
 from __future__ import annotations
