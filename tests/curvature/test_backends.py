@@ -3,6 +3,7 @@ the directional measures, failure as a result, and the cost notice."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -141,3 +142,43 @@ def test_cost_notice_once_and_adaptive_cadence(caplog):
     out = [adaptive(loss_fn) for _ in range(5)]
     assert [r.skipped for r in out[:2]] == [False, False] and all(r.skipped for r in out[2:])
     assert adaptive.n_calls == 2 and out[-1] == {}
+
+
+def test_fd_probe_save_load_continues_identically_and_keeps_the_fallback(caplog):
+    def fresh():
+        model, loss_fn, _ = make_problem("attention")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return model, loss_fn, opt
+
+    cfg = ProbeConfig(backend="fd", grad_curvature=True, critical_sharpness=True)
+    model, loss_fn, opt = fresh()
+    probe = CurvatureProbe(model.parameters(), opt, config=cfg)
+    for _ in range(2):
+        train(opt, loss_fn, 1)
+        probe(loss_fn)
+    saved = ({k: v.clone() for k, v in model.state_dict().items()},
+             copy.deepcopy(opt.state_dict()), copy.deepcopy(probe.state_dict()))
+    model2, loss_fn2, opt2 = fresh()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    probe2 = CurvatureProbe(model2.parameters(), opt2)  # config comes with the state
+    probe2.load_state_dict(saved[2])
+    for _ in range(2):
+        train(opt, loss_fn, 1)
+        train(opt2, loss_fn2, 1)
+        a, b = probe(loss_fn), probe2(loss_fn2)
+        assert a.backend == b.backend == "fd"
+        drop = {names.CURV_SECONDS, names.CURV_SHARE}
+        assert {k: v for k, v in a.items() if k not in drop} == {
+            k: v for k, v in b.items() if k not in drop}
+    # an auto probe that fell back to math attention resumes on math, without a new warning
+    gpt, gpt_loss, gpt_opt = tiny_gpt2()
+    train(gpt_opt, gpt_loss, 1)
+    auto = CurvatureProbe(gpt.parameters(), gpt_opt, config=ProbeConfig(preconditioned=False))
+    auto(gpt_loss)
+    resumed = CurvatureProbe(gpt.parameters(), gpt_opt)
+    resumed.load_state_dict(auto.state_dict())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="stablestep.curvature"):
+        assert resumed(gpt_loss).backend == "math"
+    assert not [r for r in caplog.records if "products failed" in r.getMessage()]

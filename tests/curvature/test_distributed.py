@@ -50,6 +50,10 @@ def _measure(model, x, y, backend: str) -> dict[str, float]:
     probe = CurvatureProbe(model.parameters(), opt, config=cfg)
     res = probe(loss_fn)
     assert not res.failed, res.error
+    for _ in range(2):  # and training goes on (DDP's reducer, FSDP2's state untouched)
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
     return {k: res[k] for k in KEYS} | {"backend": res.backend}
 
 

@@ -21,6 +21,13 @@ through C++ that Python's garbage collector cannot see. Here the gradient is obt
 the operator object and is freed with it (or explicitly by :meth:`HessianOperator.release`).
 The user's ``.grad`` fields, parameters, optimizer state and the model's train/eval mode are
 never touched.
+
+:class:`Operator` is the interface every backend offers (flat float64 vectors for Lanczos,
+the loss and gradient at the point, a product count, averaging over ranks):
+:class:`HessianOperator` here (double backward, optionally under :func:`math_attention`),
+:class:`~stablestep.curvature.fd.FiniteDifferenceOperator` (gradients only); the choice and
+the automatic fallback are in :mod:`stablestep.curvature.backends`. A product that raises is
+re-raised as :class:`BackendError`, so a failing backend is told apart from a failing closure.
 """
 
 from __future__ import annotations
