@@ -190,8 +190,7 @@ class CurvatureProbe:
         self._gen = torch.Generator().manual_seed(self.config.seed)
         self._v_h: torch.Tensor | None = None
         self._v_p: torch.Tensor | None = None
-        self._lam_h = math.nan
-        self._lam_p = math.nan
+        self._eta_c = math.nan
         self.n_calls = 0
         self.last_hvps = 0
         self.total_seconds = 0.0
@@ -313,7 +312,6 @@ class CurvatureProbe:
                         lam, self._v_h = res.top, res.vectors[0].clone()
                     except FloatingPointError:
                         pass
-                self._lam_h = lam
                 out[names.SHARPNESS] = lam
                 out[names.LR_SHARPNESS] = h0.lr * lam
                 if h0.kind == "sgd":
@@ -328,7 +326,6 @@ class CurvatureProbe:
                         lam, self._v_p = res.top, res.vectors[0].clone()
                     except FloatingPointError:
                         pass
-                self._lam_p = lam
                 out[names.PRECOND_SHARPNESS] = lam
                 out[names.PRECOND_THRESHOLD] = stability_threshold(self.optimizer)
             self._directional(out, op, loss_fn, diag, h0.lr, finite)
@@ -368,7 +365,10 @@ class CurvatureProbe:
         )
         g = op.flatten(op.grad)
         direction = g if flat_scale is None else flat_scale * g
-        cs = critical_sharpness(ev, op.loss, op.unflatten(direction), eta0=max(lr, 1e-12))
+        # start the line search at the last critical lr (it moves slowly), else at the lr
+        eta0 = self._eta_c if 0 < self._eta_c < math.inf else max(lr, 1e-12)
+        cs = critical_sharpness(ev, op.loss, op.unflatten(direction), eta0=eta0)
+        self._eta_c = cs.eta_c
         return cs.value
 
     def _forward_estimate(self, loss_fn: LossFn) -> dict[str, float]:
@@ -396,13 +396,12 @@ class CurvatureProbe:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Warm-start vectors and eigenvalues, generator state, call count, backend, config."""
+        """Warm-start vectors and critical lr, generator state, call count, backend, config."""
         return {
             "config": asdict(self.config),
             "v_h": None if self._v_h is None else self._v_h.clone(),
             "v_p": None if self._v_p is None else self._v_p.clone(),
-            "lam_h": self._lam_h,
-            "lam_p": self._lam_p,
+            "eta_c": self._eta_c,
             "generator": self._gen.get_state(),
             "n_calls": self.n_calls,
             "backend": self._chooser.current,
@@ -423,7 +422,6 @@ class CurvatureProbe:
         dev = Operator(self.params).device
         self._v_h = None if state["v_h"] is None else state["v_h"].to(dev, copy=True)
         self._v_p = None if state["v_p"] is None else state["v_p"].to(dev, copy=True)
-        self._lam_h = float(state.get("lam_h", math.nan))
-        self._lam_p = float(state.get("lam_p", math.nan))
+        self._eta_c = float(state.get("eta_c", math.nan))
         self._gen.set_state(state["generator"])
         self.n_calls = int(state["n_calls"])
