@@ -182,3 +182,18 @@ def test_fd_probe_save_load_continues_identically_and_keeps_the_fallback(caplog)
     with caplog.at_level(logging.WARNING, logger="stablestep.curvature"):
         assert resumed(gpt_loss).backend == "math"
     assert not [r for r in caplog.records if "products failed" in r.getMessage()]
+
+
+def test_out_of_memory_building_a_backend_moves_auto_on():
+    model, loss_fn, _ = make_problem("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    def tight():  # double backward and math attention "run out of memory"
+        calls.append(1)
+        if len(calls) <= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss_fn()
+
+    res = CurvatureProbe(model.parameters(), opt)(tight)
+    assert not res.failed and res.backend == "fd" and res[names.SHARPNESS] > 0

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from stablestep.curvature.distributed import Comm
-from stablestep.curvature.hvp import HessianOperator, LossFn, Operator
+from stablestep.curvature.hvp import BackendError, HessianOperator, LossFn, Operator
 
 logger = logging.getLogger("stablestep.curvature")
 
@@ -50,7 +50,19 @@ def build_operator(
     fd_step: float | None = None,
     seed: int = 0,
 ) -> Operator:
-    """The Hessian operator of ``loss_fn()`` for ``backend`` in ``exact``, ``math``, ``fd``."""
+    """The Hessian operator of ``loss_fn()`` for ``backend`` in ``exact``, ``math``, ``fd``.
+
+    Running out of memory while building it (double backward keeps the graph; the math
+    kernel the attention matrix) raises :class:`~stablestep.curvature.hvp.BackendError`, so
+    ``auto`` moves on to the next backend.
+    """
+    try:
+        return _build(backend, loss_fn, params, comm=comm, fd_step=fd_step, seed=seed)
+    except torch.OutOfMemoryError as err:
+        raise BackendError(" ".join(str(err).split())[:200]) from err
+
+
+def _build(backend, loss_fn, params, *, comm, fd_step, seed) -> Operator:
     if backend == "exact":
         return HessianOperator(loss_fn, params, comm=comm)
     if backend == "math":
