@@ -197,3 +197,14 @@ def test_out_of_memory_building_a_backend_moves_auto_on():
 
     res = CurvatureProbe(model.parameters(), opt)(tight)
     assert not res.failed and res.backend == "fd" and res[names.SHARPNESS] > 0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"Invalid backend: 'flash' \(expected one of"):
+        ProbeConfig(backend="flash")
+    with pytest.raises(ValueError, match=r"Invalid budget: 0 \(expected 0 < budget <= 1\)"):
+        ProbeConfig(budget=0)
+    with pytest.raises(ValueError, match=r"Invalid warm_max_iter: 0 \(expected >= 1\)"):
+        ProbeConfig(warm_max_iter=0)
+    with pytest.raises(ValueError, match=r"Invalid distributed mode: 'ddp' \(expected 'auto'"):
+        ProbeConfig(distributed="ddp")

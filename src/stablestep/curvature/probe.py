@@ -96,6 +96,11 @@ class ProbeConfig:
             raise ValueError(f"Invalid backend: {self.backend!r} (expected one of {BACKENDS})")
         if not (0.0 < self.budget <= 1.0):
             raise ValueError(f"Invalid budget: {self.budget} (expected 0 < budget <= 1)")
+        if self.distributed not in ("auto", "off", "replicated", "sharded"):
+            raise ValueError(
+                f"Invalid distributed mode: {self.distributed!r} (expected 'auto', 'off', "
+                "'replicated' or 'sharded')"
+            )
         if self.fd_step is not None and not self.fd_step > 0:
             raise ValueError(f"Invalid fd_step: {self.fd_step} (expected > 0)")
 
