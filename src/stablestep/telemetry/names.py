@@ -31,7 +31,13 @@ PRECOND_SHARPNESS = "precond_sharpness"  # lam_max(P^-1 H)
 PRECOND_THRESHOLD = "precond_threshold"  # the bound, formulas.threshold: (2+2*b1)/(1-b1) Adam
 LR_SHARPNESS = "lr_sharpness"  # lr * lam_max(H)
 GD_THRESHOLD = "gd_threshold"  # formulas.sgd_threshold: 2, heavy ball, Nesterov, for lr*lam_max
+GRAD_CURVATURE = "grad_curvature"  # g.(S H g)/g.g, S the lr-free preconditioner; vs 2/lr
+CRITICAL_SHARPNESS = "critical_sharpness"  # 2/eta_c, eta_c: lr at which the loss rises; vs 2/lr
+CURV_SECONDS = "curvature_seconds"  # wall time of the curvature estimate at this step
+CURV_HVPS = "curvature_hvps"  # Hessian-vector products it used
+CURV_SHARE = "curvature_share"  # the probe's share of wall time since its first estimate
 
 # Event kinds recorded in the store (besides metrics).
 EVENT_NONFINITE = "non-finite"
 EVENT_GUARD = "guard"
+EVENT_CURVATURE = "curvature-failed"  # a curvature estimate raised; data: {"error", "backend"}
