@@ -5,12 +5,13 @@ Each check reads the probe series of a :class:`~stablestep.diagnosis.trace.Trace
 step and returns its evidence when the mechanism holds, else ``None``:
 
 * ``attention-logit-growth``: the largest attention logit ``attn_logit_max`` reached
-  ``ATTN_BAR`` = 100 and grew ``ATTN_GROWTH`` = 10x above its early value (median of the
-  first 10% of its records, at least 2). At a logit gap of 100 the softmax weight of the
+  ``ATTN_BAR`` = 100 and grew ``ATTN_GROWTH`` = 10x above its early value (the smallest of
+  the first 10% of its records, at least 2). At a logit gap of 100 the softmax weight of the
   runner-up is :math:`e^{-100} \approx 4\cdot10^{-44}`: attention is one-hot, its entropy
   collapses and its gradient vanishes (Dehghani et al. 2023; Wortsman et al. 2023).
-* ``output-logit-divergence``: the LM head's mean :math:`\log Z` (``lm_logz``) moved
-  ``LOGZ_DRIFT`` = 10 nats from its early value (Z changed by :math:`e^{10}\approx 2\cdot10^4`).
+* ``output-logit-divergence``: the LM head's mean :math:`\log Z` (``lm_logz``, median of
+  3 consecutive records) moved ``LOGZ_DRIFT`` = 10 nats from its first record (Z changed
+  by :math:`e^{10}\approx 2\cdot10^4`).
   Softmax cross-entropy is blind to a shift of all logits, so nothing but a z-loss holds
   :math:`\log Z` (Adam's per-coordinate steps do not preserve the zero-sum of the
   gradient over the vocabulary, so :math:`\log Z` walks).
@@ -19,8 +20,8 @@ step and returns its evidence when the mechanism holds, else ``None``:
   typical coordinate :math:`\sqrt{\hat v} \lesssim \epsilon`, so Adam is SGD with step
   :math:`\mathrm{lr}/\epsilon` and the updates collapse (Everett et al. 2024).
 * ``loss-scale-collapse``: the GradScaler halved its scale at least ``SCALE_HALVINGS`` = 10
-  times from its peak (or it is below 1) and skipped at least half of the steps since the
-  collapse began.
+  times from its peak (or it is below 1) and skipped at least half of the steps since its
+  last record at the peak.
 
 An incident (spike, divergence, non-finite) whose window shows one of these is named by
 :func:`classify` (called from :func:`stablestep.diagnosis.explain.classify`); a mechanism
@@ -39,8 +40,8 @@ Remedies (:func:`remedies`), computed:
   so :math:`\sqrt{\hat v}` dominates for the typical tensor again;
 * loss scale: bf16 (8 exponent bits, range :math:`3\cdot10^{38}`: no loss scaling); when
   the activations themselves overflow fp16 (``act_rms_max`` above 65504/16) no scaler
-  setting helps, which the remedy says; otherwise ``GradScaler(init_scale=..., growth_interval=...)``
-  from the scale that last worked.
+  setting helps, which the remedy says (also when the attention logits pass 65504);
+  otherwise ``GradScaler(init_scale=..., growth_interval=...)`` from the scale that worked.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ LOGZ_DRIFT = 10.0
 Z_LOSS = 1e-4
 SCALE_HALVINGS = 10
 FP16_MAX = 65504.0
+LOOKAHEAD = 100  # steps after a non-finite incident in which a scale collapse is its story
 
 
 def _series(trace: Trace, name: str, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +78,13 @@ def _series(trace: Trace, name: str, upto: int | None = None) -> tuple[np.ndarra
 
 
 def _early(v: np.ndarray) -> float:
-    return float(np.median(v[: max(2, len(v) // 10)]))
+    """The smallest of the first 10% of the records (at least 2)."""
+    return float(np.min(v[: max(2, len(v) // 10)]))
+
+
+def _trailing_median(v: np.ndarray, n: int = 3) -> np.ndarray:
+    """Median of each record and the ``n - 1`` before it (one transient record is ignored)."""
+    return np.array([np.median(v[max(0, i - n + 1): i + 1]) for i in range(len(v))])
 
 
 def attention_growth(trace: Trace, upto: int | None = None) -> dict[str, Any] | None:
@@ -113,7 +121,8 @@ def logz_drift(trace: Trace, upto: int | None = None) -> dict[str, Any] | None:
     s, v = _series(trace, N.LM_LOGZ, upto)
     if v.size < 3:
         return None
-    early = _early(v)
+    early = float(v[0])
+    v = _trailing_median(v)
     drift = np.abs(v - early)
     over = np.flatnonzero(drift >= LOGZ_DRIFT)
     if not over.size:
@@ -161,9 +170,13 @@ def scale_collapse(trace: Trace, upto: int | None = None) -> dict[str, Any] | No
     if halvings < SCALE_HALVINGS and low >= 1.0:
         return None
     i_top = int(np.argmax(v))
+    down = np.flatnonzero(v[i_top:] < top)
+    if down.size:  # the last record at the peak scale, and the first below it
+        i_top, onset = i_top + int(down[0]) - 1, int(s[i_top + down[0]])
+    else:
+        onset = int(s[i_top])
     ev: dict[str, Any] = {"signal": N.LOSS_SCALE, "loss_scale_peak": top,
-                          "loss_scale_min": low, "halvings": halvings,
-                          "onset": int(s[i_top])}
+                          "loss_scale_min": low, "halvings": halvings, "onset": onset}
     ks, kv = _series(trace, N.SKIPPED_STEPS, upto)
     if kv.size >= 2:
         after = ks >= s[i_top]
@@ -177,6 +190,9 @@ def scale_collapse(trace: Trace, upto: int | None = None) -> dict[str, Any] | No
     _, act = _series(trace, N.ACT_RMS_MAX, upto)
     if act.size:
         ev[N.ACT_RMS_MAX] = float(act.max())
+    _, att = _series(trace, N.ATTN_LOGIT_MAX, upto)
+    if att.size:
+        ev[N.ATTN_LOGIT_MAX] = float(att.max())
     return ev
 
 
@@ -195,7 +211,9 @@ def classify(trace: Trace, inc: Any) -> tuple[str, float, dict[str, Any]] | None
             continue  # eps too large slows training; it does not make incidents
         if mech == "loss-scale-collapse" and inc.kind != "non-finite":
             continue
-        ev = check(trace, upto)
+        # the scale is recorded on the detail cadence: its collapse shows in the records
+        # after the first non-finite step
+        ev = check(trace, upto + LOOKAHEAD if mech == "loss-scale-collapse" else upto)
         if ev is not None and (mech == "loss-scale-collapse" or ev["onset"] <= upto):
             base = {"detected_at": inc.detected, "baseline_loss": inc.baseline,
                     "peak_loss": inc.peak, "recovered": inc.recovered}
@@ -245,17 +263,25 @@ def remedies(trace: Trace, mechanism: str, ev: dict[str, Any]) -> list[Remedy]:
         rms = ev.get("median_tensor_grad_rms_min")
         if rms:
             out.append(Remedy("set-eps", _sig_down(0.1 * rms),
-                              f"eps {ev.get('eps', math.nan):g} is {_fmt(ev['eps_grad_ratio_median'])}"
-                              f"x the typical tensor's gradient RMS (as low as {_fmt(rms)}): "
+                              f"eps {ev.get('eps', math.nan):g} is "
+                              f"{_fmt(ev['eps_grad_ratio_median'])}x the typical tensor's "
+                              f"gradient RMS (as low as {_fmt(rms)}): "
                               "0.1x that RMS lets sqrt(v_hat), not eps, set the step again"))
     elif mechanism == "loss-scale-collapse":
-        act = ev.get(N.ACT_RMS_MAX)
-        forward = act is not None and act >= FP16_MAX / 16
-        out.append(Remedy("bf16", True,
-                          "bf16 has fp32's 8 exponent bits (range 3e38) and needs no loss scaling"
-                          + (f"; the activations themselves overflow fp16 (RMS {_fmt(act)}, "
-                             f"max representable {FP16_MAX:g}), so no loss scale can help"
-                             if forward else "")))
+        act, att = ev.get(N.ACT_RMS_MAX), ev.get(N.ATTN_LOGIT_MAX)
+        why = ""
+        if att is not None and att >= FP16_MAX:
+            why = (f"; the attention logits reach {_fmt(att)}, beyond fp16's {FP16_MAX:g}: "
+                   "the forward pass overflows whatever the loss scale")
+        elif act is not None and act >= FP16_MAX / 16:
+            why = (f"; the activations' RMS reaches {_fmt(act)}, near fp16's {FP16_MAX:g}: "
+                   "the forward pass overflows whatever the loss scale")
+        forward = bool(why)
+        out.append(Remedy("bf16", True, "bf16 has fp32's 8 exponent bits (range 3e38) and "
+                          "needs no loss scaling" + why))
+        if att is not None and att >= FP16_MAX:
+            out.append(Remedy("qk-layernorm", True, "bounds the attention logits, so they fit "
+                              "fp16 again"))
         if not forward:
             init = 2.0 ** max(0, round(math.log2(max(ev["loss_scale_min"], 1.0))) + 4)
             out.append(Remedy("grad-scaler", {"init_scale": init, "growth_interval": 2000},

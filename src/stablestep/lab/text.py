@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 VOCAB = 256
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @lru_cache(maxsize=4)
@@ -64,7 +65,9 @@ class TextConfig:
     """One text run: model (``n_layer``, ``d``, ``n_head``, ``ctx``, ``qk_norm``), data
     (``n_bytes``, ``batch``), AdamW (``lr``, ``betas``, ``eps``, ``weight_decay``,
     ``warmup`` linear warmup steps), ``z_loss`` coefficient (0: off), ``steps``, ``seed``,
-    ``precision`` (``"fp32"``, or ``"fp16"``: autocast to float16 with a GradScaler),
+    ``precision`` (``"fp32"``; ``"fp16"`` or ``"bf16"``: the activations between blocks and
+    their gradients are stored in that format, see :class:`TinyGPT`; fp16 with a
+    ``torch.amp.GradScaler``),
     ``logit_scale`` (multiplies the LM head's output: a crude stand-in for a wide model's
     large output logits), ``curvature_every`` (always 0: no curvature probe on text)."""
 
@@ -87,14 +90,16 @@ class TextConfig:
     logit_scale: float = 1.0
     init_scale: float = 0.02
     curvature_every: int = 0
+    problem: str = "stdlib-text"
 
     def __post_init__(self) -> None:
         if self.d % self.n_head:
             raise ValueError(f"d={self.d} is not a multiple of n_head={self.n_head}")
         if not self.lr > 0:
             raise ValueError(f"Invalid learning rate: {self.lr}")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be 'fp32' or 'fp16'; got {self.precision!r}")
+        if self.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(_DTYPES)}; "
+                             f"got {self.precision!r}")
         for name in ("n_layer", "d", "n_head", "ctx", "batch", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -103,7 +108,6 @@ class TextConfig:
         """A JSON-serialisable dict of the fields (stored as the run's config)."""
         d = asdict(self)
         d["betas"] = list(self.betas)
-        d["problem"] = "stdlib-text"
         return d
 
 
@@ -114,9 +118,10 @@ class Attention(nn.Module):
     the protocol :class:`~stablestep.telemetry.model_probes.ModelProbes` uses to read
     the attention logits :math:`q\cdot k/\sqrt D` of any module."""
 
-    def __init__(self, d: int, n_head: int, *, qk_norm: bool = False):
+    def __init__(self, d: int, n_head: int, *, qk_norm: bool = False,
+                 low: torch.dtype | None = None):
         super().__init__()
-        self.n_head, self.head_dim = n_head, d // n_head
+        self.n_head, self.head_dim, self.low = n_head, d // n_head, low
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else None
@@ -138,17 +143,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self._heads(x)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.low is None:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # the attention logits stored in the low-precision format (overflow -> inf)
+            att = (q @ k.transpose(-1, -2) * self.head_dim**-0.5).to(self.low).float()
+            causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            y = torch.softmax(att.masked_fill(~causal, -math.inf), dim=-1) @ v
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: attention and a 4x GELU MLP, both residual."""
 
-    def __init__(self, d: int, n_head: int, *, qk_norm: bool = False):
+    def __init__(self, d: int, n_head: int, *, qk_norm: bool = False,
+                 low: torch.dtype | None = None):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_head, qk_norm=qk_norm)
+        self.attn = Attention(d, n_head, qk_norm=qk_norm, low=low)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +169,14 @@ class Block(nn.Module):
 
 class TinyGPT(nn.Module):
     """A byte-level GPT: token + position embeddings, ``n_layer`` blocks, final LayerNorm,
-    an untied ``lm_head`` whose output is multiplied by ``logit_scale``."""
+    an untied ``lm_head`` whose output is multiplied by ``logit_scale``.
+
+    Low precision is emulated where it overflows: with ``precision="fp16"``/``"bf16"``
+    the residual stream is rounded to that format after the embedding and after every
+    block (``x.to(fp16).float()``), and so are the attention logits; their values (and,
+    through autograd, their gradients) saturate to inf beyond the format's range (65504
+    for fp16) exactly as stored fp16 activations do; the matmuls stay fp32 because a CPU
+    has no fast fp16 matmul (torch's CPU fp16 autocast runs this model about 40x slower)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -166,7 +184,8 @@ class TinyGPT(nn.Module):
         self.tok = nn.Embedding(VOCAB, cfg.d)
         self.pos = nn.Embedding(cfg.ctx, cfg.d)
         self.blocks = nn.ModuleList(
-            Block(cfg.d, cfg.n_head, qk_norm=cfg.qk_norm) for _ in range(cfg.n_layer))
+            Block(cfg.d, cfg.n_head, qk_norm=cfg.qk_norm, low=_DTYPES[cfg.precision])
+            for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d)
         self.lm_head = nn.Linear(cfg.d, VOCAB, bias=False)
         for m in self.modules():
@@ -177,9 +196,12 @@ class TinyGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
+        low = _DTYPES[self.cfg.precision]
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        x = x.to(low).float() if low is not None else x
         for blk in self.blocks:
             x = blk(x)
+            x = x.to(low).float() if low is not None else x
         logits = self.lm_head(self.ln_f(x))
         return logits * self.cfg.logit_scale if self.cfg.logit_scale != 1.0 else logits
 
@@ -250,8 +272,7 @@ def train_text(cfg: TextConfig, *, monitor: Any = None, probes: Any = None) -> T
         for t in range(cfg.steps):
             x, y = next(it)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
-                logits = model(x)  # 1. forward
+            logits = model(x)  # 1. forward
             ce, loss = text_loss(logits, y, cfg.z_loss)
             if scaler is not None:
                 scaler.scale(loss).backward()  # 2. backward
@@ -286,3 +307,97 @@ def train_text(cfg: TextConfig, *, monitor: Any = None, probes: Any = None) -> T
     return TextResult(losses=losses, final_loss=final, diverged_at=diverged_at,
                       max_attn_logit=peak, skipped=skipped,
                       probes=dict(mp.last) if mp is not None else None)
+
+
+def train_as_lab(cfg: TextConfig, *, monitor: Any = None):
+    """:func:`train_text` returning the lab's :class:`~stablestep.lab.train.TrainResult`
+    (what :func:`stablestep.lab.train.train` returns for the other scenarios)."""
+    from stablestep.lab.train import TrainResult
+
+    r = train_text(cfg, monitor=monitor)
+    lrs = np.array([cfg.lr * (min(1.0, (t + 1) / cfg.warmup) if cfg.warmup else 1.0)
+                    for t in range(cfg.steps)])
+    diverged = r.diverged_at
+    if diverged is None and cfg.precision == "fp16" and not np.isfinite(r.losses).all():
+        diverged = int(np.flatnonzero(~np.isfinite(r.losses))[0])
+    return TrainResult(losses=r.losses, lrs=lrs, final_loss=r.final_loss, diverged_at=diverged)
+
+
+_ATTN = TextConfig(lr=1e-1, steps=100)
+_LOGZ = TextConfig(lr=3e-1, qk_norm=True, steps=100)
+_FP16 = TextConfig(lr=3e-1, precision="fp16", steps=60)
+
+
+def scenario(name: str):
+    """The text scenario called ``name`` as a :class:`stablestep.lab.scenarios.Scenario`."""
+    from dataclasses import replace
+
+    from stablestep.lab.config import Variant
+    from stablestep.lab.scenarios import Scenario
+
+    if name == "attention-logit-growth":
+        b = _ATTN
+        return Scenario(
+            name=name, seed="text", title="My transformer's loss plateaus and spikes at high lr",
+            story=("A GPT trains at a high learning rate; the loss stalls above where a lower lr "
+                   "gets and the run is fragile. Marin's 32B run only stopped spiking with "
+                   "QK-norm; update clipping, skip-step and optimizer changes had relapsed."),
+            explanation=(
+                "A 2-layer GPT (d 128, 4 heads, context 64) on the standard library's own "
+                "source bytes, AdamW b2 0.95. Without qk-layernorm the largest attention logit "
+                "q.k/sqrt(d) grows with lr: tens at 3e-3, thousands at 3e-2, tens of thousands "
+                "at 1e-1, and the attention entropy collapses to 0 (one-hot attention). "
+                "qk-layernorm keeps it near 20 at 1e-1 and the loss is lower."),
+            variants=(
+                Variant("lr1e-1", "lr 1e-1", b, "failing"),
+                Variant("lr1e-1-qknorm", "lr 1e-1, qk-layernorm",
+                        replace(b, qk_norm=True), "fix"),
+                Variant("lr3e-2", "lr 3e-2", replace(b, lr=3e-2), "compare"),
+                Variant("lr3e-3", "lr 3e-3", replace(b, lr=3e-3), "fix"),
+            ),
+            spike_factor=None)
+    if name == "output-logit-divergence":
+        b = _LOGZ
+        return Scenario(
+            name=name, seed="text", title="My LM's output logits run away and the loss follows",
+            story=("At a high lr the loss of a language model climbs back up; the logits' "
+                   "normaliser log Z drifts far from 0. z-loss is the standard fix (Wortsman "
+                   "et al. 2023; OLMo 2)."),
+            explanation=(
+                "The same GPT with qk-layernorm (attention logits stay bounded) at lr 3e-1: "
+                "log Z = logsumexp of the output logits walks from log 256 = 5.5 to tens of "
+                "nats while the loss climbs. Cross-entropy cannot see a shift of all logits, "
+                "so only a z-loss holds log Z; at the published coefficient 1e-4 its pull is "
+                "weak over 100 steps; lr 1e-1 keeps log Z near its start."),
+            variants=(
+                Variant("lr3e-1", "lr 3e-1, qk-layernorm", b, "failing"),
+                Variant("lr3e-1-zloss", "lr 3e-1, qk-layernorm, z-loss 1e-4",
+                        replace(b, z_loss=1e-4), "compare"),
+                Variant("lr1e-1", "lr 1e-1, qk-layernorm", replace(b, lr=1e-1), "fix"),
+            ),
+            spike_factor=None)
+    if name == "fp16-loss-scale":
+        b = _FP16
+        return Scenario(
+            name=name, seed="text", title="My fp16 run dies with the loss scale at its floor",
+            story=("Mixed-precision training with a GradScaler: the scaler halves its scale "
+                   "step after step, every step is skipped, the loss is NaN and never "
+                   "comes back."),
+            explanation=(
+                "fp16 storage of activations and attention logits is emulated on the CPU "
+                "(rounded to fp16 after each block and in attention). At lr 3e-1 the attention "
+                "logits pass fp16's 65504 within a few steps: the forward pass overflows, the "
+                "GradScaler skips the step and halves its scale, and since skipped steps "
+                "change nothing, it overflows again: the scale falls to 0. bf16 (range 3e38) "
+                "does not overflow; at lr 3e-3 fp16 is fine."),
+            variants=(
+                Variant("fp16", "fp16 + GradScaler, lr 3e-1", b, "failing"),
+                Variant("bf16", "bf16, lr 3e-1", replace(b, precision="bf16"), "fix"),
+                Variant("fp16-lr3e-3", "fp16 + GradScaler, lr 3e-3", replace(b, lr=3e-3),
+                        "compare"),
+            ),
+            spike_factor=None)
+    raise KeyError(f"unknown text scenario {name!r}")
+
+
+SCENARIOS = ("attention-logit-growth", "output-logit-divergence", "fp16-loss-scale")
