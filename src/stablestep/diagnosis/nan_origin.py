@@ -15,8 +15,9 @@ whose output is non-finite:
 
 * inputs, parameters finite → that module produced it (``how="produced"``);
 * a parameter non-finite → the previous update broke it (``how="parameter"``, the name);
-* inputs already non-finite → it was made between modules, by functional code in the
-  forward of the innermost enclosing module still running (``how="between-modules"``).
+* inputs already non-finite → it was made between modules, by functional code (e.g.
+  ``scaled_dot_product_attention``) in the forward of the innermost enclosing module
+  still running, which is named (``how="between-modules"``).
 
 Backward: each parameter's gradient hook and each module's full backward hook fire in
 the order autograd computes them; the first non-finite gradient of a module's input
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,8 +94,8 @@ class NanOrigin:
         if self.forward_module is not None:
             how = {"produced": "produced a non-finite output from finite inputs and weights",
                    "parameter": f"has a non-finite parameter ({self.parameter})",
-                   "between-modules": "received non-finite inputs made by functional code "
-                                      "outside any submodule"}[self.forward_how or "produced"]
+                   "between-modules": "made it in its own forward code, outside its "
+                                      "submodules"}[self.forward_how or "produced"]
             parts.append(f"forward: {self.forward_module or '<model>'} {how}")
         else:
             parts.append("forward: finite")
@@ -190,7 +192,9 @@ def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
 
     try:
         try:
-            replay(backward)
+            with warnings.catch_warnings():  # modules whose inputs need no grad: expected
+                warnings.filterwarnings("ignore", message="Full backward hook")
+                replay(backward)
         except RuntimeError as err:  # a module whose output is modified in place cannot
             if "inplace" not in str(err).lower() and "BackwardHook" not in str(err):
                 raise  # carry a full backward hook: replay with parameter hooks only
