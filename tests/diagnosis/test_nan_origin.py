@@ -71,3 +71,46 @@ def test_backward_origin_when_the_forward_is_finite():
     assert o.backward_module == "1"  # d sqrt(x)/dx at x = 0
     assert o.backward_parameter in ("0.weight", "0.bias")
     assert model[0].weight.grad is None  # gradients put back as they were
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyGPT(TextConfig(n_layer=3, d=32, n_head=2, ctx=16))
+        with torch.no_grad():
+            model.blocks[1].attn.qkv.weight.mul_(1e22)
+        for blk in model.blocks:
+            fully_shard(blk)
+        fully_shard(model)
+        idx = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(rank))
+        o = nan_origin(model, lambda: model(idx).logsumexp(-1).mean())
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(o.to_dict(), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_forward_origin_under_fsdp2_on_every_rank(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children inherit the imported torch (spawn would re-import it)
+    mp.start_processes(_fsdp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in (0, 1):
+        o = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert o["forward_module"] == "blocks.1.attn", o

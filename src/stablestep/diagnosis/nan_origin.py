@@ -23,9 +23,11 @@ Backward: each parameter's gradient hook and each module's full backward hook fi
 the order autograd computes them; the first non-finite gradient of a module's input
 (whose output gradient was finite) and the first non-finite parameter gradient are named.
 
-Works with plain modules; under FSDP2/DTensor each rank checks its local shards
-(``to_local()``), so each rank names the module where *its* shard went bad (module names
-are the same on every rank). Replaying costs one forward and backward with a finiteness
+Works with plain modules and, for the forward origin, under FSDP2 (``fully_shard``,
+checked with 2 gloo CPU processes): each rank checks its local tensors (DTensors through
+``to_local()``) and names the module where *its* batch went bad (module names are the
+same on every rank). Under FSDP2 the backward side is not located: gradient hooks on
+the sharded parameters do not see the unsharded gradients. Replaying costs one forward and backward with a finiteness
 check per module output (a reduction each); nothing is hooked outside :func:`nan_origin`.
 """
 

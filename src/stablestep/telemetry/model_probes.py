@@ -388,7 +388,9 @@ class ModelProbes:
                 eps.append(et)
         if not grads:
             return out
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        # DTensor (FSDP2) gradients: the norm of a shard is completed across ranks
+        norms = torch.stack([(n.full_tensor() if hasattr(n, "full_tensor") else n).float()
+                             for n in torch._foreach_norm(grads)])
         numel = torch.tensor([g.numel() for g in grads], dtype=torch.float32,
                              device=norms.device)
         rms = norms / numel.sqrt()
