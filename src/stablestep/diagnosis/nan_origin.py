@@ -27,8 +27,9 @@ Works with plain modules and, for the forward origin, under FSDP2 (``fully_shard
 checked with 2 gloo CPU processes): each rank checks its local tensors (DTensors through
 ``to_local()``) and names the module where *its* batch went bad (module names are the
 same on every rank). Under FSDP2 the backward side is not located: gradient hooks on
-the sharded parameters do not see the unsharded gradients. Replaying costs one forward and backward with a finiteness
-check per module output (a reduction each); nothing is hooked outside :func:`nan_origin`.
+the sharded parameters do not see the unsharded gradients. Replaying costs one forward
+and backward with a finiteness check per module output (a reduction each); nothing is
+hooked outside :func:`nan_origin`.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ class TextConfig:
     their gradients are stored in that format, see :class:`TinyGPT`; fp16 with a
     ``torch.amp.GradScaler``),
     ``logit_scale`` (multiplies the LM head's output: a crude stand-in for a wide model's
-    large output logits), ``curvature_every`` (always 0: no curvature probe on text)."""
+    large output logits), ``curvature_every`` (always 0: no curvature probe on text);
+    ``problem``, ``optimizer``, ``amsgrad``, ``schedule`` describe the run to the lab's
+    runner and report (AdamW, constant lr after ``warmup``)."""
 
     n_layer: int = 2
     d: int = 128
@@ -91,6 +93,14 @@ class TextConfig:
     init_scale: float = 0.02
     curvature_every: int = 0
     problem: str = "stdlib-text"
+    optimizer: str = "adamw"  # the lab's report tables read these three
+    amsgrad: bool = False
+    schedule: str = "constant"
+
+    @property
+    def n(self) -> int:
+        """Training bytes (the report's data-size column)."""
+        return self.n_bytes
 
     def __post_init__(self) -> None:
         if self.d % self.n_head:
@@ -324,7 +334,7 @@ def train_as_lab(cfg: TextConfig, *, monitor: Any = None):
     return TrainResult(losses=r.losses, lrs=lrs, final_loss=final, diverged_at=diverged)
 
 
-_ATTN = TextConfig(lr=1e-1, steps=80)
+_ATTN = TextConfig(lr=1e-1, steps=60)
 _LOGZ = TextConfig(lr=3e-1, qk_norm=True, steps=80)
 _FP16 = TextConfig(lr=3e-1, precision="fp16", steps=50)
 

@@ -432,7 +432,9 @@ class ModelProbes:
             if vals:
                 keys = list(vals)
                 host = torch.stack([vals[k].double().cpu().reshape(()) for k in keys]).tolist()
-                out = dict(zip(keys, host, strict=True))
+                # a non-finite probe value (an overflowed logit) is left out: the loss
+                # and gradients the Monitor checks are what mark a step non-finite
+                out = {k: v for k, v in zip(keys, host, strict=True) if math.isfinite(v)}
                 if N.SKIPPED_STEPS in out:
                     out[N.SKIPPED_STEPS] += self._skipped_base
                 self._summarise(out)
