@@ -382,7 +382,7 @@ class ModelProbes:
                 if e is None:
                     continue
                 et = float(e)
-                if hyper is not None and getattr(hyper, "eps_mode", "torch") == "tf":
+                if hyper is not None:  # eps_t in PyTorch's convention (formulas.eps_t)
                     t = opt.state.get(p, {}).get("step", 1)
                     et = inspect.epsilon_t(hyper, max(1, int(t)))
                 eps.append(et)
