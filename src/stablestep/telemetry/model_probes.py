@@ -180,8 +180,9 @@ def attention_stats(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = N
     lmax = logits.amax()
     p = torch.softmax(logits, dim=-1)
     ent = torch.special.entr(p).sum(-1)
-    ok = torch.isfinite(logits).any(-1)
-    ent = ent.masked_select(ok).mean() if mask is not None else ent.mean()
+    if allowed is not None:  # rows with no allowed key (padding) have no entropy
+        ent = ent.masked_select(torch.isfinite(logits).any(-1))
+    ent = ent.mean()
     return lmax, ent
 
 
@@ -221,6 +222,7 @@ class ModelProbes:
         self._prev_scale: torch.Tensor | None = None
         self._skips: torch.Tensor | None = None
         self._skipped_base = 0
+        self._pnames: dict[int, str] | None = None
         named = dict(model.named_modules())
         self.attention: list[str] = []
         if attention is not False:
@@ -364,28 +366,30 @@ class ModelProbes:
         opt = self.optimizer
         if opt is None:
             return out
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        if self._pnames is None:
+            self._pnames = {id(p): n for n, p in self.model.named_parameters()}
+        names = self._pnames
         grads, tnames, eps = [], [], []
         for group in opt.param_groups:
             e = group.get("eps")
             if isinstance(e, (tuple, list)):
                 e = e[0]
-            try:
+            live = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+            if not live:
+                continue
+            grads.extend(p.grad.detach() for p in live)
+            tnames.extend(names.get(id(p), f"param{len(tnames) + i}") for i, p in
+                          enumerate(live))
+            if e is None:
+                continue
+            et = float(e)
+            try:  # eps_t in PyTorch's convention (formulas.eps_t), one step per group
                 hyper = inspect.group_hyper(opt, group)
+                t = opt.state.get(live[0], {}).get("step", 1)
+                et = inspect.epsilon_t(hyper, max(1, int(t)))
             except Exception:  # an optimizer inspect does not know: its raw eps
-                hyper = None
-            for p in group["params"]:
-                if p.grad is None or p.grad.is_sparse:
-                    continue
-                grads.append(p.grad.detach())
-                tnames.append(names.get(id(p), f"param{len(tnames)}"))
-                if e is None:
-                    continue
-                et = float(e)
-                if hyper is not None:  # eps_t in PyTorch's convention (formulas.eps_t)
-                    t = opt.state.get(p, {}).get("step", 1)
-                    et = inspect.epsilon_t(hyper, max(1, int(t)))
-                eps.append(et)
+                pass
+            eps.extend([et] * len(live))
         if not grads:
             return out
         # DTensor (FSDP2) gradients: the norm of a shard is completed across ranks
