@@ -10,7 +10,7 @@ step (A, B, B, A, ...) so both see the same load; step times are summed over per
 ``--period`` steps (one cadence period), and the ratio is the median over periods of
 with/without. The last line is that ratio (goal <= 1.03).
 
-    python benchmarks/model_probes.py               # ~1 minute on one CPU thread
+    python benchmarks/model_probes.py               # ~1.5 minutes on one CPU thread
     python benchmarks/model_probes.py --periods 3   # quick look
 """
 
@@ -51,7 +51,7 @@ def _step(model, opt, mon, x, y) -> float:
 def main() -> None:
     """Measure and print per-period ratios, then the median ratio on the last line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--periods", type=int, default=12)
+    ap.add_argument("--periods", type=int, default=30)
     ap.add_argument("--period", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
