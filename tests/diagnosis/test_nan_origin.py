@@ -32,7 +32,14 @@ def test_names_the_attention_layer_made_to_overflow():
     # replayed from the snapshot before the overflow: finite, and the model is put back
     o2 = nan_origin(model, step, state=good)
     assert o2.forward_module is None and o2.loss_finite and o2.backward_parameter is None
-    assert model.blocks[1].attn.qkv.weight.abs().max() > 1e19
+    from stablestep.guard.snapshot import capture
+
+    snap = capture(0, model, torch.optim.SGD(model.parameters(), lr=0.1), {})  # as the Guard
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight.div_(1e22)
+    o3 = nan_origin(model, step, state=snap)  # replay from the Guard's (broken) snapshot
+    assert o3.forward_module == "blocks.1.attn"
+    assert torch.isfinite(step())  # the live model was put back
 
 
 def test_a_non_finite_parameter_and_functional_code_between_modules():

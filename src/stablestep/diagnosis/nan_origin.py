@@ -114,15 +114,18 @@ class NanOrigin:
 
 
 def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
-               state: dict[str, Any] | None = None, backward: bool = True,
+               state: Any = None, backward: bool = True,
                trail: int = 8) -> NanOrigin:
     """Replay one step under finiteness hooks and say where the first NaN/Inf was born.
 
     Args:
         model: the module (any wrapper: names are those of ``model.named_modules()``).
         step: a closure running the forward on the kept batch and returning the loss.
-        state: a ``model.state_dict()`` from before the step (e.g. the Guard's snapshot)
-            to replay from; the model's current state is put back afterwards.
+        state: the model's state from before the step to replay from: a
+            ``model.state_dict()`` or a Guard :class:`~stablestep.guard.snapshot.Snapshot`
+            (its ``.model``); the model's current state is put back afterwards. A Guard
+            snapshot may be several steps old: replay those steps in ``step`` if the
+            breakage built up over them.
         backward: also run ``loss.backward()`` (gradients are restored afterwards) and
             locate the first non-finite gradient.
         trail: how many non-finite events to keep in ``NanOrigin.trail``.
@@ -170,6 +173,8 @@ def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
         return hook
 
     saved = None
+    if state is not None and not isinstance(state, dict):
+        state = state.model  # a Guard snapshot
     if state is not None:
         saved = copy.deepcopy(model.state_dict())
         model.load_state_dict(state)
