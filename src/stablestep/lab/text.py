@@ -151,6 +151,7 @@ class Attention(nn.Module):
         return q, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``x`` ``(B, T, d)``: softmax(q k^T / sqrt(D)) v, projected."""
         b, t, d = x.shape
         q, k, v = self._heads(x)
         if self.low is None:
@@ -173,6 +174,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + attn(ln1(x)), then + mlp(ln2(.))."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -205,6 +207,7 @@ class TinyGPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-byte logits ``(B, T, 256)`` for byte ids ``idx`` ``(B, T)``."""
         t = idx.shape[1]
         low = _DTYPES[self.cfg.precision]
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
