@@ -59,10 +59,11 @@ def _worker(rank, world, mode, out):
             now = _locals(model, opt)
             # the snapshot's entries, bit for bit (the adaptation that follows a rollback
             # may add state, e.g. AMSGrad's max_exp_avg_sq)
+            to = [r for r in guard.records if r.action == "rollback"][-1].data["to_step"]
             exact.append(any(
                 (ref := _snap_locals(s)).keys() <= now.keys()
                 and all(torch.equal(now[k], ref[k]) for k in ref)
-                for s in guard._snaps if s.step == [r for r in guard.records if r.action == "rollback"][-1].data["to_step"]
+                for s in guard._snaps if s.step == to
             ))
         if ok:
             opt.step()

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-
 LOCAL = "local_shard"
 
 
