@@ -238,7 +238,7 @@ def grad_partials(
     """``grad_sq`` (:math:`\\|g\\|^2` per tensor) and ``grad_bad`` (non-finite entries per
     tensor); a missing gradient counts 0."""
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0]
+    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0 and weights[i]]
     norms = torch._foreach_norm([g for _, g in live]) if live else []
     sq = [zero] * len(grads)
     bad = [zero] * len(grads)
@@ -263,7 +263,8 @@ def update_partials(
     zero = torch.zeros((), dtype=torch.float64, device=device)
     n = len(neg_update)
     upd, dot = [zero] * n, [zero] * n
-    live = [i for i in range(n) if neg_update[i] is not None and neg_update[i].numel() > 0]
+    live = [i for i in range(n)
+            if neg_update[i] is not None and neg_update[i].numel() > 0 and weights[i]]
     norms = torch._foreach_norm([neg_update[i] for i in live]) if live else []
     for i, nrm in zip(live, norms, strict=True):
         w = weights[i]
