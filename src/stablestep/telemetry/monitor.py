@@ -160,6 +160,7 @@ class Monitor:
             [local(p).numel() for _, p in self._params],
             self._run_config,
             sharded=[is_sharded(p) for _, p in self._params],
+            global_numels=[p.numel() for _, p in self._params],
         )
         self.sinks = self._rec.sinks
         self._step = 0

@@ -102,6 +102,7 @@ class Recorder:
         numels: the local number of elements of each tensor (the coordinate sample).
         sharded: per tensor, whether each rank holds a different shard (FSDP2) rather
             than a replica (DDP, single process); default all replicated.
+        global_numels: the whole tensors' numbers of elements (default ``numels``).
         run_config: called once, on rank 0, to give ``Run.config`` when the run is created.
     """
 
@@ -115,6 +116,7 @@ class Recorder:
         run_config: Callable[[], dict[str, Any]],
         *,
         sharded: Sequence[bool] | None = None,
+        global_numels: Sequence[int] | None = None,
     ):
         self.store = os.fspath(store)
         self.config = config
@@ -127,16 +129,11 @@ class Recorder:
             config.quantile_sample,
             seed=self.rank,
         )
-        cap = self.sample.total if self.sample.exact else config.quantile_sample
-        self.run_name = run
-        if self.world > 1:
-            d = torch.distributed
-            box = [run]
-            d.broadcast_object_list(box, src=0)  # one name on every rank
-            self.run_name = box[0]
-            t = torch.tensor([float(cap)], dtype=torch.float64, device=self._comm_device())
-            d.all_reduce(t, op=d.ReduceOp.MAX)
-            cap = int(t.item())  # once, at construction
+        # the sample's slot in the packed vector: the same on every rank without talking to
+        # them (``global_numel``: the whole model's size, at most ``quantile_sample``)
+        total = sum(global_numels) if global_numels is not None else sum(numels)
+        cap = min(config.quantile_sample, int(total))
+        self.run_name = run  # rank 0's name is the one stored (only rank 0 writes)
         self.sample_cap = cap
         self.scratch = Scratch()
         self._run_config = run_config
