@@ -135,8 +135,11 @@ def test_no_cuda_sync_on_steps_that_do_not_write(tmp_path):
     model, x, y = tiny_problem()
     model, x, y = model.cuda(), x.cuda(), y.cuda()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)  # step on the device
+    # step hooks run in registration order: sync checks on around the Monitor's hook only
+    opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
     with Monitor(model, opt, store=tmp_path / "s.db", run="cuda", state_every=5,
                  flush_every=1000, flush_seconds=1e9) as mon:
+        opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode("default"))
         for _ in range(20):
             opt.zero_grad()
             loss = loss_of(model, x, y)
@@ -144,8 +147,8 @@ def test_no_cuda_sync_on_steps_that_do_not_write(tmp_path):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 mon.observe(loss)
-                opt.step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+            opt.step()
     run = open_run(tmp_path / "s.db", "cuda")
     assert len(run.series("loss")[0]) == 20 and len(run.series("eff_step_max")[0]) == 4
