@@ -134,7 +134,7 @@ def test_no_cuda_sync_on_steps_that_do_not_write(tmp_path):
     per-step work (observe and the step hook), except on the steps that write the store."""
     model, x, y = tiny_problem()
     model, x, y = model.cuda(), x.cuda(), y.cuda()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)  # step on the device
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # foreach; its step count on the CPU
     # step hooks run in registration order: sync checks on around the Monitor's hook only
     opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
     with Monitor(model, opt, store=tmp_path / "s.db", run="cuda", state_every=5,

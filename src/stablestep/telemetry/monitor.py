@@ -17,6 +17,7 @@ from stablestep.telemetry.probes import (
     AdamTensor,
     StepTensors,
     adam_partials,
+    host_steps,
     partials,
     update_partials,
 )
@@ -64,7 +65,9 @@ class Monitor:
     written as soon as the step is read back (see below).
 
     Statistics stay on the device between writes (:mod:`stablestep.telemetry.recorder`):
-    no host sync on a step, one device-to-host transfer per write. Writes happen every
+    no host sync on a step, one device-to-host transfer per write (plus, on detailed steps
+    of a ``fused=True``/``capturable=True`` optimizer, which keeps its step counts on the
+    device, one read of those counts). Writes happen every
     ``flush_every`` recorded steps, every ``flush_seconds`` seconds, on :meth:`read`,
     :meth:`state_dict` and :meth:`close`.
 
@@ -276,6 +279,7 @@ class Monitor:
                     exp_avg_sq=local(raw) if raw is not None else None,
                     eff=eff,
                 )
+        host_steps(out)  # fused/capturable optimizers: one read for all step counters
         return out
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
