@@ -7,15 +7,16 @@ optimizers (either epsilon convention) are handled in one place.
 
 Adam statistics, for parameter coordinates :math:`i` after step :math:`t`
 (:math:`\hat v = v / (1-\beta_2^t)`, ``max_exp_avg_sq`` under AMSGrad, and
-:math:`\epsilon_t` the epsilon in PyTorch's convention, see
-:func:`stablestep.optim.inspect.epsilon_t`):
+:math:`\epsilon_t` the epsilon in PyTorch's convention). Each quantity is computed by its
+one definition in :mod:`stablestep.formulas` (``bias_correction2``, ``eps_t``,
+``effective_step``, ``g2v_ratio``); the equations are repeated here to say what is stored:
 
 * effective step :math:`s_i = \frac{\mathrm{lr}/(1-\beta_1^t)}{\sqrt{\hat v_i} + \epsilon_t}`
   (the diagonal of :math:`P^{-1}`): quantiles p50/p90/p99 from a fixed uniform sample of
   coordinates (:class:`CoordinateSample`), and the exact max;
 * epsilon share :math:`\frac{1}{n}\#\{i : \sqrt{\hat v_i} < \epsilon_t\}`;
-* stale second moment :math:`r_i = g_i^2 / \max(\hat v_i, \epsilon_t^2)` (StableAdamW's
-  ``RMS`` uses the same clamp): ``g2v_rms`` :math:`= \sqrt{\tfrac1n \sum_i r_i}` and
+* StableAdamW's ratio :math:`r_i = g_i^2 / \max(\hat v_i, \epsilon_t^2)` with the
+  current step's :math:`\hat v` (the moment the update divided by): ``g2v_rms`` :math:`= \sqrt{\tfrac1n \sum_i r_i}` and
   ``g2v_max`` :math:`= \max_i r_i`;
 * AMSGrad gap :math:`\sum_i (\max v_i - v_i) / \sum_i \max v_i`.
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
 
@@ -305,31 +307,24 @@ def adam_partials(
             continue
         h, v = a.hyper, a.v
         t = float(a.step)  # a CPU step counter is host memory: no device sync
-        bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
-        eps_t = inspect.epsilon_t(h, t)
-        scale = h.lr / bc1
-        thr = eps_t * eps_t * bc2  # sqrt(v/bc2) < eps_t  <=>  v < eps_t^2 bc2
+        bc2 = F.bias_correction2(h.beta2, t)
+        eps_t = inspect.epsilon_t(h, t)  # formulas.eps_t; eps-free modes add eps (0)
         if a.eff is not None:
             eff = a.eff
             samples.append(sample.take(i, eff).double())
             emax[i] = eff.max().double()
         else:
-            samples.append(scale / ((sample.take(i, v).double() / bc2).sqrt() + eps_t))
-            emax[i] = scale / ((v.min().double() / bc2).sqrt() + eps_t)
-        lt = torch.lt(v, thr, out=scratch.get("lt", v, torch.bool))
+            kw = {"lr": h.lr, "beta1": h.beta1, "beta2": h.beta2, "eps": h.eps, "step": t,
+                  "eps_mode": "tf" if h.eps_mode == "tf" else "torch"}
+            samples.append(F.effective_step(sample.take(i, v).double(), **kw))
+            emax[i] = F.effective_step(v.min().double(), **kw)  # decreasing in v
+        # eps governs a coordinate when sqrt(v/bc2) < eps_t, i.e. v < eps_t^2 bc2
+        lt = torch.lt(v, eps_t * eps_t * bc2, out=scratch.get("lt", v, torch.bool))
         cnt[i] = torch.count_nonzero(lt).double()
         n_[i] = torch.full((), float(v.numel()), dtype=torch.float64, device=device)
-        g = a.grad
-        tiny = torch.finfo(v.dtype).tiny
-        floor = (
-            torch.clamp(thr, min=tiny * bc2).to(v.dtype)
-            if isinstance(thr, torch.Tensor)
-            else max(thr, tiny * bc2)  # eps-free optimizers: 0/0 -> 0
-        )
-        den = torch.clamp(v, min=floor, out=scratch.get("den", v))
-        r = torch.mul(g, g, out=scratch.get("r", g)).div_(den)
-        gsum[i] = r.sum().double() * bc2  # float32 accumulation is pairwise: ~1e-7 relative
-        gmax[i] = r.max().double() * bc2
+        r = F.g2v_ratio(a.grad, v, bc2, eps_t)  # StableAdamW's g^2 / max(v_hat, eps_t^2)
+        gsum[i] = r.sum().double()  # float32 accumulation is pairwise: ~1e-7 relative
+        gmax[i] = r.max().double()
         if a.exp_avg_sq is not None:
             gap_num.append((v - a.exp_avg_sq).sum(dtype=torch.float64))
             gap_den.append(v.sum(dtype=torch.float64))
