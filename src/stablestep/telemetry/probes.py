@@ -16,8 +16,8 @@ one definition in :mod:`stablestep.formulas` (``bias_correction2``, ``eps_t``,
   coordinates (:class:`CoordinateSample`), and the exact max;
 * epsilon share :math:`\frac{1}{n}\#\{i : \sqrt{\hat v_i} < \epsilon_t\}`;
 * StableAdamW's ratio :math:`r_i = g_i^2 / \max(\hat v_i, \epsilon_t^2)` with the
-  current step's :math:`\hat v` (the moment the update divided by): ``g2v_rms`` :math:`= \sqrt{\tfrac1n \sum_i r_i}` and
-  ``g2v_max`` :math:`= \max_i r_i`;
+  current step's :math:`\hat v` (the moment the update divided by):
+  ``g2v_rms`` :math:`= \sqrt{\tfrac1n \sum_i r_i}` and ``g2v_max`` :math:`= \max_i r_i`;
 * AMSGrad gap :math:`\sum_i (\max v_i - v_i) / \sum_i \max v_i`.
 
 Update statistics (:math:`u = \theta_{t+1} - \theta_t`): ``update_norm`` :math:`\|u\|`,
