@@ -237,19 +237,54 @@ def grad_partials(
     weights: Sequence[float],
     device: torch.device,
 ) -> None:
-    """``grad_sq`` (:math:`\\|g\\|^2` per tensor) and ``grad_bad`` (non-finite entries per
-    tensor); a missing gradient counts 0."""
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0 and weights[i]]
-    norms = torch._foreach_norm([g for _, g in live]) if live else []
-    sq = [zero] * len(grads)
-    bad = [zero] * len(grads)
-    for (i, g), nrm in zip(live, norms, strict=True):
-        w = weights[i]
-        sq[i] = nrm.double().square() * w
-        bad[i] = (g.numel() - torch.count_nonzero(torch.isfinite(g))).double() * w
-    part.sums["grad_sq"] = _vec(sq, device) if sq else zero.new_zeros(0)
-    part.sums["grad_bad"] = _vec(bad, device) if bad else zero.new_zeros(0)
+    r"""``grad_sq`` (:math:`\|g\|^2` per tensor) and ``grad_bad`` (non-finite entries per
+    tensor); a missing gradient counts 0.
+
+    One fused norm over the gradients. Non-finite entries are counted only in tensors whose
+    norm is not finite: on the CPU that is known at once (reading a CPU tensor is no device
+    sync) and costs nothing on a finite step; on an accelerator every tensor is counted on
+    the device rather than synchronising to find out.
+    """
+    n = len(grads)
+    sq = torch.zeros(n, dtype=torch.float64, device=device)
+    bad = torch.zeros(n, dtype=torch.float64, device=device)
+    part.sums["grad_sq"], part.sums["grad_bad"] = sq, bad
+    live = [i for i, g in enumerate(grads) if g is not None and g.numel() > 0 and weights[i]]
+    if not live:
+        return
+    gl = [grads[i] for i in live]
+    norms = torch.stack([x.to(device) for x in torch._foreach_norm(gl)]).double()
+    idx = _index(tuple(live), device)
+    sq.index_copy_(0, idx, norms.square())
+    if device.type == "cpu":
+        if _cpu_read(torch.isfinite(norms).all()):
+            return
+        which = [j for j, ok in enumerate(_cpu_read(torch.isfinite(norms))) if not ok]
+    else:
+        which = range(len(gl))
+    for j in which:
+        g = gl[j]
+        bad[live[j]] = (g.numel() - torch.count_nonzero(torch.isfinite(g))).double()
+
+
+_INDEX: dict[tuple, torch.Tensor] = {}
+
+
+def _index(live: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A cached index tensor on ``device`` (built once per set of live tensors)."""
+    key = (live, str(device))
+    idx = _INDEX.get(key)
+    if idx is None:
+        if len(_INDEX) > 64:
+            _INDEX.clear()
+        idx = _INDEX[key] = torch.tensor(live, dtype=torch.long, device=device)
+    return idx
+
+
+def _cpu_read(x: torch.Tensor):
+    """A CPU tensor's value on the host: host memory already, no device sync."""
+    assert x.device.type == "cpu"
+    return x.tolist()
 
 
 def update_partials(
