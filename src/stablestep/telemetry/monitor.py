@@ -300,11 +300,11 @@ class Monitor:
             pending["per_tensor"] = True
             pending["detail"] = None
         if pending["curv"]:
-            pending["host"].update(self._curvature())
+            pending["host"].update(self._curvature(pending["step"]))
             pending["curv"] = False
         self._finish()
 
-    def _curvature(self) -> dict[str, float]:
+    def _curvature(self, step: int) -> dict[str, float]:
         if self._probe is None:
             from stablestep.curvature import CurvatureProbe
 
@@ -312,7 +312,10 @@ class Monitor:
             if self._probe_state is not None:
                 self._probe.load_state_dict(self._probe_state)
                 self._probe_state = None
-        return {k: float(v) for k, v in self._probe(self.curvature_loss).items()}
+        res = self._probe(self.curvature_loss)
+        if getattr(res, "error", None):  # the probe never raises: a failure is an event
+            self.record_event(step, N.EVENT_CURVATURE, {"error": res.error, "backend": res.backend})
+        return {k: float(v) for k, v in res.items()}
 
     def _finish(self) -> None:
         """Hand the pending step (if any) to the recorder."""
