@@ -76,7 +76,9 @@ class Monitor:
     over all shards, maxima over ranks, quantiles from every rank's sample) and only rank
     0 writes; ``loss_spread`` is the range of the per-rank losses. Hyperparameters are read
     from ``optimizer.param_groups`` at every step, so ``optimizer.load_state_dict()``
-    (which replaces the group dicts) is followed. Steps are
+    (which replaces the group dicts) is followed. Every rank must build the Monitor and
+    call :meth:`observe` for every step (a recorded step is one collective); to watch a
+    single process of a distributed job, pass ``MonitorConfig(distributed=False)``. Steps are
     counted by :meth:`observe` calls from 0. Resume a run with
     ``monitor.load_state_dict(sd)`` before the first ``observe``: the run continues
     under the same name, and anything stored at or after the checkpoint's step (an
