@@ -191,7 +191,7 @@ def test_hook_is_removed_on_close_and_context_manager(tmp_path):
         ({"flush_seconds": 0}, "Invalid flush_seconds: 0"),
         ({"curvature_every": 5}, "curvature_every and curvature_loss must be given together"),
         ({"config": {"optimizer": "x"}}, "config key 'optimizer' is reserved"),
-        ({"quantile_sample": 0}, "Invalid quantile sample size: 0"),
+        ({"quantile_sample": 0}, "Invalid quantile_sample: 0"),
     ],
 )
 def test_argument_errors(tmp_path, kwargs, message):

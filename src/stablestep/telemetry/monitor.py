@@ -13,7 +13,8 @@ import torch
 
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
-from stablestep.telemetry._common import check_every, default_run_name, utc_now
+from stablestep.telemetry._common import default_run_name, open_writer, utc_now
+from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
 from stablestep.telemetry.probes import (
     CoordinateSample,
     Scratch,
@@ -22,8 +23,6 @@ from stablestep.telemetry.probes import (
     update_stats,
 )
 from stablestep.telemetry.store import Run, RunWriter, open_run
-
-_RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
 
 
 class Monitor:
@@ -76,9 +75,18 @@ class Monitor:
         optimizer: the ``torch.optim.Optimizer`` to watch.
         store: path of the SQLite run store (created if needed; several runs per file).
         run: the run's name in the store (default: ``run-<UTC time>-<random>``).
-        config: extra JSON-serialisable entries for ``Run.config`` (e.g. ``scenario``).
-        sinks: objects with ``write(step, metrics)``, ``event(step, kind, data)``,
-            ``close()`` (e.g. :class:`stablestep.telemetry.TensorBoardSink`).
+        config: a :class:`~stablestep.telemetry.config.MonitorConfig` (cadence, sinks,
+            ``overwrite``, run config extras, ...); a plain dict is still accepted and means
+            ``MonitorConfig(extra=config)``: extra JSON-serialisable entries for
+            ``Run.config`` (e.g. ``scenario``).
+        every, state_every, top_k, quantile_sample, flush_every, flush_seconds,
+        curvature_every, curvature_loss, sinks, overwrite: the fields of
+            :class:`~stablestep.telemetry.config.MonitorConfig`, as keywords; a keyword given
+            here wins over the same field of ``config``.
+
+    When ``run`` already exists in the store (and the Monitor is not resuming it), the run
+    is recorded under a new name with a visible suffix, logged at INFO and kept in
+    :attr:`run_name`; ``overwrite=True`` replaces the old run instead.
     """
 
     def __init__(
@@ -88,50 +96,54 @@ class Monitor:
         *,
         store: str | os.PathLike = "stablestep.db",
         run: str | None = None,
-        config: dict[str, Any] | None = None,
-        every: int = 1,
-        state_every: int | None = 10,
-        top_k: int = 3,
-        quantile_sample: int = 65536,
-        flush_every: int = 100,
-        flush_seconds: float = 10.0,
-        curvature_every: int | None = None,
-        curvature_loss: Callable[[], torch.Tensor] | None = None,
-        sinks: Sequence[Any] = (),
+        config: MonitorConfig | dict[str, Any] | None = None,
+        every: int = UNSET,
+        state_every: int | None = UNSET,
+        top_k: int = UNSET,
+        quantile_sample: int = UNSET,
+        flush_every: int = UNSET,
+        flush_seconds: float = UNSET,
+        curvature_every: int | None = UNSET,
+        curvature_loss: Callable[[], torch.Tensor] | None = UNSET,
+        sinks: Sequence[Any] = UNSET,
+        overwrite: bool = UNSET,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        check_every("every", every)
-        check_every("state_every", state_every, optional=True)
-        check_every("flush_every", flush_every)
-        check_every("curvature_every", curvature_every, optional=True)
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"Invalid top_k: {top_k!r} (an int >= 0)")
-        if not flush_seconds > 0:
-            raise ValueError(f"Invalid flush_seconds: {flush_seconds!r} (> 0)")
-        if (curvature_every is None) != (curvature_loss is None):
-            raise ValueError("curvature_every and curvature_loss must be given together")
-        for key in config or {}:
-            if key in _RESERVED:
-                raise ValueError(f"config key {key!r} is reserved for the Monitor")
+        cfg = resolve_config(
+            config,
+            every=every,
+            state_every=state_every,
+            top_k=top_k,
+            quantile_sample=quantile_sample,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            curvature_every=curvature_every,
+            curvature_loss=curvature_loss,
+            sinks=sinks,
+            overwrite=overwrite,
+        )
+        self.config = cfg
         self.model = model
         self.optimizer = optimizer
         self.store = os.fspath(store)
         self.run_name = run or default_run_name()
-        self.every, self.state_every, self.top_k = every, state_every, top_k
-        self.flush_every, self.flush_seconds = flush_every, float(flush_seconds)
-        self.curvature_every, self.curvature_loss = curvature_every, curvature_loss
-        self.sinks = list(sinks)
-        self._extra = dict(config or {})
+        self.every, self.state_every, self.top_k = cfg.every, cfg.state_every, cfg.top_k
+        self.flush_every, self.flush_seconds = cfg.flush_every, float(cfg.flush_seconds)
+        self.curvature_every, self.curvature_loss = cfg.curvature_every, cfg.curvature_loss
+        self.sinks = list(cfg.sinks)
+        self._extra = dict(cfg.extra)
         by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self._params: list[tuple[str, torch.Tensor, dict]] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
                 name = by_id.get(id(p), f"param{len(self._params)}")
                 self._params.append((name, p, group))
-        self._sample = CoordinateSample([p.numel() for _, p, _ in self._params], quantile_sample)
+        self._sample = CoordinateSample(
+            [p.numel() for _, p, _ in self._params], cfg.quantile_sample
+        )
         self._step = 0
         self._resume_from: int | None = None
         self._writer: RunWriter | None = None
@@ -315,9 +327,14 @@ class Monitor:
 
     def _ensure_writer(self) -> RunWriter:
         if self._writer is None:
-            self._writer = RunWriter(
-                self.store, self.run_name, config=self._run_config(), resume_from=self._resume_from
+            self._writer = open_writer(
+                self.store,
+                self.run_name,
+                config=self._run_config(),
+                resume_from=self._resume_from,
+                overwrite=self.config.overwrite,
             )
+            self.run_name = self._writer.run
         return self._writer
 
     def flush(self) -> None:
