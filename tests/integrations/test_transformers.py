@@ -76,13 +76,14 @@ def test_records_match_trainer_logs_and_adamw_state(tmp_path):
     assert run.config["optimizer"] == "AdamW"
     logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     steps, loss = run.series(N.LOSS)
-    assert steps.tolist() == list(range(6))
+    # stored steps are the Trainer's global_step, as in its own log history
+    assert steps.tolist() == [h["step"] for h in logs] == list(range(1, 7))
     np.testing.assert_allclose(loss, [h["loss"] for h in logs], rtol=1e-3, atol=1e-4)
     gn = [h["grad_norm"] for h in logs]
     s = {n: dict(zip(*run.series(n), strict=True)) for n in run.names()}
-    for i, r in enumerate(rec.steps):
+    for i, r in enumerate(rec.steps, start=1):
         assert s[N.GRAD_NORM][i] == pytest.approx(float(r["g"].norm()), rel=1e-5)
-        assert s[N.GRAD_NORM][i] == pytest.approx(gn[i], rel=1e-4)
+        assert s[N.GRAD_NORM][i] == pytest.approx(gn[i - 1], rel=1e-4)
         assert s[N.LR][i] == pytest.approx(r["lr"])
         bc1, bc2 = 1 - 0.9 ** r["t"], 1 - 0.999 ** r["t"]
         eff = (r["lr"] / bc1) / ((r["v"] / bc2).sqrt() + 1e-8)
@@ -140,7 +141,7 @@ def test_guard_skips_a_nonfinite_step(tmp_path):
     skipped = [e.step for e in cb.read().events if e.kind == N.EVENT_GUARD]
     assert len(skipped) == 1 and cb.guard.counts["skip"] == 1
     # Adam's step count stands still at the skipped step: it never saw the inf
-    assert seen == [s + 1 - (s >= skipped[0]) for s in range(4)]
+    assert seen == [s - (s >= skipped[0]) for s in range(1, 5)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

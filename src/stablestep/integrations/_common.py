@@ -16,6 +16,7 @@ __all__ = [
     "check_every",
     "default_run_name",
     "guard_policy",
+    "monitor_config",
     "open_writer",
     "rank_and_world",
     "resolve_store",
@@ -45,6 +46,25 @@ def guard_policy(guard: Any) -> Any:
     return guard
 
 
+def monitor_config(config: Any, **settings: Any) -> Any:
+    """The callback's :class:`~stablestep.telemetry.config.MonitorConfig`: ``config`` (a
+    ``MonitorConfig``, a dict of run config extras, or ``None``) with the keyword ``settings``
+    (its field names: ``every=``, ``state_every=``, ``overwrite=`` ...) applied on top. The
+    fields are declared and validated once, in ``MonitorConfig``; an unknown keyword is a
+    ``TypeError`` naming the fields."""
+    import dataclasses
+
+    from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
+
+    fields = [f.name for f in dataclasses.fields(MonitorConfig)]
+    for key in settings:
+        if key not in fields:
+            raise TypeError(
+                f"unknown setting {key!r}; MonitorConfig fields are: {', '.join(fields)}"
+            )
+    return resolve_config(config, **{k: v for k, v in settings.items() if v is not UNSET})
+
+
 def resolve_store(store: str | os.PathLike | None, default_dir: str | os.PathLike) -> str:
     """The run store's path: ``store`` as given when it names a file; ``<store>/stablestep.db``
     when it is an existing directory; ``<default_dir>/stablestep.db`` when ``None`` (the
@@ -67,19 +87,22 @@ def open_writer(
     resume_from: int | None = None,
     overwrite: bool = False,
 ) -> Any:
-    """A :class:`~stablestep.telemetry.store.RunWriter` on ``path`` (its directory created).
-
-    A run name already in the store gives a new run under a suffixed name (``writer.run``)
-    unless ``overwrite``; ``resume_from`` reopens the named run (see ``RunWriter``)."""
-    from stablestep.telemetry.store import RunWriter
+    """A :class:`~stablestep.telemetry.store.RunWriter` on ``path`` (its directory created),
+    through the Monitor's own opener: a run name already in the store gives a new run under a
+    suffixed name (``writer.run``) unless ``overwrite``; ``resume_from`` reopens the run."""
+    from stablestep.telemetry._common import open_writer as _open
 
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    kwargs: dict[str, Any] = {}
-    if overwrite:
-        kwargs["overwrite"] = True  # TypeError from a RunWriter without it: not silently off
-    return RunWriter(path, run, config=config, resume_from=resume_from, **kwargs)
+    return _open(path, run, config=config, resume_from=resume_from, overwrite=overwrite)
+
+
+def make_parent(path: str) -> None:
+    """Create the directory that will hold the store at ``path``."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
 
 
 def rank_and_world() -> tuple[int, int]:
