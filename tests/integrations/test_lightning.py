@@ -196,3 +196,35 @@ def test_invalid_arguments(kwargs, message):
     with pytest.raises((ValueError, TypeError)) as err:
         StablestepCallback(**kwargs)
     assert str(err.value) == message
+
+
+def test_store_in_log_dir_guard_actions_in_lightning_logs_and_resume_keeps_the_store(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    def trainer(cb, steps):
+        return L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", callbacks=[cb], log_every_n_steps=1)
+
+    cb = StablestepCallback(run="lit", guard=True, state_every=None)
+    t = trainer(cb, 4)
+    t.fit(Inf(), _loader())
+    assert cb.store == str(tmp_path / "lightning_logs" / "version_0" / "stablestep.db")
+    assert cb.read().series(N.LOSS)[0].tolist() == [0, 1, 3]  # step 2: inf, an event
+    # the guard's skip at step 2 went through pl_module.log into the logger's metrics
+    assert float(t.callback_metrics["stablestep/guard_skip"]) == 1.0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
+    skips = [(int(r["step"]), float(r["stablestep/guard_skip"])) for r in rows
+             if r.get("stablestep/guard_skip")]
+    assert skips[0] == (0, 0.0) and (2, 1.0) in skips and all(v <= 1 for _, v in skips)
+    assert float(rows[0]["stablestep/guard_lr_scale"]) == 1.0
+    ckpt = tmp_path / "four.ckpt"
+    t.save_checkpoint(ckpt)
+    # a new Trainer has a new version directory; the resumed run stays in its own store
+    again = StablestepCallback(run="ignored", guard=True, state_every=None)
+    trainer(again, 6).fit(Inf(), _loader(), ckpt_path=ckpt)
+    assert again.store == cb.store and again.run_name == "lit"
+    assert again.read().series(N.LOSS)[0].tolist() == [0, 1, 3, 4, 5]
+    assert again.guard.counts["skip"] == 1

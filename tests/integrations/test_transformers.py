@@ -3,6 +3,8 @@ Trainer's own logs and torch AdamW's state; resuming from a checkpoint continues
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -94,7 +96,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
     store = tmp_path / "hf.db"
 
     def train(run, max_steps, resume=None, **kw):
-        cb = StablestepCallback(store=store, run=run, state_every=2)
+        cb = StablestepCallback(store=store, run=run, state_every=2, guard=True)
         trainer = transformers.Trainer(model=_model(), args=_args(tmp_path, max_steps, **kw),
                                        train_dataset=Tokens(), callbacks=[cb])
         trainer.train(resume_from_checkpoint=resume)
@@ -102,8 +104,13 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
 
     whole = train("whole", 8)
     train("parts", 8, save_strategy="steps", save_steps=4)  # steps 4..7 are abandoned
-    parts = train("parts", 8, resume=str(tmp_path / "out" / "checkpoint-4"))
+    # the checkpoint holds the callback's state: the run it recorded, the guard's state
+    ckpt = tmp_path / "out" / "checkpoint-4"
+    assert (ckpt / "stablestep_callback.pt").exists()
+    parts = train("another name", 8, resume=str(ckpt))
     a, b = whole.read(), parts.read()
+    assert b.name == parts.run_name == "parts"
+    assert parts.guard.step == whole.guard.step == 9 and parts.guard.counts == whole.guard.counts
     assert a.names() == b.names()
     for name in (N.LOSS, N.GRAD_NORM, N.LR, N.EFF_STEP_MAX, N.UPDATE_NORM):
         sa, va = a.series(name)
@@ -112,7 +119,7 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         np.testing.assert_allclose(vb, va, rtol=1e-5, err_msg=name)
 
 
-def test_guard_skips_a_nonfinite_step(tmp_path):
+def test_guard_skips_a_nonfinite_step(tmp_path, caplog):
     class Poisoned(Tokens):
         def __getitem__(self, i):
             item = super().__getitem__(i)
@@ -134,15 +141,24 @@ def test_guard_skips_a_nonfinite_step(tmp_path):
             opt = optimizer.optimizer
             seen.append(int(opt.state[next(iter(model.parameters()))]["step"]))
 
-    cb = StablestepCallback(store=tmp_path / "hf.db", run="g", guard=True)
-    args = _args(tmp_path, 4, remove_unused_columns=False)
-    transformers.Trainer(model=model, args=args, train_dataset=Poisoned(),
-                         callbacks=[cb, Count()]).train()
+    cb = StablestepCallback(run="g", guard=True)  # store: the Trainer's output_dir
+    args = _args(tmp_path, 4, remove_unused_columns=False, logging_steps=10)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Poisoned(),
+                                   callbacks=[cb, Count()])
+    with caplog.at_level(logging.WARNING, logger="stablestep.integrations"):
+        trainer.train()
+    assert cb.store == str(tmp_path / "out" / "stablestep.db")
     skipped = [e.step for e in cb.read().events if e.kind == N.EVENT_GUARD]
     assert len(skipped) == 1 and cb.guard.counts["skip"] == 1
     # Adam's step count stands still at the skipped step: it never saw the inf
     assert seen == [s - (s >= skipped[0]) for s in range(1, 5)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # visible: a log line, and (logging_steps=10 would log nothing in 4 steps) a Trainer log
+    # entry at the skipped step carrying the guard's totals
+    assert any(f"step {skipped[0]} skip (non-finite)" in r.getMessage() for r in caplog.records)
+    entries = [h for h in trainer.state.log_history if "stablestep/guard_skip" in h]
+    assert entries and entries[0]["step"] == skipped[0]
+    assert entries[0]["stablestep/guard_skip"] == 1.0 and "loss" in entries[0]
 
 
 def test_invalid_arguments():
