@@ -247,8 +247,8 @@ def grad_partials(
         w = weights[i]
         sq[i] = nrm.double().square() * w
         bad[i] = (g.numel() - torch.count_nonzero(torch.isfinite(g))).double() * w
-    part.sums["grad_sq"] = _vec(sq, device) if sq else zero.reshape(0)
-    part.sums["grad_bad"] = _vec(bad, device) if bad else zero.reshape(0)
+    part.sums["grad_sq"] = _vec(sq, device) if sq else zero.new_zeros(0)
+    part.sums["grad_bad"] = _vec(bad, device) if bad else zero.new_zeros(0)
 
 
 def update_partials(
