@@ -275,7 +275,7 @@ def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
         ({"every": 0}, "Invalid every: 0 (a positive int)"),
         ({"state_every": 1.5}, "Invalid state_every: 1.5 (a positive int)"),
         ({"top_k": -1}, "Invalid top_k: -1 (an int >= 0)"),
-        ({"config": {"hyper": 1}}, "config key 'hyper' is reserved for the callback"),
+        ({"config": {"hyper": 1}}, "config key 'hyper' is reserved for the Monitor"),
     ],
 )
 def test_invalid_arguments(kwargs, message):

@@ -1,26 +1,23 @@
-"""Helpers shared by the framework callbacks: argument checks, run names, where the store
-goes by default, the process's rank, the ``guard=`` option, and how the guard's actions are
-reported to the framework's own logger."""
+"""Helpers shared by the framework callbacks: their MonitorConfig, where the store goes by
+default, the ``guard=`` option, and how the guard's actions reach the framework's logger."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from typing import Any
 
-from stablestep.telemetry._common import check_every, default_run_name, utc_now
+from stablestep.telemetry._common import default_run_name
 
 __all__ = [
+    "LOG_PREFIX",
     "STORE_FILE",
-    "check_every",
+    "GuardReport",
     "default_run_name",
     "guard_policy",
+    "make_parent",
     "monitor_config",
-    "open_writer",
-    "rank_and_world",
     "resolve_store",
-    "utc_now",
 ]
 
 log = logging.getLogger("stablestep.integrations")
@@ -68,8 +65,8 @@ def monitor_config(config: Any, **settings: Any) -> Any:
 def resolve_store(store: str | os.PathLike | None, default_dir: str | os.PathLike) -> str:
     """The run store's path: ``store`` as given when it names a file; ``<store>/stablestep.db``
     when it is an existing directory; ``<default_dir>/stablestep.db`` when ``None`` (the
-    framework's log directory). Nothing is created here (:func:`open_writer` creates the
-    directory when the first record is written)."""
+    framework's log directory). Nothing is created here (:func:`make_parent` does, before
+    the first record is written)."""
     if store is None:
         path = os.path.join(os.fspath(default_dir), STORE_FILE)
     else:
@@ -79,61 +76,11 @@ def resolve_store(store: str | os.PathLike | None, default_dir: str | os.PathLik
     return path
 
 
-def open_writer(
-    path: str,
-    run: str,
-    *,
-    config: dict,
-    resume_from: int | None = None,
-    overwrite: bool = False,
-) -> Any:
-    """A :class:`~stablestep.telemetry.store.RunWriter` on ``path`` (its directory created),
-    through the Monitor's own opener: a run name already in the store gives a new run under a
-    suffixed name (``writer.run``) unless ``overwrite``; ``resume_from`` reopens the run."""
-    from stablestep.telemetry._common import open_writer as _open
-
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    return _open(path, run, config=config, resume_from=resume_from, overwrite=overwrite)
-
-
 def make_parent(path: str) -> None:
     """Create the directory that will hold the store at ``path``."""
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of this process under ``torch.distributed``; ``(0, 1)`` without it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast_name(name: str) -> str:
-    """Rank 0's ``name`` on every rank (default run names are random per process); the name
-    itself without ``torch.distributed``. A collective: call it on every rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return name
-    box = [name]
-    dist.broadcast_object_list(box, src=0)
-    return str(box[0])
-
-
-def accepts(fn: Any, name: str) -> bool:
-    """Whether the callable ``fn`` takes a keyword argument ``name`` (features other parts of
-    stablestep add while the callbacks must keep working without them)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 class GuardReport:

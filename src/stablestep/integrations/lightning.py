@@ -141,12 +141,12 @@ class StablestepCallback(Callback):
         opt = trainer.optimizers[self.optimizer_index]
         opt = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
         self._module = pl_module
-        # log_dir and broadcast are collectives: every rank calls them, rank 0's answer wins
+        # log_dir is a collective (rank 0's answer on every rank); the Monitor gives every
+        # rank rank 0's run name, and only rank 0 writes
         if self._state is not None and self._store_arg is None:
             self.store = self._state["monitor"].get("store") or self.store
         if self.store is None:
             self.store = resolve_store(None, trainer.log_dir or trainer.default_root_dir)
-        self.store, self.run_name = trainer.strategy.broadcast((self.store, self.run_name))
         if trainer.is_global_zero:
             make_parent(self.store)
         self.monitor = Monitor(

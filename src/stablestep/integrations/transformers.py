@@ -23,7 +23,6 @@ from transformers import TrainerCallback
 
 from stablestep.integrations._common import (
     GuardReport,
-    broadcast_name,
     default_run_name,
     guard_policy,
     make_parent,
@@ -157,7 +156,6 @@ class StablestepCallback(TrainerCallback):
                 self.store = saved["monitor"].get("store") or self.store
         if self.store is None:
             self.store = resolve_store(None, log_dir(args))
-        self.run_name = broadcast_name(self.run_name)  # default names differ per process
         if state.is_world_process_zero:
             make_parent(self.store)
         self.monitor = Monitor(
