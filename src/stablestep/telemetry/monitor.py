@@ -142,7 +142,10 @@ class Monitor:
         self.every, self.state_every, self.top_k = cfg.every, cfg.state_every, cfg.top_k
         self.flush_every, self.flush_seconds = cfg.flush_every, float(cfg.flush_seconds)
         self.curvature_every, self.curvature_loss = cfg.curvature_every, cfg.curvature_loss
-        by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        named = model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            named = model.module  # names without DDP's "module." prefix
+        by_id = {id(p): n for n, p in named.named_parameters()} if named is not None else {}
         # the parameters (and their names) are fixed; their param groups are read live
         self._params: list[tuple[str, torch.Tensor]] = []
         for group in optimizer.param_groups:
