@@ -228,3 +228,48 @@ def test_store_in_log_dir_guard_actions_in_lightning_logs_and_resume_keeps_the_s
     assert again.store == cb.store and again.run_name == "lit"
     assert again.read().series(N.LOSS)[0].tolist() == [0, 1, 3, 4, 5]
     assert again.guard.counts["skip"] == 1
+
+
+class RankInf(Tiny):
+    """A non-finite loss on rank 1 only, at step 2; rank r trains on rows r, r+2, r+4, ..."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        bad = self.global_step == 2 and self.global_rank == 1
+        return loss * math.inf if bad else loss
+
+    def train_dataloader(self):
+        ds = _loader(n=128).dataset
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+        )
+        return torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler)
+
+
+def test_ddp_two_processes_store_one_run_with_the_global_numbers(tmp_path):
+    # Lightning forks 2 gloo processes on the CPU; rank 0 trains on rows 0,2,4.., rank 1 on
+    # 1,3,5.., so each step's global batch is the single process's batch of 32 rows: same
+    # loss (the mean over ranks) and gradient (DDP's average)
+    from stablestep.telemetry.store import list_runs, open_run
+
+    store = tmp_path / "ddp.db"
+    cb = StablestepCallback(store=store, run="ddp", state_every=2, guard=True)
+    _trainer(cb, 4, devices=2, strategy="ddp_fork", use_distributed_sampler=False).fit(RankInf())
+    one = StablestepCallback(store=store, run="one", state_every=2)
+    _trainer(one, 4).fit(Tiny(), _loader(n=128, batch=32))
+    assert list_runs(store) == ["ddp", "one"]  # rank 1 wrote nothing
+    ddp, ref = open_run(store, "ddp"), one.read()
+    assert ddp.config["world_size"] == 2
+    # step 2: rank 1's inf, skipped by the guard on both ranks (its decision is all-reduced)
+    nonfinite = [e for e in ddp.events if e.kind == N.EVENT_NONFINITE]
+    assert [e.step for e in nonfinite] == [2] and nonfinite[0].data["ranks"] == [1]
+    assert [(e.step, e.data["action"]) for e in ddp.events if e.kind == N.EVENT_GUARD] == [
+        (2, "skip")
+    ]
+    # steps 0 and 1 are the single process's; after the skip the runs part ways
+    for name in (N.LOSS, N.GRAD_NORM, N.EFF_STEP_MAX, N.UPDATE_NORM):
+        sd, vd = ddp.series(name)
+        sr, vr = ref.series(name)
+        assert sd[0] == sr[0] == 0
+        np.testing.assert_allclose(vd[sd < 2], vr[sr < 2], rtol=1e-5, err_msg=name)
+    assert N.LOSS_SPREAD in ddp.names()
