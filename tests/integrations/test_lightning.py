@@ -273,3 +273,27 @@ def test_ddp_two_processes_store_one_run_with_the_global_numbers(tmp_path):
         assert sd[0] == sr[0] == 0
         np.testing.assert_allclose(vd[sd < 2], vr[sr < 2], rtol=1e-5, err_msg=name)
     assert N.LOSS_SPREAD in ddp.names()
+
+
+def _writer_can_suffix():
+    import inspect
+
+    from stablestep.telemetry.store import RunWriter
+
+    return "overwrite" in inspect.signature(RunWriter).parameters
+
+
+@pytest.mark.skipif(not _writer_can_suffix(), reason="RunWriter(overwrite=) not merged yet")
+def test_fixed_run_name_twice_starts_a_suffixed_run_or_overwrites(tmp_path):
+    from stablestep.telemetry.store import list_runs
+
+    store = tmp_path / "l.db"
+    names = []
+    for overwrite in (False, False, True):
+        cb = StablestepCallback(store=store, run="fixed", overwrite=overwrite, state_every=None)
+        _trainer(cb, 2).fit(Tiny(), _loader())
+        names.append(cb.run_name)
+        assert cb.read().name == cb.run_name
+        assert cb.state_dict()["monitor"]["run"] == cb.run_name  # what a checkpoint resumes
+    assert names[0] == "fixed" and names[1] != "fixed" and names[1].startswith("fixed")
+    assert names[2] == "fixed" and sorted(list_runs(store)) == sorted({"fixed", names[1]})

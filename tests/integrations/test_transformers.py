@@ -167,3 +167,36 @@ def test_invalid_arguments():
     assert str(err.value) == "Invalid state_every: 0 (a positive int)"
     with pytest.raises(TypeError, match="guard must be None, True or a GuardPolicy"):
         StablestepCallback(guard=1)
+
+
+def _writer_can_suffix():
+    import inspect
+
+    from stablestep.telemetry.store import RunWriter
+
+    return "overwrite" in inspect.signature(RunWriter).parameters
+
+
+@pytest.mark.skipif(not _writer_can_suffix(), reason="RunWriter(overwrite=) not merged yet")
+def test_fixed_run_name_twice_starts_a_suffixed_run_then_resume_continues_it(tmp_path):
+    from stablestep.telemetry.store import list_runs, open_run
+
+    store = tmp_path / "hf.db"
+
+    def train(max_steps, resume=None, **kw):
+        cb = StablestepCallback(store=store, run="fixed", state_every=None, **kw)
+        args = _args(tmp_path, max_steps, save_strategy="steps", save_steps=2)
+        transformers.Trainer(model=_model(), args=args, train_dataset=Tokens(),
+                             callbacks=[cb]).train(resume_from_checkpoint=resume)
+        return cb
+
+    first = train(2)
+    second = train(4)  # same name: a new run, its checkpoints in the same output_dir
+    assert first.run_name == "fixed" and second.run_name.startswith("fixed")
+    assert second.run_name != "fixed"
+    # resuming the second run's checkpoint continues *it*, even with overwrite=True
+    third = train(4, resume=str(tmp_path / "out" / "checkpoint-2"), overwrite=True)
+    assert third.run_name == second.run_name
+    assert sorted(list_runs(store)) == sorted(["fixed", second.run_name])
+    assert open_run(store, second.run_name).series(N.LOSS)[0].tolist() == [1, 2, 3, 4]
+    assert open_run(store, "fixed").series(N.LOSS)[0].tolist() == [1, 2]

@@ -358,10 +358,13 @@ class StablestepCallback(keras.callbacks.Callback):
             variables = self.model.trainable_variables
             prefix = f"{self.model.name}/"
             make_parent(self.store)
+            config = self.config.replace(sinks=(*self.config.sinks, _EpochMax(self)))
+            if self._resume_from is not None:  # continuing the run: nothing to overwrite
+                config = config.replace(overwrite=False)
             self._rec = Recorder(
                 self.store,
                 self._run_name,
-                self.config.replace(sinks=(*self.config.sinks, _EpochMax(self))),
+                config,
                 [v.path.removeprefix(prefix) for v in variables],
                 [int(np.prod(v.shape)) for v in variables],
                 self._run_config,

@@ -149,9 +149,10 @@ class StablestepCallback(Callback):
             self.store = resolve_store(None, trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             make_parent(self.store)
-        self.monitor = Monitor(
-            pl_module, opt, store=self.store, run=self.run_name, config=self.config
-        )
+        config = self.config
+        if self._state is not None:  # resuming continues the run: nothing to overwrite
+            config = config.replace(overwrite=False)
+        self.monitor = Monitor(pl_module, opt, store=self.store, run=self.run_name, config=config)
         if self._state is not None:
             self.monitor.load_state_dict(self._state["monitor"])
         if self._policy is not None:

@@ -158,8 +158,11 @@ class StablestepCallback(TrainerCallback):
             self.store = resolve_store(None, log_dir(args))
         if state.is_world_process_zero:
             make_parent(self.store)
+        config = self.config
+        if state.global_step > 0:  # resuming continues the run: nothing to overwrite
+            config = config.replace(overwrite=False)
         self.monitor = Monitor(
-            model, _unwrap(optimizer), store=self.store, run=self.run_name, config=self.config
+            model, _unwrap(optimizer), store=self.store, run=self.run_name, config=config
         )
         next_step = int(state.global_step) + 1  # the step the Trainer's logs will show
         if state.global_step > 0:
