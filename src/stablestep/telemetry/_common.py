@@ -44,8 +44,9 @@ def open_writer(
     from stablestep.telemetry.store import RunWriter
 
     try:
-        writer = RunWriter(
-            path, run, config=config, resume_from=resume_from, overwrite=overwrite
+        writer = RunWriter(  # resuming continues the run: never overwrite it
+            path, run, config=config, resume_from=resume_from,
+            overwrite=overwrite and resume_from is None,
         )
     except TypeError as exc:  # a store without the overwrite/suffix contract (older)
         if "overwrite" not in str(exc):

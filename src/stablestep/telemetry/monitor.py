@@ -253,7 +253,12 @@ class Monitor:
                 if v is None or "step" not in state:
                     continue
                 raw = state.get("exp_avg_sq") if h.amsgrad and "max_exp_avg_sq" in state else None
-                eff = local(inspect.effective_step(opt, p, group)) if own else None
+                eff = None
+                if own:
+                    try:
+                        eff = local(inspect.effective_step(opt, p, group))
+                    except (ValueError, OverflowError):  # e.g. a NaN step count: the
+                        eff = None  # formula below turns it into NaN statistics, an event
                 out[i] = AdamTensor(
                     grad=grads[i],
                     v=local(v),

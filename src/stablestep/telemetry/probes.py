@@ -106,9 +106,7 @@ def quantiles(values: torch.Tensor | np.ndarray, qs: Sequence[float]) -> list[fl
     """Quantiles with linear interpolation between order statistics (``torch.quantile``'s
     default); NaN for an empty input. Selection, not a full sort: ``numpy.partition`` on
     the CPU (or a numpy array), one ``torch.sort`` elsewhere."""
-    if isinstance(values, np.ndarray):
-        values = torch.from_numpy(values)
-    n = values.numel()
+    n = values.size if isinstance(values, np.ndarray) else values.numel()
     if n == 0:
         return [math.nan] * len(qs)
     ranks = []
@@ -116,10 +114,11 @@ def quantiles(values: torch.Tensor | np.ndarray, qs: Sequence[float]) -> list[fl
         r = q * (n - 1)
         lo = int(math.floor(r))
         ranks.append((lo, min(lo + 1, n - 1), r - lo))
-    if values.device.type == "cpu":
-        a = np.partition(
-            values.reshape(-1).numpy(), sorted({k for lo, hi, _ in ranks for k in (lo, hi)})
-        )
+    kth = sorted({k for lo, hi, _ in ranks for k in (lo, hi)})
+    if isinstance(values, np.ndarray):
+        a = np.partition(values.reshape(-1), kth)
+    elif values.device.type == "cpu":
+        a = np.partition(values.reshape(-1).numpy(), kth)
     else:
         a = values.reshape(-1).sort().values.cpu().numpy()
     return [float(a[lo]) + (float(a[hi]) - float(a[lo])) * w for lo, hi, w in ranks]
