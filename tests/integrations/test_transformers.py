@@ -92,6 +92,20 @@ def test_records_match_trainer_logs_and_adamw_state(tmp_path):
         assert s[N.EFF_STEP_MAX][i] == pytest.approx(float(eff.max()), rel=1e-5)
 
 
+def test_accumulated_step_loss_is_the_loss_the_trainer_logs(tmp_path):
+    # GPT-2 takes num_items_in_batch: each micro-batch loss is a share of the step's mean
+    cb = StablestepCallback(store=tmp_path / "hf.db", run="ga", state_every=None)
+    trainer = transformers.Trainer(
+        model=_model(), args=_args(tmp_path, 3, per_device_train_batch_size=4,
+                                   gradient_accumulation_steps=2),
+        train_dataset=Tokens(), callbacks=[cb])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    steps, loss = cb.read().series(N.LOSS)
+    assert steps.tolist() == [h["step"] for h in logs] == [1, 2, 3]
+    np.testing.assert_allclose(loss, [h["loss"] for h in logs], rtol=1e-3, atol=1e-4)
+
+
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
     store = tmp_path / "hf.db"
 

@@ -78,10 +78,12 @@ class StablestepCallback(TrainerCallback):
     (:func:`log_dir`: ``args.logging_dir`` on transformers 4, ``args.output_dir`` on 5).
 
     Steps are the Trainer's ``state.global_step`` after the step (1, 2, ...), the step the
-    Trainer's own logs and ``trainer_state.json`` show. The loss of a step is the mean of
-    the ``loss`` the model returned on its micro-batches (with gradient accumulation this
-    equals the Trainer's logged loss when micro-batches hold equal numbers of items); a model
-    output without ``loss`` (custom ``compute_loss``) leaves the loss out. Gradients are
+    Trainer's own logs and ``trainer_state.json`` show. The loss of a step is the loss the
+    Trainer optimised and logs, read from the ``loss`` the model returned on each
+    micro-batch: their sum when the model normalised by the step's item count
+    (``num_items_in_batch``, scaled by the number of processes as the Trainer does), else
+    their mean; under several processes the mean over processes. A model output without
+    ``loss`` (custom ``compute_loss``) leaves the loss out. Gradients are
     read *after* the Trainer's clipping (``max_grad_norm``, default 1.0): set
     ``max_grad_norm=0`` to record raw gradient norms; under fp16 ``GradScaler`` the gradients
     are only unscaled when clipping is on. Everything else is :class:`stablestep.Monitor`'s.
@@ -134,15 +136,40 @@ class StablestepCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
+        self._normalized = False
         self._report = GuardReport()
         self._pending_log = False
 
-    def _capture(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    def _capture(
+        self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # given num_items_in_batch, the model divided its loss sum by the step's item count
+            # (all micro-batches; all processes with average_tokens_across_devices): a share
+            self._normalized = kwargs.get("num_items_in_batch") is not None
             self._losses.append(loss.detach().reshape(()))
+
+    def _step_loss(self, args: Any) -> torch.Tensor | None:
+        """This process's loss of the step (the Monitor averages it over processes).
+
+        Micro-batch losses the model normalised by ``num_items_in_batch`` (transformers >=
+        4.46 passes it to models that accept it) are shares of the step's item mean: their
+        sum, times the number of processes when the count was taken over all of them
+        (``average_tokens_across_devices``), as the Trainer itself scales it. Otherwise each
+        is a micro-batch mean, and the step's loss is their mean."""
+        losses, self._losses = self._losses, []
+        if not losses:
+            return None
+        stacked = torch.stack(losses).double()
+        if not self._normalized:
+            return stacked.mean()
+        scale = getattr(args, "world_size", 1) if getattr(
+            args, "average_tokens_across_devices", False
+        ) else 1
+        return stacked.sum() * scale
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Attach a Monitor to the Trainer's optimizer (at the checkpoint's step on resume)."""
@@ -186,15 +213,14 @@ class StablestepCallback(TrainerCallback):
             else:
                 _start_at(self.guard, next_step)
             self._report.skip_seen(self.guard)
-        self._hook = model.register_forward_hook(self._capture)
+        self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
         self._losses = []
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """``monitor.observe(loss)``: the gradients of this step are complete."""
         if self.monitor is None:
             return
-        losses, self._losses = self._losses, []
-        loss = torch.stack(losses).double().mean() if losses else None
+        loss = self._step_loss(args)
         self.monitor.observe(loss)
         self.run_name = self.monitor.run_name  # the store may have suffixed a taken name
         if self.guard is not None:
