@@ -214,3 +214,49 @@ def test_fixed_run_name_twice_starts_a_suffixed_run_then_resume_continues_it(tmp
     assert sorted(list_runs(store)) == sorted(["fixed", second.run_name])
     assert open_run(store, second.run_name).series(N.LOSS)[0].tolist() == [1, 2, 3, 4]
     assert open_run(store, "fixed").series(N.LOSS)[0].tolist() == [1, 2]
+
+
+def _ddp_worker(rank, world, init, tmp):
+    import json
+    import os
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))
+    try:
+        cb = StablestepCallback(run="ddp", state_every=2, guard=True)  # store: output_dir
+        args = _args(tmp, 4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     save_strategy="steps", save_steps=2)
+        trainer = transformers.Trainer(model=_model(), args=args, train_dataset=Tokens(),
+                                       callbacks=[cb])
+        trainer.train()
+        assert args.world_size == world
+        if rank == 0:
+            (tmp / "log.json").write_text(json.dumps(trainer.state.log_history))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_store_one_run_with_the_trainers_global_loss(tmp_path):
+    # 2 gloo processes forked from this one (no re-import), each a Trainer on its shard
+    import json
+
+    from stablestep.telemetry.store import list_runs, open_run
+
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(2, f"file://{tmp_path / 'pg'}", tmp_path), nprocs=2, join=True,
+        start_method="fork")
+    store = tmp_path / "out" / "stablestep.db"
+    assert list_runs(store) == ["ddp"]  # one run, written by rank 0 alone
+    run = open_run(store, "ddp")
+    assert run.config["world_size"] == 2
+    logs = [h for h in json.loads((tmp_path / "log.json").read_text()) if "loss" in h]
+    steps, loss = run.series(N.LOSS)
+    assert steps.tolist() == [h["step"] for h in logs] == [1, 2, 3, 4]
+    # the Trainer's logged loss is the global one (token mean over both processes)
+    np.testing.assert_allclose(loss, [h["loss"] for h in logs], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(run.series(N.GRAD_NORM)[1], [h["grad_norm"] for h in logs],
+                               rtol=1e-4)
+    assert N.LOSS_SPREAD in run.names()
+    assert (tmp_path / "out" / "checkpoint-2" / "stablestep_callback.pt").exists()
