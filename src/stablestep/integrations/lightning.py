@@ -90,8 +90,9 @@ class StablestepCallback(Callback):
             suffix (:attr:`run_name` says which) unless ``overwrite=True``.
         overwrite: replace a stored run of the same name.
         curvature_loss: ``fn(pl_module) -> loss tensor`` on a fixed probe batch, with
-            ``curvature_every`` (also given to the guard, which uses it to compute eps and
-            lr remedies).
+            ``curvature_every=`` given as a keyword next to it (a ``MonitorConfig`` with
+            ``curvature_every`` needs its own zero-argument ``curvature_loss``); also given
+            to the guard, which uses it to compute eps and lr remedies.
         optimizer: index into ``trainer.optimizers`` of the optimizer to watch.
         guard: ``None`` (off), ``True`` (default policy) or a ``GuardPolicy``.
     """
