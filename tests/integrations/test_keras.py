@@ -263,8 +263,10 @@ def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
     cb = StablestepCallback(store=tmp_path / "k.db", run="sgd", state_every=1)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    cb.close()  # closes the store; a later fit reopens the same run
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     run = cb.read()
-    assert run.series(N.LOSS)[0].tolist() == [0, 1, 2, 3]
+    assert run.series(N.LOSS)[0].tolist() == [0, 1, 2, 3, 4, 5]
     assert run.config["hyper"]["kind"] == "sgd" and run.config["hyper"]["momentum"] == 0.9
     assert N.UPDATE_NORM in run.names() and N.EFF_STEP_MAX not in run.names()
 
@@ -281,6 +283,17 @@ def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
         StablestepCallback(**kwargs)
+
+
+def test_settings_are_monitor_config_fields():
+    from stablestep.telemetry.config import MonitorConfig
+
+    with pytest.raises(TypeError, match="^unknown setting 'evry'; MonitorConfig fields are: every"):
+        StablestepCallback(evry=2)
+    with pytest.raises(ValueError, match="curvature probe needs a torch optimizer"):
+        StablestepCallback(curvature_every=5, curvature_loss=lambda: 0.0)
+    cb = StablestepCallback(config=MonitorConfig(state_every=5, top_k=1), top_k=0)
+    assert (cb.config.state_every, cb.config.top_k) == (5, 0)  # keywords win
 
 
 def test_import_sets_no_backend_and_says_how_when_keras_cannot_load(tmp_path):

@@ -196,6 +196,8 @@ def test_invalid_arguments(kwargs, message):
     with pytest.raises((ValueError, TypeError)) as err:
         StablestepCallback(**kwargs)
     assert str(err.value) == message
+    with pytest.raises(TypeError, match="^unknown setting 'top'; MonitorConfig fields"):
+        StablestepCallback(top=1)
 
 
 def test_store_in_log_dir_guard_actions_in_lightning_logs_and_resume_keeps_the_store(tmp_path):

@@ -181,6 +181,8 @@ def test_invalid_arguments():
     assert str(err.value) == "Invalid state_every: 0 (a positive int)"
     with pytest.raises(TypeError, match="guard must be None, True or a GuardPolicy"):
         StablestepCallback(guard=1)
+    with pytest.raises(TypeError, match="^unknown setting 'stat_every'; MonitorConfig fields"):
+        StablestepCallback(stat_every=1)
 
 
 def _writer_can_suffix():
