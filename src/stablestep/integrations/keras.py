@@ -14,10 +14,12 @@ raw first moment ``m``) is
         = \frac{\mathrm{lr}/(1-\beta_1^t)}{\sqrt{\hat v_i} + \hat\epsilon/\sqrt{1-\beta_2^t}},
 
 the PyTorch-convention formula with :math:`\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}`
-(``eps_mode="tf"`` in :mod:`stablestep.optim.inspect`). :class:`StablestepCallback` feeds
-Keras' ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations`` to the very same
-statistics code as :class:`stablestep.Monitor` (:mod:`stablestep.telemetry.probes`), under
-the same metric names, into the same run store.
+(``eps_mode="tf"`` in :mod:`stablestep.optim.inspect`). :class:`StablestepCallback` hands
+Keras' ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations``, as torch tensors
+(:class:`~stablestep.telemetry.probes.StepTensors`, one
+:class:`~stablestep.telemetry.probes.AdamTensor` per variable), to the Monitor's own
+:class:`~stablestep.telemetry.recorder.Recorder`: the same statistics, metric names, store
+rules, sinks and non-finite events as :class:`stablestep.Monitor`, with no optimizer object.
 
 Keras does not hand gradients to callbacks; on detailed steps the gradient Adam used is
 recovered exactly from two consecutive first moments,
@@ -67,6 +69,7 @@ DEFAULT_LOG_DIR = "logs"
 
 LOGGED = (N.EFF_STEP_MAX, N.G2V_RMS, N.EPS_SHARE, N.GRAD_NORM)
 """Statistics written into Keras' epoch ``logs`` (and so ``History``) by default."""
+
 
 def _host(x: Any) -> float:
     """A Keras scalar (variable, tensor, schedule output, Python number) as a float."""
@@ -211,8 +214,9 @@ class StablestepCallback(keras.callbacks.Callback):
     ``Run.config`` holds ``optimizer`` (``keras.Adam`` ...), ``hyper``
     (``eps_mode="tf"``, Keras' epsilon), ``keras_version``, ``keras_backend``.
     Resume with ``cb.load_state_dict(sd)`` before ``fit``; several ``fit`` calls with
-    one callback continue one run. There is no seatbelt here: the Guard acts on torch
-    optimizers, and Keras' are not.
+    one callback continue one run. Each ``fit`` ends with everything written; :meth:`close`
+    after the last one closes the store and the sinks. There is no seatbelt here: the Guard
+    acts on torch optimizers, and Keras' are not.
 
     Args:
         config: a :class:`~stablestep.telemetry.config.MonitorConfig` (or a dict of run
