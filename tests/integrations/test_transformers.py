@@ -159,7 +159,7 @@ def test_guard_skips_a_nonfinite_step(tmp_path, caplog):
     args = _args(tmp_path, 4, remove_unused_columns=False, logging_steps=10)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Poisoned(),
                                    callbacks=[cb, Count()])
-    with caplog.at_level(logging.WARNING, logger="stablestep.integrations"):
+    with caplog.at_level(logging.INFO, logger="stablestep"):
         trainer.train()
     assert cb.store == str(tmp_path / "out" / "stablestep.db")
     skipped = [e.step for e in cb.read().events if e.kind == N.EVENT_GUARD]
@@ -169,7 +169,8 @@ def test_guard_skips_a_nonfinite_step(tmp_path, caplog):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # visible: a log line, and (logging_steps=10 would log nothing in 4 steps) a Trainer log
     # entry at the skipped step carrying the guard's totals
-    assert any(f"step {skipped[0]} skip (non-finite)" in r.getMessage() for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("stablestep.")]
+    assert any(f"step {skipped[0]}" in m and "skip (non-finite)" in m for m in lines), lines
     entries = [h for h in trainer.state.log_history if "stablestep/guard_skip" in h]
     assert entries and entries[0]["step"] == skipped[0]
     assert entries[0]["stablestep/guard_skip"] == 1.0 and "loss" in entries[0]

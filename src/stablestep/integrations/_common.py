@@ -86,19 +86,43 @@ def make_parent(path: str) -> None:
 class GuardReport:
     """What the guard did since the last look, as a framework logger wants it.
 
-    :meth:`new` returns the guard's records added since the previous call (each also goes to
-    the ``stablestep.integrations`` logger at WARNING: one line with the step, the action and
-    the reason); :meth:`values` the running totals under ``stablestep/guard_<action>`` plus
-    ``stablestep/guard_lr_scale``, the numbers the callbacks hand to ``self.log``, ``logs``.
+    :meth:`attach` subscribes to the guard's actions (its ``register_action_hook`` where the
+    Guard has one; otherwise its ``records`` are read after each step, and each new one is
+    also logged here, at WARNING on ``stablestep.integrations``, since such a Guard does not
+    log). :meth:`new` returns the actions since the previous call; :meth:`values` the
+    running totals under ``stablestep/guard_<action>`` plus ``stablestep/guard_lr_scale``,
+    the numbers the callbacks hand to ``pl_module.log`` and the Trainer's ``logs``.
     """
 
-    ACTIONS = ("skip", "clip", "rollback", "adapt")
+    ACTIONS = ("skip", "clip", "rollback", "adapt", "restore")
 
     def __init__(self) -> None:
         self._seen = 0
+        self._fresh: list[Any] = []
+        self._handle: Any = None
+
+    def attach(self, guard: Any) -> None:
+        """Follow ``guard`` from now on (records it already holds, e.g. restored from a
+        checkpoint, are not new)."""
+        self.detach()
+        self._fresh.clear()
+        self._seen = len(getattr(guard, "records", []))
+        register = getattr(guard, "register_action_hook", None)
+        if callable(register):
+            self._handle = register(self._fresh.append)
+
+    def detach(self) -> None:
+        """Stop following the guard."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def new(self, guard: Any) -> list[Any]:
-        """Records added since the last call (logged once each)."""
+        """The guard's actions since the last call."""
+        if self._handle is not None:
+            fresh = list(self._fresh)
+            self._fresh.clear()  # the hook holds this very list
+            return fresh
         records = list(getattr(guard, "records", []))
         fresh, self._seen = records[self._seen :], len(records)
         for rec in fresh:
@@ -109,10 +133,6 @@ class GuardReport:
                 getattr(rec, "reason", ""),
             )
         return fresh
-
-    def skip_seen(self, guard: Any) -> None:
-        """Mark every existing record as seen (a guard restored from a checkpoint)."""
-        self._seen = len(getattr(guard, "records", []))
 
     def values(self, guard: Any) -> dict[str, float]:
         """Totals per action and the guard's lr scale, keyed ``stablestep/guard_*``."""

@@ -168,7 +168,7 @@ class StablestepCallback(Callback):
             )
             if self._state is not None and self._state.get("guard") is not None:
                 self.guard.load_state_dict(self._state["guard"])
-            self._report.skip_seen(self.guard)
+            self._report.attach(self.guard)
         self._loss = None
         self._logged = None
 
@@ -221,6 +221,7 @@ class StablestepCallback(Callback):
             self.run_name = self.monitor.run_name
             self.monitor = None
         if self.guard is not None:
+            self._report.detach()
             self.guard.close()
 
     # ------------------------------------------------------------------- state

@@ -212,7 +212,7 @@ class StablestepCallback(TrainerCallback):
                 self.guard.load_state_dict(saved["guard"])
             else:
                 _start_at(self.guard, next_step)
-            self._report.skip_seen(self.guard)
+            self._report.attach(self.guard)
         self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
         self._losses = []
 
@@ -285,6 +285,7 @@ class StablestepCallback(TrainerCallback):
             self.run_name = self.monitor.run_name
             self.monitor = None
         if self.guard is not None:
+            self._report.detach()
             self.guard.close()
 
     def read(self) -> Run:
