@@ -59,11 +59,12 @@ class StablestepCallback(Callback):
     logger); a run resumed from a checkpoint keeps the store it started in.
 
     The seatbelt: ``guard=GuardPolicy(...)`` (or ``guard=True`` for the default policy) adds
-    a :class:`stablestep.guard.Guard`. Each action is an event of the run, a line on the
-    ``stablestep.integrations`` logger, and values logged through Lightning
-    (``pl_module.log``: ``stablestep/guard_skip``, ``_clip``, ``_rollback``, ``_adapt`` (totals)
-    and ``stablestep/guard_lr_scale``), logged at the first step and whenever they change,
-    so TensorBoard/CSV loggers show them next to the loss.
+    a :class:`stablestep.guard.Guard`. Each action is an event of the run, a ``logging``
+    line (the Guard's, or this callback's on ``stablestep.integrations``), and values
+    logged through Lightning (``pl_module.log``: ``stablestep/guard_skip``, ``_clip``,
+    ``_rollback``, ``_adapt``, ``_restore`` (totals) and ``stablestep/guard_lr_scale``) at
+    the first step and whenever they change, so TensorBoard/CSV loggers show them next to
+    the loss.
 
     One record per optimizer step of the watched optimizer (``trainer.optimizers[optimizer]``),
     steps counted from 0 (``trainer.global_step`` before the step). The loss recorded for a

@@ -96,12 +96,13 @@ class StablestepCallback(TrainerCallback):
 
     The seatbelt: ``guard=GuardPolicy(...)`` (or ``True``) adds a
     :class:`stablestep.guard.Guard` (:attr:`guard`). Each action is an event of the run, a
-    line on the ``stablestep.integrations`` logger, and, in the Trainer's next ``on_log``,
-    the values ``stablestep/guard_skip``, ``_clip``, ``_rollback``, ``_adapt`` (totals) and
-    ``stablestep/guard_lr_scale`` in ``logs`` and ``trainer.state.log_history``. Callbacks
-    the Trainer calls before this one (its reporting integrations: TensorBoard, W&B) have
-    already sent that ``logs``; to have them send these values too, put this callback first:
-    ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(cb))``.
+    ``logging`` line (the Guard's, or this callback's on ``stablestep.integrations``), and,
+    at that step (the callback asks the Trainer to log), the values
+    ``stablestep/guard_skip``, ``_clip``, ``_rollback``, ``_adapt``, ``_restore`` (totals)
+    and ``stablestep/guard_lr_scale`` in ``logs`` and ``trainer.state.log_history``.
+    Callbacks the Trainer calls before this one (its reporting integrations: TensorBoard,
+    W&B) have already sent that ``logs``; to have them send these values too, put this
+    callback first: ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(cb))``.
 
     Under ``torch.distributed`` every process builds the Monitor (its statistics are reduced
     over ranks) with rank 0's run name; only rank 0 writes the store and the checkpoint file.
