@@ -42,12 +42,12 @@ def _worker(rank, world, mode, out):
     x, y = data(n=64, seed=rank)  # each rank its own batch
     guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=5))
     taken, exact = [], []
-    for t in range(45):
+    for t in range(32):
         opt.zero_grad()
         xb = x.clone()
         if t == 8 and rank == 1:
             xb[0, 0] = float("nan")  # only rank 1 sees the NaN
-        if t == 25:
+        if t == 18:
             opt.param_groups[0]["lr"] = 30.0  # the run starts to diverge
         loss = torch.nn.functional.mse_loss(model(xb), y)
         loss.backward()

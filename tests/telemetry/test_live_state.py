@@ -126,3 +126,29 @@ def test_host_transfers_only_when_the_store_is_written(tmp_path, monkeypatch):
     assert per_step == [1 if (s + 1) % 10 == 0 else 0 for s in range(30)]
     assert P.HOST_TRANSFERS[0] - start == 3
     assert len(open_run(tmp_path / "s.db", "sync").series("loss")[0]) == 30
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
+def test_no_cuda_sync_on_steps_that_do_not_write(tmp_path):
+    """torch's CUDA sync debug mode raises on any synchronising call inside the Monitor's
+    per-step work (observe and the step hook), except on the steps that write the store."""
+    model, x, y = tiny_problem()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # foreach; its step count on the CPU
+    # step hooks run in registration order: sync checks on around the Monitor's hook only
+    opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode("error"))
+    with Monitor(model, opt, store=tmp_path / "s.db", run="cuda", state_every=5,
+                 flush_every=1000, flush_seconds=1e9) as mon:
+        opt.register_step_post_hook(lambda *a: torch.cuda.set_sync_debug_mode("default"))
+        for _ in range(20):
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                mon.observe(loss)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            opt.step()
+    run = open_run(tmp_path / "s.db", "cuda")
+    assert len(run.series("loss")[0]) == 20 and len(run.series("eff_step_max")[0]) == 4

@@ -17,6 +17,7 @@ from stablestep.telemetry.probes import (
     AdamTensor,
     StepTensors,
     adam_partials,
+    host_steps,
     partials,
     update_partials,
 )
@@ -64,7 +65,9 @@ class Monitor:
     written as soon as the step is read back (see below).
 
     Statistics stay on the device between writes (:mod:`stablestep.telemetry.recorder`):
-    no host sync on a step, one device-to-host transfer per write. Writes happen every
+    no host sync on a step, one device-to-host transfer per write (plus, on detailed steps
+    of a ``fused=True``/``capturable=True`` optimizer, which keeps its step counts on the
+    device, one read of those counts). Writes happen every
     ``flush_every`` recorded steps, every ``flush_seconds`` seconds, on :meth:`read`,
     :meth:`state_dict` and :meth:`close`.
 
@@ -160,6 +163,7 @@ class Monitor:
             [local(p).numel() for _, p in self._params],
             self._run_config,
             sharded=[is_sharded(p) for _, p in self._params],
+            global_numels=[p.numel() for _, p in self._params],
         )
         self.sinks = self._rec.sinks
         self._step = 0
@@ -216,12 +220,20 @@ class Monitor:
         host = {N.LR: inspect._as_float(self.optimizer.param_groups[0]["lr"])} if cheap else {}
         pending = {"step": s, "part": part, "dev": dev, "host": host, "grads": grads,
                    "curv": curv, "detail": None}
-        if detail:
-            params = [local(p.detach()) for _, p in self._params]
+        if detail:  # a replica another rank counts (DDP) is not copied here
+            w = self._rec.weights
+            live = [i for i, (_, p) in enumerate(self._params) if w[i]]
+            params = [local(self._params[i][1].detach()) for i in live]
             snaps = [self._snapshot(p) for p in params]
-            torch._foreach_copy_(snaps, params)
-            param_sq = [n.double().square() for n in torch._foreach_norm(snaps)]
-            pending["detail"] = (params, snaps, param_sq)
+            if snaps:
+                torch._foreach_copy_(snaps, params)
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            param_sq: list = [zero] * len(w)
+            neg: list = [None] * len(w)
+            for j, (i, n) in enumerate(zip(live, torch._foreach_norm(snaps) if snaps else [],
+                                           strict=True)):
+                param_sq[i], neg[i] = n.double().square(), snaps[j]
+            pending["detail"] = (params, snaps, param_sq, neg)
         self._pending = pending
 
     def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
@@ -267,6 +279,7 @@ class Monitor:
                     exp_avg_sq=local(raw) if raw is not None else None,
                     eff=eff,
                 )
+        host_steps(out)  # fused/capturable optimizers: one read for all step counters
         return out
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -274,11 +287,12 @@ class Monitor:
         if pending is None:
             return
         if pending["detail"] is not None:
-            params, snaps, param_sq = pending["detail"]
+            params, snaps, param_sq, neg = pending["detail"]
             part, dev, grads = pending["part"], pending["dev"], pending["grads"]
             with torch.no_grad():
-                torch._foreach_sub_(snaps, params)  # theta_t - theta_t+1, in place
-                update_partials(part, param_sq, snaps, grads, self._rec.weights, dev)
+                if snaps:
+                    torch._foreach_sub_(snaps, params)  # theta_t - theta_t+1, in place
+                update_partials(part, param_sq, neg, grads, self._rec.weights, dev)
                 adam_partials(
                     part, self._adam_tensors(grads), self._rec.weights, self._rec.sample, dev,
                     self._rec.scratch,
@@ -306,7 +320,7 @@ class Monitor:
         if pending is None:
             return
         if pending["detail"] is not None:  # the optimizer skipped the step: no update stats
-            _, _, param_sq = pending["detail"]
+            _, _, param_sq, _ = pending["detail"]
             pending["part"].sums["param_sq"] = torch.stack(
                 [x * w for x, w in zip(param_sq, self._rec.weights, strict=True)]
             )

@@ -156,8 +156,8 @@ class AdamTensor:
         grad: the gradient :math:`g_t` of this step.
         v: the second moment Adam divides by, not bias-corrected (``max_exp_avg_sq``
             under AMSGrad).
-        step: the step count :math:`t` after this step (an int, or a tensor, read on
-            the device: no host sync).
+        step: the step count :math:`t` after this step (a number, or a CPU tensor; see
+            :func:`host_steps` for counters kept on the device).
         hyper: the group's normalised hyperparameters (``kind == "adam"``).
         exp_avg_sq: under AMSGrad, the running :math:`v` (for ``amsgrad_gap``).
         eff: the optimizer's own effective step (e.g. AdamAtan2), overriding the formula.
@@ -238,7 +238,7 @@ def grad_partials(
     """``grad_sq`` (:math:`\\|g\\|^2` per tensor) and ``grad_bad`` (non-finite entries per
     tensor); a missing gradient counts 0."""
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0]
+    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0 and weights[i]]
     norms = torch._foreach_norm([g for _, g in live]) if live else []
     sq = [zero] * len(grads)
     bad = [zero] * len(grads)
@@ -263,7 +263,8 @@ def update_partials(
     zero = torch.zeros((), dtype=torch.float64, device=device)
     n = len(neg_update)
     upd, dot = [zero] * n, [zero] * n
-    live = [i for i in range(n) if neg_update[i] is not None and neg_update[i].numel() > 0]
+    live = [i for i in range(n)
+            if neg_update[i] is not None and neg_update[i].numel() > 0 and weights[i]]
     norms = torch._foreach_norm([neg_update[i] for i in live]) if live else []
     for i, nrm in zip(live, norms, strict=True):
         w = weights[i]
@@ -303,16 +304,9 @@ def adam_partials(
         if a is None or weights[i] == 0 or a.v.numel() == 0:
             continue
         h, v = a.hyper, a.v
-        t = a.step
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            t = float(t)  # a CPU step counter: host memory, no device sync
-        if isinstance(t, torch.Tensor):  # capturable/fused: the step lives on the device
-            t = t.to(dtype=torch.float64)
-            bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
-            eps_t = h.eps / bc2.sqrt() if h.eps_mode == "tf" else h.eps + 0.0 * t
-        else:
-            bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
-            eps_t = inspect.epsilon_t(h, t)
+        t = float(a.step)  # a CPU step counter is host memory: no device sync
+        bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
+        eps_t = inspect.epsilon_t(h, t)
         scale = h.lr / bc1
         thr = eps_t * eps_t * bc2  # sqrt(v/bc2) < eps_t  <=>  v < eps_t^2 bc2
         if a.eff is not None:
@@ -505,6 +499,18 @@ def _device_of(st: StepTensors) -> torch.device:
     if isinstance(st.loss, torch.Tensor):
         return st.loss.device
     return torch.device("cpu")
+
+
+def host_steps(tensors: Sequence[AdamTensor | None]) -> None:
+    """Replace step counters kept on an accelerator (``fused=True``/``capturable=True``
+    optimizers) by numbers, read in one transfer for all tensors; CPU counters (torch's
+    default) are left as they are (reading them is no device sync)."""
+    on_dev = [a for a in tensors if a is not None and isinstance(a.step, torch.Tensor)
+              and a.step.device.type != "cpu"]
+    if on_dev:
+        vals = to_host(torch.stack([a.step.reshape(()).double() for a in on_dev]))
+        for a, v in zip(on_dev, vals.tolist(), strict=True):
+            a.step = v
 
 
 #: Number of device-to-host transfers of statistics made by the telemetry (for tests).

@@ -102,6 +102,7 @@ class Recorder:
         numels: the local number of elements of each tensor (the coordinate sample).
         sharded: per tensor, whether each rank holds a different shard (FSDP2) rather
             than a replica (DDP, single process); default all replicated.
+        global_numels: the whole tensors' numbers of elements (default ``numels``).
         run_config: called once, on rank 0, to give ``Run.config`` when the run is created.
     """
 
@@ -115,6 +116,7 @@ class Recorder:
         run_config: Callable[[], dict[str, Any]],
         *,
         sharded: Sequence[bool] | None = None,
+        global_numels: Sequence[int] | None = None,
     ):
         self.store = os.fspath(store)
         self.config = config
@@ -127,16 +129,11 @@ class Recorder:
             config.quantile_sample,
             seed=self.rank,
         )
-        cap = self.sample.total if self.sample.exact else config.quantile_sample
-        self.run_name = run
-        if self.world > 1:
-            d = torch.distributed
-            box = [run]
-            d.broadcast_object_list(box, src=0)  # one name on every rank
-            self.run_name = box[0]
-            t = torch.tensor([float(cap)], dtype=torch.float64, device=self._comm_device())
-            d.all_reduce(t, op=d.ReduceOp.MAX)
-            cap = int(t.item())  # once, at construction
+        # the sample's slot in the packed vector: the same on every rank without talking to
+        # them (``global_numel``: the whole model's size, at most ``quantile_sample``)
+        total = sum(global_numels) if global_numels is not None else sum(numels)
+        cap = min(config.quantile_sample, int(total))
+        self.run_name = run  # rank 0's name is the one stored (only rank 0 writes)
         self.sample_cap = cap
         self.scratch = Scratch()
         self._run_config = run_config
@@ -144,6 +141,7 @@ class Recorder:
         self.resume_from: int | None = None
         self._writer: RunWriter | None = None
         self._pending: list[tuple[int, tuple, torch.Tensor, dict[str, Any]]] = []
+        self._inflight: list[Any] = []  # other ranks: gathers not yet known complete
         self._since_flush = 0
         self._last_flush = time.monotonic()
 
@@ -199,17 +197,23 @@ class Recorder:
         """:meth:`record` for partial statistics already computed (the Monitor computes
         the gradient part before ``optimizer.step()`` and the rest after it)."""
         layout, vec = part.pack(self.sample_cap if part.sample is not None else 0, device)
+        meta: dict[str, Any] = {"host": dict(host or {}), "per_tensor": per_tensor}
         if self.world > 1:
+            # asynchronous: the step does not wait for the other ranks; the rows are read
+            # when the store is written (rank 0) or dropped once complete (other ranks)
             d = torch.distributed
             vec = vec.to(self._comm_device())
             rows = [torch.empty_like(vec) for _ in range(self.world)]
-            d.all_gather(rows, vec)
-            mat = torch.stack(rows)
+            meta["work"] = d.all_gather(rows, vec, async_op=True)
+            meta["rows"] = rows
+            mat = vec  # placeholder until the gather completes
         else:
             mat = vec.reshape(1, -1)
         if self.rank != 0:
+            self._inflight.append(meta["work"])
+            if len(self._inflight) >= self.config.flush_every:
+                self._drain()
             return
-        meta = {"host": dict(host or {}), "per_tensor": per_tensor}
         self._pending.append((step, layout, mat, meta))
         self._since_flush += 1
         if (
@@ -223,11 +227,17 @@ class Recorder:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        sizes = [m.numel() for _, _, m, _ in pending]
-        dev = pending[0][2].device
-        flat = to_host(torch.cat([m.reshape(-1).to(dev) for _, _, m, _ in pending]))
+        mats = []
+        for _, _, m, meta in pending:
+            if "work" in meta:
+                meta.pop("work").wait()
+                m = torch.stack(meta.pop("rows"))
+            mats.append(m)
+        sizes = [m.numel() for m in mats]
+        dev = mats[0].device
+        flat = to_host(torch.cat([m.reshape(-1).to(dev) for m in mats]))
         pos = 0
-        for (step, layout, mat, meta), size in zip(pending, sizes, strict=True):
+        for (step, layout, _, meta), mat, size in zip(pending, mats, sizes, strict=True):
             rows = flat[pos : pos + size].reshape(mat.shape)
             pos += size
             red, sample = unpack(layout, rows)
@@ -287,9 +297,17 @@ class Recorder:
         self._since_flush = 0
         self._last_flush = time.monotonic()
 
+    def _drain(self) -> None:
+        """Other ranks: wait for the gathers issued so far (they completed long ago unless
+        rank 0 is behind) and drop them."""
+        for work in self._inflight:
+            work.wait()
+        self._inflight.clear()
+
     def flush(self) -> None:
         """Resolve the buffered steps (one host transfer) and write them (rank 0)."""
         if self.rank != 0:
+            self._drain()
             return
         self._resolve()
         self._write()
