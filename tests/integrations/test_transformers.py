@@ -156,7 +156,8 @@ def test_guard_skips_a_nonfinite_step(tmp_path, caplog):
             seen.append(int(opt.state[next(iter(model.parameters()))]["step"]))
 
     cb = StablestepCallback(run="g", guard=True)  # store: the Trainer's output_dir
-    args = _args(tmp_path, 4, remove_unused_columns=False, logging_steps=10)
+    args = _args(tmp_path, 4, remove_unused_columns=False, logging_steps=10,
+                 save_strategy="steps", save_steps=4)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Poisoned(),
                                    callbacks=[cb, Count()])
     with caplog.at_level(logging.INFO, logger="stablestep"):
@@ -174,6 +175,13 @@ def test_guard_skips_a_nonfinite_step(tmp_path, caplog):
     entries = [h for h in trainer.state.log_history if "stablestep/guard_skip" in h]
     assert entries and entries[0]["step"] == skipped[0]
     assert entries[0]["stablestep/guard_skip"] == 1.0 and "loss" in entries[0]
+    # the guard's state (its record of the skip) is in the checkpoint and comes back on resume
+    again = StablestepCallback(run="other", guard=True)
+    transformers.Trainer(model=model, args=_args(tmp_path, 5, remove_unused_columns=False),
+                         train_dataset=Poisoned(), callbacks=[again]).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert again.run_name == "g" and again.guard.step == 6
+    assert [(r.step, r.action) for r in again.guard.records] == [(skipped[0], "skip")]
 
 
 def test_invalid_arguments():

@@ -264,7 +264,7 @@ class StablestepCallback(TrainerCallback):
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if not os.path.exists(path):
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("version") != 1:
             raise ValueError(f"unsupported callback state version in {path}")
         return saved
