@@ -74,9 +74,9 @@ class StablestepCallback(Callback):
     values become events, is documented in :class:`stablestep.Monitor`.
 
     Under DDP/FSDP (several processes) every rank builds the Monitor (its statistics are
-    reduced over ranks, collectives included) with rank 0's run name and store path; only
-    rank 0 writes the store, and the Lightning logging of guard actions is rank 0's
-    (the guard's decisions are the same on every rank).
+    reduced over ranks, collectives included); only rank 0 writes the store (its run name
+    and store path are the ones used, and it saves the checkpoints), and the Lightning
+    logging of guard actions is rank 0's (the guard's decisions are the same on every rank).
 
     The callback's :meth:`state_dict` goes into Lightning's checkpoints, so
     ``trainer.fit(model, ckpt_path=...)`` continues the same run with no duplicated or
@@ -143,8 +143,7 @@ class StablestepCallback(Callback):
         opt = trainer.optimizers[self.optimizer_index]
         opt = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
         self._module = pl_module
-        # log_dir is a collective (rank 0's answer on every rank); the Monitor gives every
-        # rank rank 0's run name, and only rank 0 writes
+        # log_dir is a collective (rank 0's answer on every rank); only rank 0 writes
         if self._state is not None and self._store_arg is None:
             self.store = self._state["monitor"].get("store") or self.store
         if self.store is None:

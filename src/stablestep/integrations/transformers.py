@@ -105,7 +105,7 @@ class StablestepCallback(TrainerCallback):
     callback first: ``trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(cb))``.
 
     Under ``torch.distributed`` every process builds the Monitor (its statistics are reduced
-    over ranks) with rank 0's run name; only rank 0 writes the store and the checkpoint file.
+    over ranks); only rank 0 writes the store (under its run name) and the checkpoint file.
 
     Args:
         config: a :class:`~stablestep.telemetry.config.MonitorConfig` (or a dict of run
