@@ -280,11 +280,11 @@ def test_tensorboard_sink(tmp_path):
         train(mon, model, opt, x, y, 3, nan_at={2})
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    loss = [(e.step, e.value) for e in acc.Scalars("stablestep/loss")]
     stored = open_run(tmp_path / "s.db").series("loss")
     assert [s for s, _ in loss] == stored[0].tolist() == [0, 1]
     assert [v for _, v in loss] == pytest.approx(stored[1].tolist(), rel=1e-6)
-    assert "eff_step_p99" in acc.Tags()["scalars"]
+    assert "stablestep/eff_step_p99" in acc.Tags()["scalars"]
 
 
 def test_buffered_writes_flush_by_count_time_and_close(tmp_path):
