@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stablestep.curvature import max_stable_lr, preconditioned_sharpness, stability_threshold
+from tests.curvature.helpers import textbook_threshold
 from tests.optim_table import OPTIMIZERS as OPTIMIZER_TABLE
 
 DIM = 6
@@ -127,18 +128,6 @@ def test_threshold_rejects_unknown_optimizer():
 # ------------------------------------------------------------ over the table of optimizers
 
 
-def _textbook_threshold(info, group):
-    """The bound on lr * lam(P^-1 H), written from the literature for the row's kind:
-    GD 2, heavy ball 2 + 2 mu, Nesterov (2 + 2 mu) / (1 + 2 mu) (no dampening in the rows),
-    Adam (2 + 2 b1) / (1 - b1) (Cohen et al. 2022, a frozen preconditioner)."""
-    if info.kind == "adam":
-        b1 = group["betas"][0]
-        return (2 + 2 * b1) / (1 - b1)
-    mu = group["momentum"]
-    assert group["dampening"] == 0
-    return (2 + 2 * mu) / (1 + 2 * mu) if group["nesterov"] else 2 + 2 * mu
-
-
 def _frozen_row(info, theta, loss_fn):
     """The row's optimizer; for the Adam family with a frozen, non-uniform preconditioner
     (as _frozen_adam): v far above the quadratic's tiny gradients, beta2 -> 1, a step count
@@ -174,7 +163,7 @@ def test_every_row_threshold_is_the_textbook_one_and_holds(info, factor):
     theta, loss_fn = _quadratic(seed=1)
     opt = _frozen_row(info, theta, loss_fn)
     thr = _set_lr(opt, theta, loss_fn, factor)
-    assert thr == pytest.approx(_textbook_threshold(info, opt.param_groups[0]))
+    assert thr == pytest.approx(textbook_threshold(info, opt.param_groups[0]))
     final, peak = _run(opt, theta, loss_fn, 1000)
     if factor < 1:
         assert final < 1e-2
