@@ -40,7 +40,7 @@ th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:t
 overflow-wrap:normal}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .failing{color:#b00020;font-weight:600}.fix{color:#00695c;font-weight:600}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,540px),1fr));
 gap:.8em}
 figure{margin:0;border:1px solid #e3e3e3;padding:.3em;background:#fff;min-width:0}
 img{max-width:100%;height:auto}
@@ -91,14 +91,14 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
-def render(name: str, **context: Any) -> Any:
-    """Render template ``name`` of :mod:`stablestep.report.templates`; returns
-    :class:`markupsafe.Markup` (safe to embed in another template)."""
+def render(template: str, /, **context: Any) -> Any:
+    """Render ``template`` (a name in :mod:`stablestep.report.templates`) with
+    ``context``; returns :class:`markupsafe.Markup` (safe to embed in another template)."""
     from markupsafe import Markup
 
     from stablestep.report.templates import get
 
-    return Markup(get(name).render(**context))
+    return Markup(get(template).render(**context))
 
 
 def safe(html: str) -> Any:
