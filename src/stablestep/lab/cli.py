@@ -74,8 +74,9 @@ def _usage(msg: str) -> Exception:
 def _need_matplotlib() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise _usage("the report needs matplotlib: pip install 'stablestep[plot]'")
+    missing = [m for m in ("matplotlib", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _usage(f"the report needs {' and '.join(missing)}: pip install 'stablestep[plot]'")
 
 
 def _scenario(name: str):

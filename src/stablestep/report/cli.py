@@ -53,8 +53,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from stablestep.cli import UsageError
     from stablestep.report import write_report
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("the report needs matplotlib: pip install 'stablestep[plot]'")
+    missing = [m for m in ("matplotlib", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"the report needs {' and '.join(missing)}: "
+                         "pip install 'stablestep[plot]'")
     check_output(args.output)
     path = args.path
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "run.sqlite")):
