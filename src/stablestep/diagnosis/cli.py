@@ -139,33 +139,35 @@ def render(findings: list[Any], *, source: str, console: Any, verbose: bool = Fa
 
 
 def _describe(trace: Any) -> str:
-    """"120 points of 'loss' (run a)": what was read, for the user to check."""
-    column = next((getattr(trace, a) for a in ("loss_column", "column", "tag", "loss_key")
-                   if getattr(trace, a, None)), None)
-    text = f"{len(trace)} points" + (f" of {column!r}" if column else "")
-    if trace.name:
-        text += f" (run {trace.name})"
-    return text
+    """"120 points (run a)": what was read, for the user to check (readers that report a
+    :class:`ReadInfo` themselves say more: the column or tag, the step column)."""
+    return f"{len(trace)} points" + (f" (run {trace.name})" if trace.name else "")
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
     """Read the source, diagnose each run and print the findings; unusable input raises
     ``UsageError`` (exit 2). Reader warnings (skipped rows, coarse resolution) and what
     was read go to the ``stablestep`` logger (stderr)."""
+    import inspect
+
     from stablestep.cli import UsageError, console
     from stablestep.diagnosis.core import diagnose_trace
     from stablestep.diagnosis.sources import SourceError, SourceWarning, load
 
+    # readers that say what they read (ReadInfo, logged at INFO) need no line from here
+    says_what_it_read = "infos" in inspect.signature(load).parameters
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SourceWarning)
-            traces = load(args.path, run=args.run)
+            traces = (load(args.path, run=args.run, infos=[]) if says_what_it_read
+                      else load(args.path, run=args.run))
         for w in caught:
             if issubclass(w.category, SourceWarning):
                 log.warning("%s", w.message)
         findings = []
         for trace in traces:
-            log.info("read %s from %s", _describe(trace), args.path)
+            if not says_what_it_read:
+                log.info("%s: read %s", args.path, _describe(trace))
             findings.extend(diagnose_trace(trace))
     except (SourceError, ValueError, OSError, KeyError) as exc:
         from stablestep.cli import _one_line
