@@ -123,6 +123,11 @@ def test_incident_circles_of_different_runs_do_not_cover_each_other(monkeypatch)
 
 @pytest.mark.parametrize("name", ["\x00nul", "rlo\u202eexe.txt", "\x1b[31mred"])
 def test_control_characters_never_reach_a_plot_or_page(tmp_path, name):
-    html = write_report(_csv(tmp_path, [name]), tmp_path / "r.html").read_text("utf-8")
+    from stablestep.diagnosis.trace import Trace
+
+    loss = 1.0 / (1 + 0.05 * np.arange(60))
+    loss[30] *= 30.0
+    trace = Trace(steps=np.arange(60), loss=loss, name=name, source=f"mem-{name}")
+    html = write_report(trace, tmp_path / "r.html").read_text("utf-8")
     for raw in ("\x00", "\u202e", "\x1b"):
         assert raw not in html

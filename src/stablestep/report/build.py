@@ -59,7 +59,7 @@ def _is_store(path: str) -> bool:
     try:
         with open(path, "rb") as f:
             return f.read(16) == b"SQLite format 3\x00"
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return False
 
 
@@ -131,8 +131,9 @@ def write_report(source: Any, out: str | os.PathLike, *,
                      float(loss[-1]) if len(loss) else float("nan"),
                      "not available" if found is None else
                      (", ".join(sorted({f["mechanism"] for f in found})) or "none")])
-    src = os.fspath(source) if isinstance(source, (str, os.PathLike)) else repr(source)
-    kind = "Run store" if _is_store(src) else "Log"
+    src = (os.fspath(source) if isinstance(source, (str, os.PathLike))
+           else str(getattr(source, "source", "") or type(source).__name__))
+    kind = "Run store" if isinstance(source, (str, os.PathLike)) and _is_store(src) else "Log"
     title = title or f"stablestep report: {Path(src).name}"
     body = render("store_report", title=title, what=kind, source=src, n_runs=len(traces),
                   skipped=skipped, summary=table(["run", "optimizer", "last step",
