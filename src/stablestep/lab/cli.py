@@ -58,6 +58,13 @@ def add_parsers(subparsers: Any) -> None:
     sw.set_defaults(func=cmd_sweep)
 
 
+def printable(text) -> str:
+    """Paths and names from the user, shown with escapes for control characters."""
+    from stablestep.report.text import printable as _printable
+
+    return _printable(text)
+
+
 def _console():
     """The CLI's console (terminal width, or ``COLUMNS``/80 when piped)."""
     from stablestep.cli import console
@@ -128,7 +135,7 @@ def _print_outcome(console, outcome) -> None:
                   escape(mech), escape(str(remedy)))
     console.print(t)
     if outcome.report:
-        console.print(f"report: {escape(outcome.report)}")
+        console.print(f"report: {escape(printable(outcome.report))}", highlight=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,7 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             outcomes = runner.run_all(out=out, quick=args.quick, workers=args.workers,
                                       overwrite=args.overwrite, progress=finished)
-        console.print(f"index of all reports: {out / 'index.html'}")
+        from rich.markup import escape
+
+        console.print(f"index of all reports: {escape(printable(out / 'index.html'))}",
+                      highlight=False)
         return 0 if outcomes else 1
     sc = _scenario(args.name)
     out = Path(args.out or os.path.join("runs", sc.name))
@@ -250,5 +260,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             t.add_row(f"{eps:g}", *[f"{fmt_loss(c.final_loss)} / "
                                     f"{'-' if c.spikes is None else c.spikes}" for c in cells])
         console.print(t)
-    console.print(f"stability map: {html}")
+    from rich.markup import escape
+
+    console.print(f"stability map: {escape(printable(html))}", highlight=False)
     return 0

@@ -69,5 +69,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from stablestep.cli import _one_line
 
         raise UsageError(_one_line(exc)) from None
-    print(f"report: {out}")
+    from stablestep.report.text import printable
+
+    print(f"report: {printable(out)}")
     return 0
