@@ -131,3 +131,18 @@ def test_control_characters_never_reach_a_plot_or_page(tmp_path, name):
     html = write_report(trace, tmp_path / "r.html").read_text("utf-8")
     for raw in ("\x00", "\u202e", "\x1b"):
         assert raw not in html
+
+
+def test_a_run_without_metrics_does_not_block_the_report(store, tmp_path):
+    """A crash before the first flush leaves a run with no metrics; the other runs are
+    still reported and the empty one is named with the reason."""
+    import shutil
+
+    from stablestep.telemetry.store import RunWriter
+
+    path = tmp_path / "runs.sqlite"
+    shutil.copy(store, path)
+    RunWriter(path, "crashed-before-flush", config={}).close()
+    html = write_report(path, tmp_path / "r.html").read_text("utf-8")
+    assert "crashed-before-flush" in html and "left out" in html
+    assert len(_images(html)) >= 6  # the runs with data are all there
