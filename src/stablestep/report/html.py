@@ -51,7 +51,8 @@ code{background:#f5f5f5;padding:0 .2em;overflow-wrap:anywhere}
 .incident{border:1px solid #e3e3e3;border-radius:4px;padding:.2em .9em .5em;margin:.8em 0}
 .incident p.headline{font-size:1.02em;margin:.5em 0}.incident .badge{margin-right:.3em}
 table.evidence td:nth-child(2),table.evidence td:nth-child(3){white-space:nowrap;
-font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555}
+font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555;min-width:16em}
+table.evidence td:first-child{min-width:8em}
 p.remedy-head{margin:.4em 0 .1em;font-weight:600}ul.remedies{margin:.1em 0 .4em}
 ul.remedies li{margin:.15em 0}details{font-size:.85em;color:#555}
 ul.all-evidence{columns:2;margin:.2em 0}code.mech{font-size:.8em;color:#666}
