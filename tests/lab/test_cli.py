@@ -128,6 +128,8 @@ def test_run_all_writes_store_report_and_index(tmp_path):
     assert report.count("<img ") >= 6 and "lr-too-high" in report
     index = (tmp_path / "index.html").read_text()
     assert 'href="lr-divergence/report.html"' in index
+    for page in (report, index):  # the story in words, no "seed 003"
+        assert "lr too high -&gt; NaN" in page and "seed" not in page.lower()
     assert outcome.variant("gd-lr1e-3").diverged_at is not None
 
 
