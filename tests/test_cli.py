@@ -133,3 +133,19 @@ def test_console_script_never_prints_a_traceback(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_warnings_during_a_command_are_one_line_each(failing, capsys):
+    import warnings
+
+    def warn_then_fail(args):
+        warnings.warn("resolution is coarse\nsecond line", UserWarning, stacklevel=1)
+        return 0
+
+    failing["exc"] = None
+    import stablestep.lab.cli as lab_cli
+
+    lab_cli.cmd_list = warn_then_fail  # restored by the fixture's monkeypatch
+    assert main(["lab", "list"]) == 0
+    err = capsys.readouterr().err
+    assert err == "stablestep: warning: resolution is coarse\\x0asecond line\n", err

@@ -24,6 +24,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 # Subpackages contributing commands, in the order they appear in --help.
@@ -173,6 +174,12 @@ def _one_line(exc: BaseException) -> str:
     return printable(first, limit=500)
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: the message as one log line
+    (``stablestep: warning: ...``), without the file and source line Python adds."""
+    logging.getLogger(LOGGER).warning("%s", message)
+
+
 # What a user can cause: bad paths, unreadable or malformed files, bad values.
 EXPECTED = (UsageError, ValueError, OSError, KeyError, UnicodeError, OverflowError,
             RecursionError, ImportError, EOFError)
@@ -188,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if func is None:
             parser.print_help()
             return 2
-        return int(func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line  # one "stablestep: warning:" line each
+            return int(func(args) or 0)
     except EXPECTED as exc:
         if os.environ.get(DEBUG_ENV):
             raise
