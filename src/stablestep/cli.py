@@ -27,6 +27,10 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+from stablestep.errors import UsageError  # re-exported: stablestep.cli.UsageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
 # Subpackages contributing commands, in the order they appear in --help.
 _COMMAND_MODULES = (
     "stablestep.lab.cli",
@@ -36,10 +40,6 @@ _COMMAND_MODULES = (
 )
 DEBUG_ENV = "STABLESTEP_DEBUG"
 LOGGER = "stablestep"
-
-
-class UsageError(Exception):
-    """An error caused by the user's input; printed as one line, exit status 2."""
 
 
 def _verbosity_parent() -> argparse.ArgumentParser:

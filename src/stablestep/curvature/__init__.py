@@ -10,6 +10,11 @@ r"""stablestep.curvature: the Hessian's top eigenvalue and the one Adam actually
 - :class:`CurvatureProbe`: what the Monitor calls every ``curvature_every`` steps.
 """
 
+from __future__ import annotations
+
+# Eager on purpose: curvature is torch through and through (nothing torch-free imports it),
+# and ``hvp`` is both a submodule and a function here; a lazy attribute would hand out the
+# module once anything imported ``stablestep.curvature.hvp``.
 from stablestep.curvature.hvp import HessianOperator, hvp
 from stablestep.curvature.lanczos import EigenResult, LanczosConfig, lanczos_top
 from stablestep.curvature.probe import CurvatureProbe, ProbeConfig

@@ -150,9 +150,10 @@ def run_diagnose(args: argparse.Namespace) -> int:
     was read go to the ``stablestep`` logger (stderr)."""
     import inspect
 
-    from stablestep.cli import UsageError, console
+    from stablestep.cli import console
     from stablestep.diagnosis.core import diagnose_trace
     from stablestep.diagnosis.sources import SourceError, SourceWarning, load
+    from stablestep.errors import UsageError
 
     # readers that say what they read (ReadInfo, logged at INFO) need no line from here
     says_what_it_read = "infos" in inspect.signature(load).parameters

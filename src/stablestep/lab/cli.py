@@ -73,7 +73,7 @@ def _console():
 
 
 def _usage(msg: str) -> Exception:
-    from stablestep.cli import UsageError
+    from stablestep.errors import UsageError
 
     return UsageError(msg)
 

@@ -42,12 +42,12 @@ OpenMP threads (one tensor per thread at a time: a group of one huge tensor runs
 
 from __future__ import annotations
 
-import math
 import threading
 import warnings
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim._reference import AdamStep, Atan2Step
 
 _SOURCE = r"""
@@ -328,10 +328,6 @@ def _threads(n_tensors: int) -> int:
     return min(torch.get_num_threads(), max(n_tensors, 1)) << 8
 
 
-def _eps_t(h: AdamStep, bc2: float) -> float:
-    return h.eps if h.eps_mode == "torch" else h.eps / math.sqrt(bc2)
-
-
 def adam_clip(kernel, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
               h: AdamStep) -> list[float]:
     """Adam/AdamW with update clipping in one kernel call; returns the per-tensor scales."""
@@ -340,8 +336,8 @@ def adam_clip(kernel, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, ste
     hyp = [h.lr, h.beta1, h.beta2, h.weight_decay]
     for s in steps:
         t = float(s)
-        bc2 = 1 - h.beta2**t
-        hyp += [1 - h.beta1**t, bc2, _eps_t(h, bc2)]
+        hyp += [F.bias_correction1(h.beta1, t), F.bias_correction2(h.beta2, t),
+                F.eps_t(h.eps, h.beta2, t, h.eps_mode)]
     maxs = max_exp_avg_sqs if h.amsgrad else [None] * n
     ptrs = []
     for p, g, m, v, vm in zip(params, grads, exp_avgs, exp_avg_sqs, maxs, strict=True):
@@ -372,7 +368,7 @@ def atan2_step(kernel, params, grads, exp_avgs, exp_avg_sqs, steps, h: Atan2Step
         step_ptrs = [0] * n
         for s in steps:
             t = float(s)
-            hyp += [1 - h.beta1**t, 1 - h.beta2**t]
+            hyp += [F.bias_correction1(h.beta1, t), F.bias_correction2(h.beta2, t)]
     ptrs = []
     for p, g, m, v, sp in zip(params, grads, exp_avgs, exp_avg_sqs, step_ptrs, strict=True):
         ptrs += [p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), sp]

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import AdamStep, adam_reference
-from stablestep.optim.inspect import epsilon_t, group_hyper, second_moment, step_count
+from stablestep.optim.inspect import group_hyper, second_moment, step_count
 
 IMPLS = ("auto", "fused", "foreach", "reference", "compiled")
 EPS_MODES = ("torch", "tf")
@@ -246,9 +247,8 @@ class Adam(_AdamFamily):
         if t == 0 or v is None:
             return None
         scale = float(self.state[p].get("update_scale", 1.0))
-        bc1, bc2 = 1.0 - h.beta1**t, 1.0 - h.beta2**t
-        denom = (v / bc2).sqrt_().add_(epsilon_t(h, t))
-        return (scale * h.lr / bc1) / denom
+        return F.effective_step(v, lr=scale * h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps,
+                                step=t, eps_mode=h.eps_mode)
 
 
 class AdamW(Adam):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import Atan2Step, atan2_reference
 from stablestep.optim.adam import _AdamFamily, check_common, compiled_kernel, resolve_impl
@@ -120,7 +121,7 @@ class AdamAtan2(_AdamFamily):
             return None
         b1, b2 = group["betas"]
         lr, a, b = float(group["lr"]), group["a"], group["b"]
-        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        bc1, bc2 = F.bias_correction1(b1, t), F.bias_correction2(b2, t)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if torch.is_complex(m):
             m, v = torch.view_as_real(m), torch.view_as_real(v)

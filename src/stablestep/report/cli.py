@@ -30,7 +30,7 @@ def add_parsers(subparsers: Any) -> None:
 def check_output(path: str) -> None:
     """Raise ``UsageError`` unless ``path`` can be written as a file: not a directory,
     its folder existing (or creatable) and writable. Checked before any plotting."""
-    from stablestep.cli import UsageError
+    from stablestep.errors import UsageError
 
     if os.path.isdir(path):
         raise UsageError(f"-o {path}: is a directory; give a file name such as "
@@ -50,7 +50,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; unreadable input or an unwritable output is a one-line error."""
     import importlib.util
 
-    from stablestep.cli import UsageError
+    from stablestep.errors import UsageError
     from stablestep.report import write_report
 
     missing = [m for m in ("matplotlib", "jinja2") if importlib.util.find_spec(m) is None]
