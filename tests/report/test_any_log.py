@@ -63,9 +63,3 @@ def test_report_from_any_readable_log(make, tmp_path, capsys):
     assert "Not in this log:" in html and "stablestep.Monitor(" in html
     assert "effective per-coordinate step" in html
 
-
-def test_a_store_report_has_no_missing_note(store, tmp_path):
-    from stablestep.report import write_report
-
-    html = write_report(store, tmp_path / "r.html").read_text(encoding="utf-8")
-    assert "Not in this log:" not in html

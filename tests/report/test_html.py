@@ -74,6 +74,7 @@ def test_self_contained_images_are_png(html):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert "Content-Security-Policy" in html and "default-src 'none'" in html
+    assert "Not in this log:" not in html  # a Monitor's store fills every panel
 
 
 def test_report_cli(store, tmp_path, capsys):
