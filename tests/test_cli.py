@@ -149,3 +149,15 @@ def test_warnings_during_a_command_are_one_line_each(failing, capsys):
     assert main(["lab", "list"]) == 0
     err = capsys.readouterr().err
     assert err == "stablestep: warning: resolution is coarse\\x0asecond line\n", err
+
+
+def test_a_failing_command_prints_only_its_error_line(tmp_path, capsys):
+    """What was read and reader warnings come after a success; a failure is one line."""
+    p = tmp_path / "log.csv"
+    p.write_text("step,loss\n" + "".join(f"{i},{1.0 / (i + 1)}\n" for i in range(40))
+                 + "40,oops\n")
+    assert main(["diagnose", str(p)]) == 0
+    assert "40 points" in capsys.readouterr().err
+    assert main(["diagnose", str(p), "--run", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stablestep: error: ") and "nope" in err

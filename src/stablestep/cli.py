@@ -13,7 +13,8 @@ terminal raw.
 
 The library logs through ``logging.getLogger("stablestep")``; :func:`main` gives that
 logger one stderr handler (``stablestep: message``) at INFO, DEBUG with ``-v``, WARNING
-with ``-q``.
+with ``-q``. Its lines are written when the command succeeds; a failing command prints
+only its one error line (``-v`` streams every line as it comes).
 """
 
 from __future__ import annotations
@@ -104,15 +105,36 @@ class _Formatter(logging.Formatter):
         return f"stablestep: {msg}"
 
 
-def setup_logging(verbose: int = 0, quiet: bool = False) -> logging.Handler:
+class _Deferred(logging.Handler):
+    """Holds the formatted lines of a command until it ends: :meth:`release` writes them
+    to stderr when it succeeded; when it failed they are dropped, so its one error line is
+    all stderr gets (``-v`` streams everything instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def release(self) -> None:
+        """Write the held lines to the current ``sys.stderr``."""
+        for line in self.lines:
+            print(line, file=sys.stderr)
+        self.lines.clear()
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, *,
+                  defer: bool = False) -> logging.Handler:
     """Give the ``stablestep`` logger one handler writing ``stablestep: message`` lines to
-    the current ``sys.stderr`` (INFO; DEBUG when ``verbose``; WARNING when ``quiet``).
-    Returns the handler; a second call replaces the first one's."""
+    the current ``sys.stderr`` (INFO; DEBUG when ``verbose``; WARNING when ``quiet``);
+    with ``defer`` the lines wait for :meth:`_Deferred.release`. Returns the handler; a
+    second call replaces the first one's."""
     log = logging.getLogger(LOGGER)
     for h in list(log.handlers):
         if getattr(h, "_stablestep_cli", False):
             log.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = _Deferred() if defer else logging.StreamHandler(sys.stderr)
     handler._stablestep_cli = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter())
     log.addHandler(handler)
@@ -189,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stablestep`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = setup_logging(getattr(args, "verbose", 0) or 0, getattr(args, "quiet", False))
+    verbose = getattr(args, "verbose", 0) or 0
+    handler = setup_logging(verbose, getattr(args, "quiet", False), defer=not verbose)
     try:
         func = getattr(args, "func", None)
         if func is None:
@@ -197,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         with warnings.catch_warnings():
             warnings.showwarning = _warning_line  # one "stablestep: warning:" line each
-            return int(func(args) or 0)
+            rc = int(func(args) or 0)
+        if isinstance(handler, _Deferred):  # what was read, warnings: after success only
+            handler.release()
+        return rc
     except EXPECTED as exc:
         if os.environ.get(DEBUG_ENV):
             raise

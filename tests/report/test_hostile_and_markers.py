@@ -146,3 +146,14 @@ def test_a_run_without_metrics_does_not_block_the_report(store, tmp_path):
     html = write_report(path, tmp_path / "r.html").read_text("utf-8")
     assert "crashed-before-flush" in html and "left out" in html
     assert len(_images(html)) >= 6  # the runs with data are all there
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path, capsys):
+    """Opening a FIFO to sniff its header blocked the report forever."""
+    import os
+
+    from stablestep.report.build import _is_store
+
+    fifo = tmp_path / "pipe.sqlite"
+    os.mkfifo(fifo)
+    assert _is_store(str(fifo)) is False  # returns at once, nothing opened

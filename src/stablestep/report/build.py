@@ -56,7 +56,11 @@ def _hyper_cell(hyper: dict) -> str:
 
 
 def _is_store(path: str) -> bool:
+    """Whether ``path`` is a regular file starting with SQLite's header (a FIFO or a
+    device is never opened: reading one would block)."""
     try:
+        if not os.path.isfile(path):
+            return False
         with open(path, "rb") as f:
             return f.read(16) == b"SQLite format 3\x00"
     except (OSError, ValueError):  # ValueError: a NUL in the path
