@@ -106,7 +106,7 @@ class _Formatter(logging.Formatter):
 
 
 class _Deferred(logging.Handler):
-    """Holds the formatted lines of a command until it ends: :meth:`release` writes them
+    """Holds the formatted lines of a command until it ends: :meth:`write_out` writes them
     to stderr when it succeeded; when it failed they are dropped, so its one error line is
     all stderr gets (``-v`` streams everything instead)."""
 
@@ -117,7 +117,7 @@ class _Deferred(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(self.format(record))
 
-    def release(self) -> None:
+    def write_out(self) -> None:
         """Write the held lines to the current ``sys.stderr``."""
         for line in self.lines:
             print(line, file=sys.stderr)
@@ -128,7 +128,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False, *,
                   defer: bool = False) -> logging.Handler:
     """Give the ``stablestep`` logger one handler writing ``stablestep: message`` lines to
     the current ``sys.stderr`` (INFO; DEBUG when ``verbose``; WARNING when ``quiet``);
-    with ``defer`` the lines wait for :meth:`_Deferred.release`. Returns the handler; a
+    with ``defer`` the lines wait for :meth:`_Deferred.write_out`. Returns the handler; a
     second call replaces the first one's."""
     log = logging.getLogger(LOGGER)
     for h in list(log.handlers):
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _warning_line  # one "stablestep: warning:" line each
             rc = int(func(args) or 0)
         if isinstance(handler, _Deferred):  # what was read, warnings: after success only
-            handler.release()
+            handler.write_out()
         return rc
     except EXPECTED as exc:
         if os.environ.get(DEBUG_ENV):
