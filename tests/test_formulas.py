@@ -284,3 +284,56 @@ def test_formulas_import_without_torch():
     code = "import sys, stablestep.formulas as f; f.adam_threshold(0.9); f.eps_t(1e-8,.9,1,'tf');"\
            " assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("eps_mode,amsgrad", [("torch", False), ("tf", True)])
+def test_g2v_before_the_step_is_what_update_clipping_applies(eps_mode, amsgrad):
+    """From the state a guard sees before step() and the new gradient, the RMS whose
+    1/max(1, RMS) stablestep's StableAdamW applies (its reference path is checked against
+    the paper in tests/optim/test_paths.py)."""
+    from stablestep.optim import Adam
+
+    gen = torch.Generator().manual_seed(3)
+    p = torch.nn.Parameter(torch.randn(50, generator=gen))
+    opt = Adam([p], lr=1e-2, betas=(0.9, 0.95), eps=1e-3, eps_mode=eps_mode, amsgrad=amsgrad,
+               update_clipping=True, impl="reference")
+    for t in range(1, 7):
+        g = torch.randn(50, generator=gen) * (30.0 if t == 6 else 1.0)
+        st = opt.state.get(p, {})
+        if st:
+            rms = F.g2v_rms_before_step(
+                g, st["exp_avg_sq"], beta2=0.95, eps=1e-3, step=t, eps_mode=eps_mode,
+                max_v_prev=st.get("max_exp_avg_sq"))
+        p.grad = g
+        opt.step()
+        if t > 1:
+            assert opt.state[p]["update_scale"] == pytest.approx(F.update_clip_scale(rms),
+                                                                rel=1e-12)
+    assert opt.state[p]["update_scale"] < 0.5  # the spike was clipped
+
+
+def test_stableadamw_published_implementation_applies_the_same_ratio():
+    """torch-optimi's StableAdamW (the paper's algorithm with debiased betas, its state
+    already v_hat_t) and stablestep's AdamW(update_clipping=True), whose clip factor is
+    update_clip_scale(g2v_rms(...)), agree through a clipped spike."""
+    optimi = pytest.importorskip("optimi", reason="torch-optimi (dev extra) not installed")
+    from stablestep.optim import AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    p0 = torch.randn(200, generator=gen)
+    grads = [torch.randn(200, generator=gen) * (40.0 if t == 5 else 1.0) for t in range(10)]
+    a, b = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
+    theirs = optimi.StableAdamW([a], foreach=False, **kw)
+    ours = AdamW([b], update_clipping=True, impl="reference", **kw)
+    scales = []
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        theirs.step()
+        ours.step()
+        scales.append(ours.state[b]["update_scale"])
+        # their state is v_hat_t itself: the ratio with bc2 = 1 is the same RMS
+        rms = F.g2v_rms(g, theirs.state[a]["exp_avg_sq"], 1.0, 1e-6)
+        assert F.update_clip_scale(rms) == pytest.approx(scales[-1], rel=1e-9)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-15)
+    assert min(scales) < 0.5

@@ -170,6 +170,26 @@ def second_moment_update(v_prev: Any, g: Any, beta2: float) -> Any:
     return v_prev * beta2 + g.square() * (1.0 - beta2)
 
 
+def g2v_rms_before_step(
+    g: Any, v_prev: Any, *, beta2: float, eps: float, step: float, eps_mode: str = "torch",
+    max_v_prev: Any = None,
+) -> float:
+    r""":func:`g2v_rms` of the step about to be taken, from the state before it.
+
+    What a guard or a probe that runs before ``optimizer.step()`` should compute: it sees
+    :math:`v_{t-1}` (``exp_avg_sq``) and the new gradient :math:`g_t`, forms
+    :math:`v_t` (:func:`second_moment_update`; under AMSGrad
+    :math:`\max(\text{max\_v}_{t-1}, v_t)`, pass ``max_v_prev``) and evaluates the ratio
+    at ``step`` :math:`= t` (the optimizer's step count plus one), with
+    :math:`\epsilon_t` from ``eps`` in ``eps_mode``. Equal to the RMS that
+    ``update_clipping`` applies at that step.
+    """
+    v = second_moment_update(v_prev, g, beta2)
+    if max_v_prev is not None:
+        v = v.maximum(max_v_prev)
+    return g2v_rms(g, v, bias_correction2(beta2, step), eps_t(eps, beta2, step, eps_mode))
+
+
 def update_clip_scale(rms: float) -> float:
     r"""StableAdamW's learning-rate factor :math:`1/\max(1, \mathrm{RMS}_t)`."""
     return 1.0 / max(1.0, rms)

@@ -11,7 +11,13 @@ import torch
 from stablestep import formulas as F
 from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import Atan2Step, atan2_reference
-from stablestep.optim.adam import _AdamFamily, check_common, compiled_kernel, resolve_impl
+from stablestep.optim.adam import (
+    _AdamFamily,
+    check_common,
+    compiled_kernel,
+    reject_torch_flags,
+    resolve_impl,
+)
 
 
 class AdamAtan2(_AdamFamily):
@@ -49,7 +55,10 @@ class AdamAtan2(_AdamFamily):
         b: float = 1.0,
         maximize: bool = False,
         impl: str = "auto",
+        **torch_flags: Any,
     ) -> None:
+        reject_torch_flags(type(self).__name__, torch_flags,
+                           ("auto", "foreach", "reference", "compiled"))
         check_common(lr, betas, weight_decay, impl)
         if impl == "fused":
             raise ValueError("impl='fused' is not available for AdamAtan2; use 'auto' or 'foreach'")

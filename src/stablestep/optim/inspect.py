@@ -110,11 +110,14 @@ def epsilon_t(h: GroupHyper, step: int) -> float:
     r"""The epsilon added to :math:`\sqrt{\hat v}` at ``step`` in PyTorch's convention.
 
     :func:`stablestep.formulas.eps_t` with this group's ``eps``, ``beta2`` and ``eps_mode``;
-    an epsilon-free optimizer (``AdamAtan2``, ``eps_mode="none"``) adds its group ``eps`` (0).
+    any mode other than ``"tf"`` (``"none"`` for AdamAtan2, whose ``eps`` reads 0, or a
+    foreign optimizer's) adds ``eps`` as torch does.
     """
-    if h.eps_mode not in F.EPS_MODES:
-        return h.eps
-    return F.eps_t(h.eps, h.beta2, step, h.eps_mode)
+    return F.eps_t(h.eps, h.beta2, step, _mode(h))
+
+
+def _mode(h: GroupHyper) -> str:
+    return "tf" if h.eps_mode == "tf" else "torch"
 
 
 def effective_step(
@@ -143,4 +146,4 @@ def effective_step(
     if t == 0 or v is None:
         return None
     return F.effective_step(v, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, step=t,
-                            eps_mode=h.eps_mode)
+                            eps_mode=_mode(h))
