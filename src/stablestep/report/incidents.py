@@ -12,17 +12,20 @@ Each finding (``Finding.to_dict()`` of :mod:`stablestep.diagnosis`) becomes
 - the remedies as "action = value -- why" (:func:`remedy_value` formats the value: a
   decay dict reads "decay_rate 0.9 every 16 steps").
 
-Every string that comes from the finding is HTML-escaped here (:func:`incident_html`).
+Every string that comes from the finding is HTML-escaped by the ``incident`` template
+(:func:`incident_html`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from stablestep.report.html import esc, fmt
+from stablestep.report.html import fmt
 
+_COLOR = re.compile(r"#[0-9a-fA-F]{3,8}")
 MECHANISM_WORDS = {
     "adaptive-edge-of-stability": "Adam's adaptive edge of stability",
     "lr-too-high": "a learning rate too high for the curvature",
@@ -279,38 +282,26 @@ def evidence_rows(f: dict) -> list[list[str]]:
     return rows
 
 
-def incident_html(number: int, label: str, f: dict, *, color: str = "#555") -> str:
+def incident_html(number: int, label: str, f: dict, *, color: str = "#555") -> Any:
     """One incident block: numbered badge (the loss panel's marker), headline, evidence
-    table, remedies and the full evidence collapsed. All finding text is escaped."""
+    table, remedies and the full evidence collapsed. Rendered by the ``incident``
+    template, which escapes every string of the finding."""
+    from stablestep.report.html import render
+    from stablestep.report.text import printable
+
     ev = f.get("evidence") or {}
-    parts = [f'<section class="incident" id="incident-{int(number)}">',
-             f'<p class="headline"><span class="badge" style="background:{esc(color)}">'
-             f"{int(number)}</span> {esc(headline(f, label))} "
-             f'<code class="mech">{esc(f.get("kind"))} / {esc(f.get("mechanism"))}</code></p>']
-    rows = evidence_rows(f)
-    if rows:
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>"
-                       for r in rows)
-        parts.append('<table class="evidence"><tr><th>evidence</th><th>measured</th>'
-                     f"<th>reference</th><th>meaning</th></tr>{body}</table>")
-    rem = f.get("remedies") or []
-    if rem:
-        items = "".join(
-            f"<li><code>{esc(r.get('action'))} = "
-            f"{esc(remedy_value(str(r.get('action')), r.get('value')))}</code>"
-            + (f" &mdash; {esc(r.get('why'))}" if r.get("why") else "") + "</li>"
-            for r in rem)
-        parts.append('<p class="remedy-head">Computed remedies:</p>'
-                     f'<ul class="remedies">{items}</ul>')
-    if ev:
-        items = "".join(f"<li><code>{esc(k)}</code>: {esc(summarise(v))}</li>"
-                        for k, v in ev.items())
-        parts.append(f"<details><summary>all evidence ({len(ev)} values)</summary>"
-                     f'<ul class="all-evidence">{items}</ul></details>')
-    parts.append("</section>")
-    return "".join(parts)
+    color = color if _COLOR.fullmatch(str(color)) else "#555"
+    remedies = [{"action": r.get("action"),
+                 "value": remedy_value(str(r.get("action")), r.get("value")),
+                 "why": r.get("why")} for r in f.get("remedies") or []]
+    return render("incident", number=int(number), color=color,
+                  headline=headline(f, printable(label, limit=120)),
+                  kind=f.get("kind"), mechanism=f.get("mechanism"), rows=evidence_rows(f),
+                  remedies=remedies, evidence=[(k, summarise(v)) for k, v in ev.items()])
 
 
-def incidents_html(blocks: Sequence[str]) -> str:
+def incidents_html(blocks: Sequence[Any]) -> Any:
     """The section body: the blocks, or a sentence when there are none."""
-    return "".join(blocks) if blocks else "<p>No incidents were found.</p>"
+    from markupsafe import Markup
+
+    return Markup("").join(blocks) if blocks else Markup("<p>No incidents were found.</p>")
