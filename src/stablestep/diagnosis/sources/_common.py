@@ -180,8 +180,9 @@ def check_path(path: str) -> os.stat_result:
 
 
 def warn(message: str) -> None:
-    """A :class:`SourceWarning` (printed by the CLI) that is also logged."""
-    log.warning("%s", message)
+    """A :class:`SourceWarning` (the CLI prints it; also logged at DEBUG so a library
+    user who only configures logging still finds it)."""
+    log.debug("%s", message)
     warnings.warn(message, SourceWarning, stacklevel=3)
 
 
@@ -255,15 +256,16 @@ class Collector:
     def traces(self, *, loss_column: str, step_column: str | None, drop_empty: bool = False,
                coarse: str = "", infos: list[ReadInfo] | None = None) -> list[Trace]:
         """One trace per run. Empty loss cells count as non-finite (a NaN written by
-        pandas) unless ``drop_empty`` or they are a fifth of the rows or more (a loss
-        logged at other steps than other columns)."""
+        pandas) unless ``drop_empty`` or they are interleaved with logged values (a
+        fifth of the rows or more, in three or more stretches each followed by a value:
+        a loss logged at other steps than other columns, not a run that went NaN)."""
         out = []
         for run, buf in self.runs.items():
             steps = np.frombuffer(buf.steps, dtype=np.int64)
             loss = np.frombuffer(buf.loss, dtype=np.float64)
             empty = np.frombuffer(buf.empty, dtype=np.int8).astype(bool)
             n_empty = int(empty.sum())
-            if n_empty and (drop_empty or n_empty * 5 >= max(1, empty.size)):
+            if n_empty and (drop_empty or _interleaved(empty)):
                 if not drop_empty:
                     log.info("%s: %d rows without a %r value read as not logged there",
                              self.source, n_empty, loss_column)
@@ -300,6 +302,15 @@ class Collector:
                 why.append(f"{self.out_of_range} whose step is beyond int64")
             warn(f"{self.source}: skipped {bad} record(s): " + "; ".join(why))
         return out
+
+
+def _interleaved(empty: np.ndarray) -> bool:
+    """Whether empty cells are a fifth of the rows or more and come in three or more
+    stretches that each end before a filled row."""
+    if empty.sum() * 5 < empty.size:
+        return False
+    ends = np.flatnonzero(empty[:-1] & ~empty[1:])
+    return ends.size >= 3
 
 
 def report(info: ReadInfo, infos: list[ReadInfo] | None) -> None:

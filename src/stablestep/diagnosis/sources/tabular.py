@@ -223,10 +223,7 @@ def _blocks_csv(path: str, dialect: Any, used: list[int], ncols: int,
         for row in reader:
             if not row:
                 continue
-            if len(row) > ncols:
-                counts["bad_lines"] += 1
-                continue
-            rows.append(row)
+            rows.append(row)  # fields beyond the header are ignored, as pandas does
             if len(rows) >= _BLOCK:
                 yield _columns(rows, used)
                 rows = []
@@ -279,7 +276,7 @@ def read_csv(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
         raise SourceError(f"{path}: unreadable CSV ({msg[-1] if msg else type(exc).__name__})"
                           ) from None
     if counts["bad_lines"]:
-        warn(f"{path}: skipped {counts['bad_lines']} row(s) with more fields than the header")
+        warn(f"{path}: skipped {counts['bad_lines']} malformed row(s)")
     if not col.runs:
         raise SourceError(f"{path}: no rows with a step and a {layout.loss_name!r} value")
     return col.traces(loss_column=layout.loss_name, step_column=layout.step_name,
