@@ -10,7 +10,9 @@ import pytest
 from stablestep.cli import main
 from stablestep.diagnosis import diagnose, load
 
-ROOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "real_logs"
+# ../shared/real_logs next to the checkout; STABLESTEP_REAL_LOGS points elsewhere (a worktree)
+ROOT = Path(os.environ.get("STABLESTEP_REAL_LOGS") or
+            Path(__file__).resolve().parents[2] / ".." / "shared" / "real_logs")
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="../shared/real_logs not present")
 
 
