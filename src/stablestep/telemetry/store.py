@@ -82,9 +82,16 @@ class Event:
     data: dict = field(default_factory=dict)
 
 
+def _one_line(text: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
 class StoreError(ValueError):
     """A path that is not a readable stablestep run store (a directory, a foreign or
     corrupt SQLite file, a newer schema); the message is one line."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_one_line(message))
 
 
 class RunNotFoundError(KeyError):
@@ -105,9 +112,10 @@ class RunNotFoundError(KeyError):
 def missing_run_message(where: str, run: str, available: list[str]) -> str:
     """The one message for a run name that is not there, whatever the command or source:
     ``no run 'x' in PATH; runs: a, b`` (the first 20 names)."""
-    names = [str(n) for n in available]
+    names = [_one_line(n)[:80] for n in available]
     shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
-    return f"no run {run!r} in {where}; " + (f"runs: {shown}" if names else "it holds no runs")
+    return _one_line(f"no run {str(run)[:200]!r} in {where}; "
+                     + (f"runs: {shown}" if names else "it holds no runs"))
 
 
 def _check_file(path: str) -> None:

@@ -48,8 +48,18 @@ NAN_WORDS = frozenset({"nan", "-nan", "+nan", "inf", "+inf", "-inf", "infinity",
                        "-infinity"})
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks, other control characters and bidi overrides escaped, so
+    a message quoting a user's column or run name stays one clean line."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
 class SourceError(ValueError):
-    """The input cannot be read as a training log; the message is one line."""
+    """The input cannot be read as a training log; the message is one line (names quoted
+    from the input have their control characters escaped)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(message))
 
 
 class SourceWarning(UserWarning):
