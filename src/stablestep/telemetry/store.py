@@ -25,6 +25,7 @@ Reading (the contract other subsystems rely on, see ``docs/architecture.md``)::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -289,10 +290,14 @@ class Run:
                 if row is not None:
                     n = con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND "
                                     "name_id = ?", (self._id, row[0])).fetchone()[0]
-                    cur = con.execute(
-                        "SELECT step, value FROM metrics WHERE run_id = ? AND name_id = ? "
-                        "ORDER BY step", (self._id, row[0]))
-                    flat = np.fromiter(_numbers(cur), dtype=np.float64, count=2 * n)
+                    sql = ("SELECT step, value FROM metrics WHERE run_id = ? AND name_id = ? "
+                           "ORDER BY step")
+                    try:  # the fast path: rows flattened in C
+                        flat = np.fromiter(itertools.chain.from_iterable(
+                            con.execute(sql, (self._id, row[0]))), dtype=np.float64, count=2 * n)
+                    except (ValueError, TypeError):  # a hand-edited value that is text
+                        flat = np.fromiter(_numbers(con.execute(sql, (self._id, row[0]))),
+                                           dtype=np.float64, count=2 * n)
                     steps = flat[0::2].astype(np.int64)
                     values = flat[1::2].copy()
         finally:

@@ -148,7 +148,10 @@ def _index(header: list[str], name: str | None) -> int | None:
 
 
 def _floats(cells: np.ndarray, decimal_comma: bool) -> np.ndarray:
-    """Strings (object array, ``None`` for a missing cell) to float64, NaN where no number."""
+    """A column to float64, NaN where no number: numeric blocks (parsed by pandas' C
+    parser) as they are, text cells (object arrays) one by one."""
+    if cells.dtype.kind in "iuf":
+        return cells.astype(np.float64)
     try:
         import pandas as pd
     except ImportError:
@@ -156,7 +159,7 @@ def _floats(cells: np.ndarray, decimal_comma: bool) -> np.ndarray:
     if pd is not None:
         s = pd.Series(cells, dtype=object)
         if decimal_comma:
-            s = s.str.replace(",", ".", regex=False)
+            s = s.map(lambda c: c.replace(",", ".") if isinstance(c, str) else c)
         return pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     out = np.full(len(cells), np.nan)
     for i, c in enumerate(cells.tolist()):
@@ -172,8 +175,10 @@ def _loss_cells(cells: np.ndarray, decimal_comma: bool
     with no loss at all (a record without the key, a text cell), and the count of text
     cells (not a number, not empty, not a NaN/inf spelling)."""
     vals = _floats(cells, decimal_comma)
-    empty = np.zeros(len(cells), dtype=bool)
     absent = np.zeros(len(cells), dtype=bool)
+    if cells.dtype.kind in "iuf":  # only an empty cell is NA to the parser
+        return vals, np.isnan(vals), absent, 0
+    empty = np.zeros(len(cells), dtype=bool)
     bad = np.flatnonzero(np.isnan(vals))
     text = 0
     for i in bad.tolist():
@@ -181,7 +186,7 @@ def _loss_cells(cells: np.ndarray, decimal_comma: bool
         if c is _ABSENT:
             absent[i] = True
             continue
-        c = "" if c is None else str(c).strip()
+        c = "" if c is None or isinstance(c, float) else str(c).strip()
         if not c:
             empty[i] = True
         elif c.lower() not in NAN_WORDS:
@@ -191,7 +196,8 @@ def _loss_cells(cells: np.ndarray, decimal_comma: bool
 
 
 def _blocks_pandas(path: str, dialect: Any, used: list[int], ncols: int,
-                   counts: dict[str, int]) -> Iterator[dict[int, np.ndarray]]:
+                   counts: dict[str, int], decimal_comma: bool
+                   ) -> Iterator[dict[int, np.ndarray]]:
     import pandas as pd
 
     def bad_line(_fields: list[str]) -> None:
@@ -200,7 +206,8 @@ def _blocks_pandas(path: str, dialect: Any, used: list[int], ncols: int,
 
     kw: dict[str, Any] = dict(
         sep=dialect.delimiter, quotechar=dialect.quotechar or '"', header=None, skiprows=1,
-        usecols=used, dtype=str, keep_default_na=False, na_filter=False,
+        usecols=used, keep_default_na=False, na_values=[""],
+        decimal="," if decimal_comma else ".",
         encoding="utf-8", encoding_errors="replace", skip_blank_lines=True,
         chunksize=_BLOCK, names=list(range(ncols)),
     )
@@ -209,7 +216,7 @@ def _blocks_pandas(path: str, dialect: Any, used: list[int], ncols: int,
         try:
             reader = pd.read_csv(path, engine="c", on_bad_lines="warn", **kw)
             for block in reader:
-                yield {i: block[i].to_numpy(dtype=object) for i in used}
+                yield {i: block[i].to_numpy() for i in used}
         finally:
             counts["bad_lines"] += sum(str(w.message).count("Skipping line") for w in caught)
 
@@ -263,7 +270,7 @@ def read_csv(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
     try:
         import pandas  # noqa: F401
 
-        blocks = _blocks_pandas(path, dialect, layout.used, len(header), counts)
+        blocks = _blocks_pandas(path, dialect, layout.used, len(header), counts, decimal_comma)
     except ImportError:
         blocks = _blocks_csv(path, dialect, layout.used, len(header), counts)
     try:
@@ -291,8 +298,9 @@ def _consume(block: dict[int, np.ndarray], layout: _Layout, col: Collector,
     if layout.step is not None:
         step_cells = block[layout.step]
         steps = _floats(step_cells, decimal_comma)
-        col.unreadable += sum(1 for i in np.flatnonzero(np.isnan(steps)).tolist()
-                              if str(step_cells[i] or "").strip())
+        if step_cells.dtype.kind not in "iuf":
+            col.unreadable += sum(1 for i in np.flatnonzero(np.isnan(steps)).tolist()
+                                  if _text(step_cells[i]))
     else:
         start = sum(b.rows for b in col.runs.values())
         steps = np.arange(start, start + n, dtype=np.float64)
@@ -308,7 +316,8 @@ def _consume(block: dict[int, np.ndarray], layout: _Layout, col: Collector,
             if layout.hyper is not None:
                 col.set_hyper(name, _first_hyper(block[layout.hyper]))
             continue
-        labels = np.array([str(r).strip() for r in runs], dtype=object)
+        labels = np.array(["" if isinstance(r, float) and r != r else str(r).strip()
+                           for r in runs.tolist()], dtype=object)
         for name in dict.fromkeys(labels.tolist()):
             m = labels == name
             col.add_chunk(name, steps[m], loss[m], has_loss[m], empty[m],
@@ -317,11 +326,18 @@ def _consume(block: dict[int, np.ndarray], layout: _Layout, col: Collector,
                 col.set_hyper(name, _first_hyper(block[layout.hyper][m]))
 
 
+def _text(c: Any) -> bool:
+    """A non-empty cell (not NaN, not a missing record key)."""
+    if c is None or c is _ABSENT or (isinstance(c, float) and c != c):
+        return False
+    return bool(str(c).strip())
+
+
 def _first_hyper(cells: np.ndarray) -> dict[str, Any]:
     from stablestep.diagnosis.sources._common import parse_hyper
 
     for c in cells.tolist():
-        if c and str(c).strip():
+        if _text(c):
             return parse_hyper(str(c))
     return {}
 
