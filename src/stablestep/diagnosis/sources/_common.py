@@ -100,28 +100,44 @@ def norm(key: Any) -> str:
     return str(key).strip().lower()
 
 
-def pick(columns: Iterable[Any], candidates: tuple[str, ...]) -> Any | None:
-    """The first of ``candidates`` present among ``columns`` (linear in the columns)."""
-    lookup: dict[str, Any] = {}
+def lookup(columns: Iterable[Any]) -> dict[str, Any]:
+    """Normalised name -> the first column of that name (build once, pick many times)."""
+    out: dict[str, Any] = {}
     for c in columns:
-        lookup.setdefault(norm(c), c)
+        out.setdefault(norm(c), c)
+    return out
+
+
+def pick(columns: Iterable[Any] | dict[str, Any], candidates: tuple[str, ...]) -> Any | None:
+    """The first of ``candidates`` present among ``columns`` (linear in the columns; pass
+    a :func:`lookup` to pick several times from a wide header)."""
+    table = columns if isinstance(columns, _Lookup) else lookup(columns)
     for cand in candidates:
-        if cand in lookup:
-            return lookup[cand]
+        if cand in table:
+            return table[cand]
     return None
+
+
+class _Lookup(dict):
+    """A :func:`lookup` result, recognised by :func:`pick` and :func:`pick_loss`."""
 
 
 def pick_loss(columns: Iterable[Any]) -> Any | None:
     """The training-loss column: a known name, else any ``*loss*`` column that is not a
     validation/test loss, a loss scale or a W&B ``__MIN``/``__MAX`` band."""
-    cols = list(columns)
-    found = pick(cols, LOSS_KEYS)
+    table = columns if isinstance(columns, _Lookup) else _Lookup(lookup(columns))
+    found = pick(table, LOSS_KEYS)
     if found is not None:
         return found
-    for c in cols:
-        if "loss" in norm(c) and not _EXCLUDE_LOSS.search(str(c)):
+    for key, c in table.items():
+        if "loss" in key and not _EXCLUDE_LOSS.search(str(c)):
             return c
     return None
+
+
+def columns_lookup(columns: Iterable[Any]) -> _Lookup:
+    """A reusable :func:`lookup` for :func:`pick` and :func:`pick_loss`."""
+    return _Lookup(lookup(columns))
 
 
 def to_float(x: Any, *, decimal_comma: bool = False) -> float | None:

@@ -37,6 +37,7 @@ from stablestep.diagnosis.sources._common import (
     Collector,
     ReadInfo,
     SourceError,
+    columns_lookup,
     norm,
     pick,
     pick_loss,
@@ -83,8 +84,9 @@ class _Layout:
 
     def __init__(self, header: list[str], source: str) -> None:
         self.header = header
-        self.step = _index(header, pick(header, STEP_KEYS))
-        self.wandb = any(norm(h) in ("_step", "_runtime", "_timestamp") for h in header)
+        table = columns_lookup(header)
+        self.step = _index(header, pick(table, STEP_KEYS))
+        self.wandb = any(k in table for k in ("_step", "_runtime", "_timestamp"))
         # W&B chart export: '<run> - <key>' value columns, with __MIN/__MAX bands
         chart: dict[str, dict[str, int]] = {}
         for i, h in enumerate(header):
@@ -100,8 +102,10 @@ class _Layout:
             loss_keys = {pick_loss(c) for c in chart.values()}
             self.loss_name = " - ".join(["<run>", *sorted(map(str, loss_keys))])
         else:
-            self.groups[None] = {h: i for i, h in enumerate(header)}
-            loss = pick_loss(header)
+            self.groups[None] = {}
+            for i, h in enumerate(header):
+                self.groups[None].setdefault(h, i)
+            loss = pick_loss(table)
             if loss is None:
                 shown = ", ".join(h[:40] for h in header[:12])
                 raise SourceError(
@@ -109,19 +113,20 @@ class _Layout:
                     f"{' ...' if len(header) > 12 else ''} (expected one of: loss, "
                     "train_loss, lm_loss, trl, train/loss)")
             self.loss_name = loss
-        self.run = None if chart else _index(header, pick(header, RUN_KEYS))
-        self.hyper = None if chart else _index(header, pick(header, HYPER_KEYS))
+        self.run = None if chart else _index(header, pick(table, RUN_KEYS))
+        self.hyper = None if chart else _index(header, pick(table, HYPER_KEYS))
         # per group: loss column, metric columns -> stablestep name
         self.plan: dict[str | None, tuple[int, dict[str, int]]] = {}
         for run, cols in self.groups.items():
-            loss_col = cols[pick_loss(cols)]
+            ctable = table if run is None else columns_lookup(cols)
+            loss_col = cols[pick_loss(ctable)]
             metric: dict[str, int] = {}
             for key, cands in ((names.LR, LR_KEYS), (names.GRAD_NORM, GRAD_KEYS)):
-                c = pick(cols, cands)
+                c = pick(ctable, cands)
                 if c is not None:
                     metric[key] = cols[c]
-            for c, i in cols.items():
-                n = norm(c)
+            for n, c in ctable.items():
+                i = cols[c]
                 if (n in KNOWN_METRICS or n in COUNT_KEYS) and n not in metric \
                         and i != loss_col and n != names.LOSS:
                     metric[n] = i
