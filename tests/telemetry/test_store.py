@@ -239,3 +239,29 @@ def test_processes_creating_one_new_store_at_once_all_succeed(tmp_path):
         got = sorted(o.strip() for o, _ in outs)
         assert got == sorted(["job", "job-2", "job-3", "job-4", "job-5"])
         assert sorted(list_runs(path)) == got
+
+
+def test_export_writes_csv_by_default_and_errors_are_one_line(tmp_path, capsys):
+    from stablestep.cli import main
+
+    path = tmp_path / "s.db"
+    w = RunWriter(path, "r", config={})
+    for s in range(3):
+        w.add(s, {"loss": 1.0 + s, "lr": 0.1})
+    w.close()
+    assert main(["export", str(path)]) == 0  # no --csv needed
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "step,loss,lr" and out[1] == "0,1.0,0.1" and len(out) == 4
+    assert main(["export", str(path), "--csv", "-o", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "step,loss,lr"
+    assert "wrote 3 steps of run 'r'" in capsys.readouterr().err
+    cases = {str(tmp_path): "is a directory without a run.sqlite",
+             str(tmp_path / "none.db"): "no run store at"}
+    for p, msg in cases.items():
+        assert main(["export", p]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+    assert main(["export", str(path), "--run", "zz"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no run 'zz' in {path}; runs: r")
+    assert main(["export", str(path), "-o", str(tmp_path)]) == 2
+    assert "it is a directory" in capsys.readouterr().err
