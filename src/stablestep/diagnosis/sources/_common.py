@@ -191,9 +191,10 @@ def parse_hyper(text: str) -> dict[str, Any]:
     return out
 
 
-def check_path(path: str) -> os.stat_result:
+def check_path(path: str, *, file: bool = False) -> os.stat_result:
     """``os.stat`` of ``path``, or a one-line :class:`SourceError` when it is missing or
-    not something a reader may open (a FIFO or a device would block or never end)."""
+    not something a reader may open (a FIFO or a device would block or never end; a
+    directory where a ``file`` is expected)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -202,6 +203,8 @@ def check_path(path: str) -> os.stat_result:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise SourceError(f"{path}: not a regular file or directory")
+    if file and stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"{path}: a directory, not a log file")
     return st
 
 

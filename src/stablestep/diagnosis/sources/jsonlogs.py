@@ -19,6 +19,7 @@ from stablestep.diagnosis.sources._common import (
     STEP_KEYS,
     ReadInfo,
     SourceError,
+    check_path,
     pick,
     pick_loss,
 )
@@ -55,6 +56,7 @@ def _json_lines(path: str, text: str) -> list[Any]:
 
 def read_json(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
     """A ``trainer_state.json``, Keras history, JSON of arrays, records or JSON Lines."""
+    check_path(path, file=True)
     return json_traces(_load(path), path, infos=infos)
 
 

@@ -37,6 +37,7 @@ from stablestep.diagnosis.sources._common import (
     Collector,
     ReadInfo,
     SourceError,
+    check_path,
     columns_lookup,
     norm,
     pick,
@@ -254,6 +255,7 @@ def _columns(rows: list[list[str]], used: list[int]) -> dict[int, np.ndarray]:
 
 def read_csv(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
     """A CSV/TSV with a step and a loss column (see the module docstring), streamed."""
+    check_path(path, file=True)
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         sample = f.read(65536)
     if not sample.strip():

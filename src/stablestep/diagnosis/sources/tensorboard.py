@@ -12,9 +12,9 @@ pure-Python CRC is slow); beyond that a record must still parse as an ``Event``.
 
 from __future__ import annotations
 
-import math
 import os
 import struct
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +27,7 @@ from stablestep.diagnosis.sources._common import (
     ReadInfo,
     SourceError,
     build_trace,
+    check_path,
     norm,
     pick,
     pick_loss,
@@ -92,11 +93,11 @@ def _resync(buf: bytes, pos: int) -> int:
     return len(buf) if end == len(buf) else end
 
 
-def _scalars(path: str, bad: dict[str, int]) -> dict[str, tuple[list[int], list[float]]]:
+def _scalars(path: str, bad: dict[str, int]) -> dict[str, tuple[array, array]]:
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto import event_pb2
 
-    out: dict[str, tuple[list[int], list[float]]] = {}
+    out: dict[str, tuple[array, array]] = {}  # 16 bytes a point
     for data in _records(path, bad):
         ev = event_pb2.Event()
         try:
@@ -110,7 +111,7 @@ def _scalars(path: str, bad: dict[str, int]) -> dict[str, tuple[list[int], list[
             val = _value(v)
             if val is None:
                 continue
-            steps, vals = out.setdefault(v.tag, ([], []))
+            steps, vals = out.setdefault(v.tag, (array("q"), array("d")))
             steps.append(int(ev.step))
             vals.append(val)
     return out
@@ -146,6 +147,9 @@ def read_tensorboard(path: str, *, infos: list[ReadInfo] | None = None) -> list[
     Keras and Lightning write validation scalars to a sibling ``validation``/``val`` run
     under the same tag (``epoch_loss``): those runs are skipped when a training run exists.
     """
+    check_path(path)
+    if not os.path.isdir(path):
+        raise SourceError(f"{path}: not a TensorBoard log directory")
     try:
         import tensorboard  # noqa: F401
     except ImportError:  # pragma: no cover - optional extra
@@ -159,7 +163,7 @@ def read_tensorboard(path: str, *, infos: list[ReadInfo] | None = None) -> list[
              if not _EXCLUDE_LOSS.search(os.path.basename(os.path.relpath(d, path)))]
     traces = []
     for d in train or dirs:
-        tags: dict[str, tuple[list[int], list[float]]] = {}
+        tags: dict[str, tuple[array, array]] = {}
         bad = {"corrupt": 0, "stretches": 0, "truncated": 0, "unparsable": 0}
         files = sorted(f for f in os.listdir(d) if "tfevents" in f)
         for fname in files:
@@ -167,7 +171,7 @@ def read_tensorboard(path: str, *, infos: list[ReadInfo] | None = None) -> list[
             if not os.path.isfile(fpath):
                 continue
             for tag, (s, v) in _scalars(fpath, bad).items():
-                cur = tags.setdefault(tag, ([], []))
+                cur = tags.setdefault(tag, (array("q"), array("d")))
                 cur[0].extend(s)
                 cur[1].extend(v)
         loss_tag = pick_loss(tags)
@@ -199,8 +203,7 @@ def read_tensorboard(path: str, *, infos: list[ReadInfo] | None = None) -> list[
         st = np.asarray(steps, dtype=np.int64)
         lv = np.asarray(losses, dtype=np.float64)
         tr = build_trace(st, lv, metrics=metrics, name=rel,
-                         nonfinite_steps=[s for s, v in zip(steps, losses, strict=True)
-                                          if not math.isfinite(v)], source=path)
+                         nonfinite_steps=st[~np.isfinite(lv)], source=path)
         traces.append((tr, loss_tag))
     if not traces:
         raise SourceError(f"{path}: no TensorBoard scalar whose tag names a training loss")

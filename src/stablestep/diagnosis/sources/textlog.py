@@ -17,6 +17,7 @@ from stablestep.diagnosis.sources._common import (
     STEP_KEYS,
     ReadInfo,
     SourceError,
+    check_path,
     pick,
     pick_loss,
 )
@@ -51,6 +52,7 @@ def read_text_log(path: str, *, infos: list[ReadInfo] | None = None) -> list[Tra
 
     Lines without a training loss (llm.c's ``tel:`` validation lines) are ignored.
     """
+    check_path(path, file=True)
     try:
         return read_records(_records(path), source=path, what="the text log", infos=infos)
     except SourceError as exc:
