@@ -110,13 +110,17 @@ class RunNotFoundError(KeyError):
         return str(self.args[0])
 
 
-def missing_run_message(where: str, run: str, available: list[str]) -> str:
+def missing_run_message(where: str, run: str, available: list[str], *,
+                        unnamed: bool = False) -> str:
     """The one message for a run name that is not there, whatever the command or source:
-    ``no run 'x' in PATH; runs: a, b`` (the first 20 names)."""
+    ``no run 'x' in PATH; runs: a, b`` (the first 20 names); ``unnamed``: the source
+    holds one run without a name (a plain CSV or TensorBoard directory)."""
     names = [_one_line(n)[:80] for n in available]
     shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
-    return _one_line(f"no run {str(run)[:200]!r} in {where}; "
-                     + (f"runs: {shown}" if names else "it holds no runs"))
+    rest = (f"runs: {shown}" if names else
+            "it holds one run without a name (leave out the run name)" if unnamed else
+            "it holds no runs")
+    return _one_line(f"no run {str(run)[:200]!r} in {where}; {rest}")
 
 
 def _check_file(path: str) -> None:

@@ -128,5 +128,6 @@ def load(source: Any, *, run: str | None = None,
             chosen = traces
     if not chosen:
         where = traces[0].source if traces and traces[0].source else type(source).__name__
-        raise SourceError(missing_run_message(where, run, [t.name for t in traces if t.name]))
+        named = [t.name for t in traces if t.name]
+        raise SourceError(missing_run_message(where, run, named, unnamed=not named))
     return chosen

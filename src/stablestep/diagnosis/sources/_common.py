@@ -92,7 +92,8 @@ class ReadInfo:
         span = ("" if self.first_step is None
                 else f", steps {self.first_step}..{self.last_step}")
         nf = f", {self.nonfinite} non-finite" if self.nonfinite else ""
-        return f"{where}: read {self.loss_column!r} ({self.points} points{span}{nf}; {step})"
+        pts = f"{self.points} point{'s' if self.points != 1 else ''}"
+        return one_line(f"{where}: read {self.loss_column!r} ({pts}{span}{nf}; {step})")
 
 
 def norm(key: Any) -> str:
