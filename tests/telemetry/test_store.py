@@ -145,6 +145,9 @@ def test_missing_run_is_one_message_listing_the_runs(tmp_path):
 
 
 def test_same_name_again_gets_a_visible_suffix_and_overwrite_replaces(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="stablestep.telemetry.store")
     path = tmp_path / "s.db"
     names = []
     for k in range(3):

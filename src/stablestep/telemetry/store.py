@@ -469,7 +469,7 @@ class RunWriter:
             self._con.close()
             raise
         if self.run != run:
-            log.warning("run %r already exists in %s; recording this one as %r "
+            log.info("run %r already exists in %s; recording this one as %r "
                         "(overwrite=True replaces it, resuming continues it)",
                         run, self.path, self.run)
 
