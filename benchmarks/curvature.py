@@ -10,14 +10,23 @@
    and medians are reported.
 2. Warm-started tracking along an Adam training run: HVPs per estimate of lam_max(H) and
    lam_max(P^-1 H) at tol 1%, and the error against a cold 1e-8 reference.
+3. A transformer (Hugging Face GPT-2 from a config, sdpa attention, CPU): HVPs and wall time
+   per cold estimate of lam_max(H) to 0.1% for each backend -- double backward under the
+   math attention kernel, finite differences on the flash kernel, and the forward-only
+   critical sharpness (forward passes, no HVP) -- against PyHessian (which needs double
+   backward, so it runs under the math kernel too); then the curvature overhead of the
+   Monitor at curvature_every=10 (the cadence of issue #12), with and without adapt=True.
 
 Run:  .venv/bin/python benchmarks/curvature.py [--reps 5] [--quick]
-The LAST line is the cold-start HVP ratio PyHessian / ours (oracle counts, medians).
+The LAST line is the cold-start HVP ratio PyHessian / ours (oracle counts, medians over the
+MLP, the CNN and the transformer).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import statistics
 import time
 import warnings
@@ -27,10 +36,50 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stablestep.curvature import CurvatureProbe, LanczosConfig, ProbeConfig, lanczos_top
-from stablestep.curvature.hvp import HessianOperator
+from stablestep.curvature.backends import build_operator
+from stablestep.curvature.directional import critical_sharpness
+from stablestep.curvature.fd import Evaluator
+from stablestep.curvature.hvp import HessianOperator, math_attention
 from stablestep.curvature.stability import PreconditionedOperator, preconditioner_diag
 
 REL = 1e-3  # the target accuracy of the cold-start comparison
+
+
+class _Logits(nn.Module):
+    """GPT-2 as PyHessian wants it: model(x) -> logits (N*T, V) for a criterion(out, y)."""
+
+    def __init__(self, gpt) -> None:
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, x):
+        logits = self.gpt(x).logits[:, :-1]
+        return logits.reshape(-1, logits.shape[-1])
+
+
+def make_gpt2(seed: int = 0, steps: int = 30):
+    """A 2-layer GPT-2 (n_embd 48, 4 heads, vocab 96) on 8 sequences of 32 tokens, sdpa
+    attention, dropout 0 (the flash kernel on the CPU), trained ``steps`` Adam steps."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = GPT2Config(n_layer=2, n_embd=48, n_head=4, vocab_size=96, n_positions=64,
+                     resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0,
+                     eos_token_id=0, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    model = _Logits(GPT2LMHeadModel(cfg))
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, 96, (8, 32), generator=g)
+    x, y = tokens, tokens[:, 1:].reshape(-1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    for p in model.parameters():
+        p.grad = None
+    return model, x, y, opt
 
 
 def make_model(kind: str, seed: int = 0):
@@ -60,17 +109,18 @@ def make_model(kind: str, seed: int = 0):
 
 
 def reference(model, x, y) -> float:
-    op = HessianOperator(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
+    with math_attention():  # no effect on models without SDPA
+        op = HessianOperator(lambda: F.cross_entropy(model(x), y), list(model.parameters()))
     res = lanczos_top(op.matvec_flat, op.n, config=LanczosConfig(tol=1e-10, max_iter=200))
     return res.top
 
 
-def ours_cold(model, x, y, seed: int, lam: float) -> dict:
+def ours_cold(model, x, y, seed: int, lam: float, backend: str = "exact") -> dict:
     params = list(model.parameters())
     loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
-    # own stopping rule, timed end to end (gradient graph included)
+    # own stopping rule, timed end to end (gradient graph or base gradient included)
     t0 = time.perf_counter()
-    op = HessianOperator(loss_fn, params)
+    op = build_operator(backend, loss_fn, params)
     res = lanczos_top(op.matvec_flat, op.n, config=LanczosConfig(tol=REL, seed=seed))
     wall = time.perf_counter() - t0
     own_err = abs(res.top - lam) / lam
@@ -107,7 +157,8 @@ def pyhessian_cold(model, x, y, seed: int, lam: float) -> dict:
             counter["n"], counter["rq"] = 0, []
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+            with math_attention():  # PyHessian needs double backward too
+                h = ph.hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
             eig, _ = h.eigenvalues(maxIter=1000, tol=tol)
             wall = time.perf_counter() - t0
             for p in model.parameters():  # PyHessian's backward(create_graph=True) cycle
@@ -126,20 +177,27 @@ def pyhessian_cold(model, x, y, seed: int, lam: float) -> dict:
 
 
 def cold_benchmark(kind: str, reps: int) -> tuple[float, float]:
-    model, x, y = make_model(kind)
+    if kind == "gpt2":
+        model, x, y, opt = make_gpt2()
+        ours = {"ours-math": "math", "ours-fd": "fd"}  # double backward / flash kernel
+    else:
+        (model, x, y), opt = make_model(kind), None
+        ours = {"ours": "exact"}
     n = sum(p.numel() for p in model.parameters())
     lam = reference(model, x, y)
     check = pyhessian_cold(model, x, y, seed=123, lam=lam)
     print(f"[{kind}] {n} params, batch {x.shape[0]}: lam_max(H) = {lam:.6g} "
           f"(PyHessian at tol {check.get('tol')}: within {check.get('own_err', float('nan')):.1e})")
-    rows = {"ours": [], "pyhessian": []}
+    rows = {name: [] for name in (*ours, "pyhessian")}
     for rep in range(reps):  # interleaved, order alternating
-        order = ("ours", "pyhessian") if rep % 2 == 0 else ("pyhessian", "ours")
+        order = list(rows) if rep % 2 == 0 else list(rows)[::-1]
         for name in order:
-            fn = ours_cold if name == "ours" else pyhessian_cold
-            rows[name].append(fn(model, x, y, seed=rep, lam=lam))
+            if name == "pyhessian":
+                rows[name].append(pyhessian_cold(model, x, y, seed=rep, lam=lam))
+            else:
+                rows[name].append(ours_cold(model, x, y, seed=rep, lam=lam, backend=ours[name]))
     med = lambda name, key: statistics.median(r[key] for r in rows[name])  # noqa: E731
-    for name in ("ours", "pyhessian"):
+    for name in rows:
         extra = ""
         if name == "pyhessian":
             n3 = statistics.median(r["tol1e-3"][0] for r in rows[name])
@@ -147,15 +205,79 @@ def cold_benchmark(kind: str, reps: int) -> tuple[float, float]:
             tols = sorted({r["tol"] for r in rows[name]})
             extra = (f"; its default tol=1e-3 stops after {n3:g} HVPs at {e3:.1e} error;"
                      f" needed tol {tols}")
-        print(f"  {name:9s} to 0.1%: oracle {med(name, 'oracle'):g} HVPs, own rule "
+        print(f"  {name:10s} to 0.1%: oracle {med(name, 'oracle'):g} HVPs, own rule "
               f"{med(name, 'own'):g} HVPs (err {med(name, 'own_err'):.1e}), "
-              f"{1e3 * med(name, 'wall'):.1f} ms{extra}")
-    hvp_ratio = med("pyhessian", "oracle") / med("ours", "oracle")
-    own_ratio = med("pyhessian", "own") / med("ours", "own")
-    wall_ratio = med("pyhessian", "wall") / med("ours", "wall")
-    print(f"  ratio PyHessian/ours: HVPs oracle {hvp_ratio:.2f}x, own rule {own_ratio:.2f}x, "
+              f"{1e3 * med(name, 'wall'):.1f} ms per estimate{extra}")
+    if opt is not None:
+        forward_row(model, x, y, opt, reps)
+    first = next(iter(ours))
+    hvp_ratio = med("pyhessian", "oracle") / med(first, "oracle")
+    own_ratio = med("pyhessian", "own") / med(first, "own")
+    wall_ratio = med("pyhessian", "wall") / med(first, "wall")
+    print(f"  ratio PyHessian/{first}: HVPs oracle {hvp_ratio:.2f}x, own rule {own_ratio:.2f}x, "
           f"wall (own rule) {wall_ratio:.2f}x")
     return hvp_ratio, own_ratio
+
+
+def forward_row(model, x, y, opt, reps: int) -> None:
+    """The forward-only backend: critical sharpness (no HVP, no eigenvalue)."""
+    params = list(model.parameters())
+    loss_fn = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    lr = opt.param_groups[0]["lr"]
+    walls, passes = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ev = Evaluator(loss_fn, params)
+        loss0, grad = ev.gradient()
+        direction = [d / lr * g for d, g in zip(preconditioner_diag(opt, params), grad,
+                                                strict=True)]
+        cs = critical_sharpness(ev, loss0, direction, eta0=lr)
+        walls.append(time.perf_counter() - t0)
+        passes.append(cs.n_forward)
+    print(f"  forward    critical sharpness (Adam direction) {cs.value:.4g} = 2/eta_c vs "
+          f"2/lr = {2 / lr:.4g}: 0 HVPs, 1 gradient + {statistics.median(passes):g} forward "
+          f"passes, {1e3 * statistics.median(walls):.1f} ms per estimate")
+
+
+def _ce(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def overhead_benchmark(steps: int, every: int = 10) -> None:
+    """Wall time of GPT-2 training with the Monitor, with and without curvature."""
+    import tempfile
+
+    from stablestep.telemetry import Monitor
+
+    walls = {}
+    for name, kw in (("no curvature", None), ("curvature", ProbeConfig()),
+                     ("curvature adapt", ProbeConfig(adapt=True))):
+        model, x, y, opt = make_gpt2(steps=0)
+        loss_fn = functools.partial(_ce, model, x, y)
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = {} if kw is None else dict(curvature_every=every, curvature_loss=loss_fn)
+            mon = Monitor(model, opt, store=f"{tmp}/s.db", run=name, **extra)
+            if kw is not None:
+                mon._probe = CurvatureProbe(model.parameters(), opt, config=kw)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                mon.observe(loss)
+                opt.step()
+            walls[name] = time.perf_counter() - t0
+            probe = mon._probe
+            mon.close()
+        if probe is not None:
+            print(f"  {name:16s} {walls[name]:.2f} s for {steps} steps "
+                  f"(+{100 * (walls[name] / walls['no curvature'] - 1):.0f}% over no curvature;"
+                  f" probe share {100 * probe.share():.0f}%, {probe.n_calls} estimates, "
+                  f"{1e3 * probe.total_seconds / max(probe.n_calls, 1):.0f} ms each)")
+        else:
+            print(f"[overhead] GPT-2 with the Monitor, curvature_every={every}, "
+                  f"backend auto (math attention):\n  {name:16s} {walls[name]:.2f} s "
+                  f"for {steps} steps")
 
 
 def warm_benchmark(steps: int, every: int) -> None:
@@ -205,10 +327,12 @@ def warm_benchmark(steps: int, every: int) -> None:
           f"({len(hv_h)} estimates, every {every_cold}th a cold restart), tol 1%:")
     for name, hv, err in (("lam_max(H)", hv_h, err_h), ("lam_max(P^-1 H)", hv_p, err_p)):
         warm = [h for i, h in enumerate(hv) if i % every_cold]
+        warm_err = [e for i, e in enumerate(err) if i % every_cold]
         print(f"  {name:16s} HVPs per warm estimate median {statistics.median(warm):g}, "
-              f"90% {q(warm, .9)}, max {max(warm)}; mean over all incl. restarts "
+              f"90% {q(warm, .9)}, max {max(warm)} (cap warm_max_iter="
+              f"{ProbeConfig().warm_max_iter}); mean over all incl. restarts "
               f"{statistics.mean(hv):.2f}; rel. error median {statistics.median(err):.1e}, "
-              f"max {max(err):.1e}")
+              f"max {max(err):.1e} (warm estimates: max {max(warm_err):.1e})")
     print(f"  wall per estimate of lam_max(H): warm {1e3 * statistics.median(t_warm):.2f} ms, "
           f"cold {1e3 * statistics.median(t_cold):.2f} ms, one training step "
           f"{1e3 * statistics.median(t_step):.2f} ms")
@@ -220,6 +344,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer reps and training steps")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    logging.getLogger("stablestep").setLevel(logging.ERROR)  # the probe's cost notices
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
     reps = 3 if args.quick else args.reps
     warm_benchmark(steps=1500 if args.quick else 4000, every=50)
@@ -229,7 +354,8 @@ def main() -> None:
         print("cold-start comparison skipped: PyHessian is not installed "
               "(.venv/bin/pip install pyhessian)")
         raise SystemExit(1) from None
-    ratios = [cold_benchmark(kind, reps) for kind in ("mlp", "cnn")]
+    ratios = [cold_benchmark(kind, reps) for kind in ("mlp", "cnn", "gpt2")]
+    overhead_benchmark(steps=60 if args.quick else 200)
     hvp = statistics.median(r[0] for r in ratios)
     print(f"cold-start HVP ratio PyHessian/ours to 0.1% (median over models): {hvp:.2f}x")
 

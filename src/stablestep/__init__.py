@@ -6,8 +6,7 @@ Public names (the product's contract, see DESIGN.md) are imported lazily so that
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stablestep._lazy import attach
 
 __version__ = "0.1.0"
 
@@ -26,20 +25,5 @@ _LAZY = {
     "GuardPolicy": "stablestep.guard",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve a public name on first use (PEP 562)."""
-    try:
-        module_name = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'stablestep' has no attribute {name!r}") from None
-    module = importlib.import_module(module_name)
-    value = module if module_name.endswith("." + name) else getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, _names = attach(__name__, _LAZY, globals())
+__all__ = [*_names, "__version__"]

@@ -14,6 +14,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from stablestep.errors import UsageError  # re-exported: stablestep.cli.UsageError
+
+__all__ = ["UsageError", "build_parser", "main"]
+
 # Subpackages contributing commands, in the order they appear in --help.
 _COMMAND_MODULES = (
     "stablestep.lab.cli",
@@ -21,10 +25,6 @@ _COMMAND_MODULES = (
     "stablestep.report.cli",
     "stablestep.telemetry.cli",
 )
-
-
-class UsageError(Exception):
-    """An error caused by the user's input; printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,9 @@
 """impl='compiled' (C++ kernels for update clipping and AdamAtan2) equals the reference path,
-its float32 atan2 is accurate against float64 torch.atan2, and it falls back cleanly."""
+its float32 atan2 is accurate against float64 torch.atan2, and it falls back cleanly.
+
+Tests that compare the kernel take the ``kernel`` fixture: it skips (with the reason) only
+where inductor finds no C++ compiler, and fails a test in which no step reached the C++
+kernel, so an eager fallback can no longer pass for the kernel."""
 
 import copy
 import itertools
@@ -14,13 +18,43 @@ from tests.optim.conftest import grad_sequence, make_params, run
 from tests.optim.test_paths import SPIKE, _state_equal
 
 
+@pytest.fixture
+def kernel(monkeypatch):
+    """Count the calls that reach the C++ kernels; the test fails if there were none."""
+    why = _compiled.compiler_missing()
+    if why is not None:
+        pytest.skip(f"no C++ compiler here ({why}): impl='compiled' runs its eager fallback")
+    calls: list[str] = []
+
+    def spy(name, real):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return counted
+
+    for name in ("adam_clip", "atan2_step"):
+        monkeypatch.setattr(_compiled, name, spy(name, getattr(_compiled, name)))
+    yield calls
+    assert calls, f"impl='compiled' never reached the C++ kernel (build: {_compiled._failed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernel_is_built_here(dtype):
+    """With a compiler present the kernel builds from the packaged .cpp file."""
+    why = _compiled.compiler_missing()
+    if why is not None:
+        pytest.skip(f"no C++ compiler here ({why})")
+    assert "kernel_atan2" in _compiled.kernel_source()
+    assert _compiled.load(dtype) is not None, _compiled._failed.get(dtype)
+
+
 @pytest.mark.parametrize(
     "eps_mode,amsgrad,wd,maximize",
     [(e, a, w, False) for e, a, w in itertools.product(["torch", "tf"], [False, True],
                                                         ["l2", "decoupled"])]
     + [("torch", False, "decoupled", True)],
 )
-def test_clipping_compiled_equals_reference(eps_mode, amsgrad, wd, maximize):
+def test_clipping_compiled_equals_reference(eps_mode, amsgrad, wd, maximize, kernel):
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-3, amsgrad=amsgrad, eps_mode=eps_mode,
               update_clipping=True, weight_decay=0.05, decoupled_weight_decay=wd == "decoupled",
               maximize=maximize)
@@ -35,7 +69,7 @@ def test_clipping_compiled_equals_reference(eps_mode, amsgrad, wd, maximize):
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
 
 
-def test_clipping_compiled_float32_close_to_reference():
+def test_clipping_compiled_float32_close_to_reference(kernel):
     pa, pb = make_params(dtype=torch.float32), make_params(dtype=torch.float32)
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, update_clipping=True, amsgrad=True)
     fast, ref = AdamW(pa, impl="compiled", **kw), AdamW(pb, impl="reference", **kw)
@@ -46,7 +80,7 @@ def test_clipping_compiled_float32_close_to_reference():
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-def test_atan2_compiled_equals_reference(maximize):
+def test_atan2_compiled_equals_reference(maximize, kernel):
     pa, pb = make_params(), make_params()
     kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, b=0.5, maximize=maximize)
     fast, ref = AdamAtan2(pa, impl="compiled", **kw), AdamAtan2(pb, impl="reference", **kw)
@@ -89,7 +123,7 @@ def _rel_err(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return ((got - exact).abs() / exact.abs())[normal]
 
 
-def test_atan2_compiled_float32_accuracy_dense_grid():
+def test_atan2_compiled_float32_accuracy_dense_grid(kernel):
     """The float32 kernel's atan2 (range reduction + SLEEF's atanf polynomial) against
     float64 torch.atan2: |m|/sqrt(v) over 83 decades (subnormal m up to 1e38) with m and
     with v varying, every float32 within 2^16 ulps of the branch switch at 1, v with an
@@ -112,7 +146,7 @@ def test_atan2_compiled_float32_accuracy_dense_grid():
     assert worst < 2 * F32.eps, worst / F32.eps  # measured 1.51 on this grid
 
 
-def test_atan2_compiled_float32_accuracy_random_and_special():
+def test_atan2_compiled_float32_accuracy_random_and_special(kernel):
     """Random moments over 12 decades of |m|/sqrt(v), and the special values
     (0/0 -> 0, m/0 -> +-pi/2, 1e38 vs 1e-45 both ways)."""
     n = 200_003
@@ -127,7 +161,7 @@ def test_atan2_compiled_float32_accuracy_random_and_special():
     assert got == pytest.approx([0.0, 0.0, hp, -hp, hp, -hp, 0.0, hp], abs=1e-7)
 
 
-def test_compiled_save_load_continue():
+def test_compiled_save_load_continue(kernel):
     pa, pb = make_params(), make_params()
     kw = dict(lr=1e-2, update_clipping=True, amsgrad=True)
     a = AdamW(pa, impl="compiled", **kw)
@@ -179,7 +213,7 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch):
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
 
 
-def test_threads_give_identical_results():
+def test_threads_give_identical_results(kernel):
     """Tensors are spread over OpenMP threads; each is still computed the same way."""
     out = []
     for threads in (1, 2):
@@ -198,7 +232,7 @@ def test_threads_give_identical_results():
 
 
 @pytest.mark.parametrize("which", ["clip_tf", "atan2"])
-def test_uneven_step_counts(which):
+def test_uneven_step_counts(which, kernel):
     """A tensor without a gradient skips a step: per-tensor step counts then differ."""
     def make(ps, impl):
         if which == "atan2":
@@ -216,7 +250,7 @@ def test_uneven_step_counts(which):
     _state_equal(fast, ref, pa, pb, rtol=1e-12)
 
 
-def test_atan2_step_counters_in_and_out_of_the_kernel():
+def test_atan2_step_counters_in_and_out_of_the_kernel(kernel):
     """The optimizer's float32 step counters are incremented inside the kernel; counters of
     another dtype (e.g. from a loaded state dict) are incremented in Python instead. Both
     equal the reference path, counters included."""

@@ -82,3 +82,61 @@ def test_validation_messages(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value) == message
+
+
+def _every_kind():
+    s = schedules
+    return s.join([s.linear_warmup(3, start=0.1), s.inverse_sqrt(0.5) * 2.0,
+                   s.cosine(10, alpha=0.1) * s.exponential_decay(2, 0.9, staircase=True)],
+                  [3, 6])
+
+
+def test_lambdalr_with_a_schedule_saves_loads_and_continues_identically():
+    """torch.save of the scheduler state (a Schedule is plain data, no lambda), torch.load
+    with the default weights_only=True, then both runs continue with the same lrs."""
+    import io
+
+    def make():
+        p = torch.zeros(2, requires_grad=True)
+        opt = Adam([p], lr=0.1)
+        return p, opt, torch.optim.lr_scheduler.LambdaLR(opt, _every_kind())
+
+    def steps(p, opt, sched, n):
+        lrs = []
+        for _ in range(n):
+            lrs.append(opt.param_groups[0]["lr"])
+            p.grad = torch.ones(2)
+            opt.step()
+            sched.step()
+        return lrs
+
+    p, opt, sched = make()
+    steps(p, opt, sched, 5)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "p": p.detach()}, buf)
+    rest = steps(p, opt, sched, 8)
+
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only=True by default
+    q, opt2, sched2 = make()
+    with torch.no_grad():
+        q.copy_(saved["p"])
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    assert steps(q, opt2, sched2, 8) == rest
+    assert torch.equal(p, q)
+    assert sched2.lr_lambdas[0] == sched.lr_lambdas[0]
+
+
+def test_schedules_pickle_and_keep_their_values():
+    import pickle
+
+    sched = _every_kind()
+    back = pickle.loads(pickle.dumps(sched))
+    assert back == sched and repr(back) == repr(sched)
+    assert [back(k) for k in range(14)] == [sched(k) for k in range(14)]
+    # the values themselves, written out: warmup, then 2*0.5/sqrt(t), then cosine*staircase
+    assert sched(0) == pytest.approx(0.1) and sched(2) == pytest.approx(0.1 + 0.9 * 2 / 3)
+    assert sched(4) == pytest.approx(1.0 / math.sqrt(2))
+    c = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 10))
+    assert sched(11) == pytest.approx(c * 0.9 ** (5 // 2))

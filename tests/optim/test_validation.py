@@ -60,3 +60,30 @@ def test_sparse_gradients_rejected():
     p.grad = torch.zeros(3).to_sparse()
     with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW, AdamAtan2])
+@pytest.mark.parametrize("flag", ["foreach", "fused", "capturable", "differentiable"])
+def test_torch_implementation_flags_point_to_impl(cls, flag):
+    with pytest.raises(TypeError) as info:
+        cls(_p(), **{flag: True})
+    msg = str(info.value)
+    assert msg.startswith(f"{cls.__name__} ") and f"{flag}=" in msg and "impl=" in msg
+    if flag == "foreach" or (flag == "fused" and cls is not AdamAtan2):
+        assert f"impl='{flag}'" in msg
+    assert "'fused'" not in msg or cls is not AdamAtan2  # no path AdamAtan2 lacks
+
+
+def test_unknown_keyword_is_pythons_message():
+    with pytest.raises(TypeError, match=r"^Adam.__init__\(\) got an unexpected keyword "
+                                        r"argument 'momentum'$"):
+        Adam(_p(), momentum=0.9)
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW, AdamAtan2])
+@pytest.mark.parametrize("betas", [(torch.tensor(0.9), 0.999), torch.tensor([0.9, 0.999])])
+def test_tensor_betas_get_their_own_message(cls, betas):
+    with pytest.raises(ValueError) as info:
+        cls(_p(), betas=betas)
+    assert str(info.value) == ("betas as Tensors are not supported: pass two floats, "
+                               "e.g. betas=(0.9, 0.999)")

@@ -21,13 +21,24 @@ through C++ that Python's garbage collector cannot see. Here the gradient is obt
 the operator object and is freed with it (or explicitly by :meth:`HessianOperator.release`).
 The user's ``.grad`` fields, parameters, optimizer state and the model's train/eval mode are
 never touched.
+
+:class:`Operator` is the interface every backend offers (flat float64 vectors for Lanczos,
+the loss and gradient at the point, a product count, averaging over ranks):
+:class:`HessianOperator` here (double backward, optionally under :func:`math_attention`),
+:class:`~stablestep.curvature.fd.FiniteDifferenceOperator` (gradients only); the choice and
+the automatic fallback are in :mod:`stablestep.curvature.backends`. A product that raises is
+re-raised as :class:`BackendError`, so a failing backend is told apart from a failing closure.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from stablestep.curvature.distributed import Comm, local
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -52,13 +63,105 @@ def trainable(params: Sequence[torch.Tensor] | object) -> list[torch.Tensor]:
     return out
 
 
-class HessianOperator:
-    r"""The Hessian :math:`H = \nabla^2 L(\theta)` of ``loss_fn()`` at the current ``params``.
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` with the math kernel inside this block.
+
+    The math kernel is plain differentiable torch ops, so its double backward exists;
+    the flash and memory-efficient kernels have none (pytorch#116350). Models that do not
+    call SDPA are unaffected. Costs the attention matrix in memory (sequence length squared).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class BackendError(RuntimeError):
+    """A Hessian-vector product raised (the backend cannot take products here, e.g. no
+    double backward for an op); the original error is the ``__cause__``."""
+
+
+class Operator:
+    r"""What every Hessian-vector-product backend offers (base class).
+
+    ``params``: the trainable tensors; ``loss`` (float) and ``grad`` (list of tensors
+    shaped like this rank's part of ``params``) at the current point; ``n``: length of the
+    flat vectors (this rank's part: the local shards under FSDP2); ``n_hvp``: products
+    taken. ``matvec`` takes and returns lists of tensors shaped like the local parameters;
+    ``matvec_flat`` one flat float64 vector. ``comm``
+    (:class:`~stablestep.curvature.distributed.Comm` or None) makes products the average
+    over ranks (replicated) or the vectors sharded.
+    """
+
+    backend = "base"
+
+    def __init__(self, params: Sequence[torch.Tensor], comm: Comm | None = None) -> None:
+        self.params = trainable(params)
+        self.comm = comm
+        self.local = [local(p) for p in self.params]
+        self.sizes = [p.numel() for p in self.local]
+        self.n = sum(self.sizes)
+        self.device = self.local[0].device
+        self.n_hvp = 0
+        self.loss = math.nan
+        self.grad: list[torch.Tensor] = []
+
+    def _hvp(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Return ``H v`` for ``v`` a list of tensors shaped like the local parameters."""
+        self.n_hvp += 1
+        try:
+            out = self._hvp(v)
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, BackendError):
+                raise
+            raise BackendError(" ".join(str(err).split())) from err
+        if self.comm is not None and self.comm.kind == "replicated":
+            out = self.unflatten(self.comm.mean(self.flatten(out)))
+        return out
+
+    def _average_loss_and_grad(self) -> None:
+        """Replicated: average the loss and gradient over ranks; sharded: the loss."""
+        if self.comm is None:
+            return
+        self.loss = float(self.comm.mean(torch.tensor([self.loss], dtype=torch.float64,
+                                                       device=self.device)))
+        if self.comm.kind == "replicated":
+            self.grad = self.unflatten(self.comm.mean(self.flatten(self.grad)))
+
+    def unflatten(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Split a flat vector into tensors shaped (and typed) like the local parameters."""
+        parts = torch.split(x, self.sizes)
+        return [c.view_as(p).to(p.dtype) for c, p in zip(parts, self.local, strict=True)]
+
+    @staticmethod
+    def flatten(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Concatenate tensors (local shards of DTensors) into one flat float64 vector."""
+        return torch.cat([local(x).reshape(-1).to(torch.float64) for x in xs])
+
+    def matvec_flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``H x`` for a flat float64 ``x``; returns a flat float64 vector."""
+        return self.flatten(self.matvec(self.unflatten(x)))
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """Inner product of two flat vectors over all ranks (sharded: partial sums reduced)."""
+        d = a @ b
+        return float(self.comm.sum(d) if self.comm is not None else d)
+
+    def release(self) -> None:
+        """Free what the operator holds (graphs, buffers)."""
+
+
+class HessianOperator(Operator):
+    r"""The Hessian :math:`H = \nabla^2 L(\theta)` of ``loss_fn()`` at the current ``params``,
+    by double backward.
 
     ``loss_fn`` is a closure returning a scalar loss built from ``params`` (it is called once,
-    here). Products are taken against that one graph; :attr:`n_hvp` counts them.
-    ``matvec`` takes and returns lists of tensors shaped like ``params``;
-    ``matvec_flat`` takes and returns one flat float64 vector (what Lanczos uses).
+    here; under :func:`math_attention` when ``math=True``). Products are taken against that
+    one graph; :attr:`n_hvp` counts them. See :class:`Operator` for the interface.
 
     Example::
 
@@ -66,9 +169,26 @@ class HessianOperator:
         hv = op.matvec([torch.randn_like(p) for p in op.params])
     """
 
-    def __init__(self, loss_fn: LossFn, params: Sequence[torch.Tensor]) -> None:
-        self.params = trainable(params)
-        with torch.enable_grad():
+    backend = "exact"
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        params: Sequence[torch.Tensor],
+        *,
+        math: bool = False,
+        comm: Comm | None = None,
+    ) -> None:
+        super().__init__(params, comm)
+        if comm is not None and comm.kind == "sharded":
+            raise ValueError(
+                "double backward does not run through FSDP2's sharded parameters: "
+                "use backend='fd' (finite differences of FSDP2's own gradients)"
+            )
+        if math:
+            self.backend = "math"
+        ctx = math_attention() if math else contextlib.nullcontext()
+        with torch.enable_grad(), ctx:
             loss = _check_loss(loss_fn())
             grads = torch.autograd.grad(
                 loss, self.params, create_graph=True, allow_unused=True
@@ -82,16 +202,11 @@ class HessianOperator:
             torch.zeros_like(p) if g is None else g.detach()
             for p, g in zip(self.params, grads, strict=True)
         ]
-        self.sizes = [p.numel() for p in self.params]
-        self.n = sum(self.sizes)
-        self.device = self.params[0].device
-        self.n_hvp = 0
+        self._average_loss_and_grad()
 
-    def matvec(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Return ``H v`` for ``v`` a list of tensors shaped like :attr:`params`."""
+    def _hvp(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self._grads is None:
             raise RuntimeError("HessianOperator was released")
-        self.n_hvp += 1
         out = [torch.zeros_like(p) for p in self.params]
         if not self._grads:
             return out
@@ -106,20 +221,6 @@ class HessianOperator:
             if h is not None:
                 out[i] = h.detach()
         return out
-
-    def unflatten(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Split a flat vector into tensors shaped (and typed) like :attr:`params`."""
-        parts = torch.split(x, self.sizes)
-        return [c.view_as(p).to(p.dtype) for c, p in zip(parts, self.params, strict=True)]
-
-    @staticmethod
-    def flatten(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate tensors into one flat float64 vector."""
-        return torch.cat([x.reshape(-1).to(torch.float64) for x in xs])
-
-    def matvec_flat(self, x: torch.Tensor) -> torch.Tensor:
-        """``H x`` for a flat float64 vector ``x``; returns a flat float64 vector."""
-        return self.flatten(self.matvec(self.unflatten(x)))
 
     def release(self) -> None:
         """Drop the double-backward graph now (it is also dropped with the object)."""

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stablestep.curvature.distributed import Comm
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]
 
 # The r^2/gap bound trusts the Ritz gap, which overestimates the true gap while the
@@ -128,6 +130,7 @@ def lanczos_top(
     v0: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    comm: Comm | None = None,
 ) -> EigenResult:
     r"""Top-``k`` eigenpairs of the symmetric operator ``matvec`` on :math:`\mathbb R^n`.
 
@@ -137,8 +140,19 @@ def lanczos_top(
     Vectors live on ``device`` (default: ``v0``'s, else CPU); the random start is drawn on
     the CPU, so it does not depend on the device. See the module docstring for the
     recurrence and the stopping rule.
+
+    ``comm`` (:class:`~stablestep.curvature.distributed.Comm`, sharded): vectors are this
+    rank's shards, ``n`` their local length; every dot product and norm is a partial sum
+    reduced across ranks, and the random start is the one-process vector's shard, so the
+    result equals one process's.
     """
     cfg = config or LanczosConfig()
+    sharded = comm is not None and comm.kind == "sharded"
+    n_global = comm.n_global if sharded else n
+
+    def red(t: torch.Tensor) -> torch.Tensor:
+        return comm.sum(t) if sharded else t
+
     if generator is None:
         generator = torch.Generator().manual_seed(cfg.seed)
     q = None
@@ -148,11 +162,13 @@ def lanczos_top(
         q = v0.detach().reshape(-1).to(device=device, dtype=torch.float64)
         if q.numel() != n:
             raise ValueError(f"v0 has {q.numel()} entries, expected {n}")
-        nq = float(q.norm())
+        nq = float(red(q @ q)) ** 0.5
         q = q / nq if math.isfinite(nq) and nq > 0 else None
     if q is None:
-        q = random_unit(n, generator).to(device)
-    max_iter = min(cfg.max_iter, n)
+        q = random_unit(n_global, generator).to(device)
+        if sharded:
+            q = comm.shard(q)
+    max_iter = min(cfg.max_iter, n_global)
     # grown by doubling: a warm-started estimate that stops after 2 products holds 2 vectors
     basis = torch.empty(min(max_iter, 4), n, dtype=torch.float64, device=device)
     alphas: list[float] = []
@@ -168,14 +184,15 @@ def lanczos_top(
             basis = torch.cat([basis, torch.empty_like(basis[:grow])])
         basis[j - 1] = q
         w = matvec(q)
-        if not torch.isfinite(w).all():
+        bad = torch.isfinite(w).logical_not().sum().to(torch.float64)
+        if float(red(bad)) > 0:
             raise FloatingPointError("non-finite Hessian-vector product")
-        alpha = float(w @ q)
+        alpha = float(red(w @ q))
         alphas.append(alpha)
         qs = basis[:j]
         for _ in range(2):  # full re-orthogonalisation, twice
-            w = w - qs.T @ (qs @ w)
-        beta = float(w.norm())
+            w = w - qs.T @ red(qs @ w)
+        beta = float(red(w @ w)) ** 0.5
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)
@@ -201,7 +218,7 @@ def lanczos_top(
         q = w / beta
     k = min(cfg.k, j)
     vecs = s[:, :k].T.to(device) @ basis[:j]
-    vecs = vecs / vecs.norm(dim=1, keepdim=True)
+    vecs = vecs / red((vecs * vecs).sum(1)).sqrt()[:, None]
     top = float(theta[0])
     return EigenResult(
         eigenvalues=tuple(float(x) for x in theta[:k]),

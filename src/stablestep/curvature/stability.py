@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.curvature.hvp import HessianOperator, LossFn
 from stablestep.curvature.lanczos import EigenResult, LanczosConfig, lanczos_top
 from stablestep.optim.inspect import GroupHyper, effective_step, group_hyper
@@ -154,20 +155,19 @@ def preconditioned_sharpness(
 
 
 def _group_threshold(h: GroupHyper) -> float:
-    if h.kind == "adam":
-        return (2.0 + 2.0 * h.beta1) / (1.0 - h.beta1)
-    if h.kind == "sgd":
-        mu = h.momentum
-        if mu == 0.0:
-            return 2.0
-        if h.nesterov:
-            return (2.0 + 2.0 * mu) / (1.0 + 2.0 * mu)
-        return (2.0 + 2.0 * mu) / (1.0 - h.dampening)
-    raise ValueError("stability_threshold: unsupported optimizer (expected Adam family or SGD)")
+    if h.kind not in ("adam", "sgd"):
+        raise ValueError(
+            "stability_threshold: unsupported optimizer (expected Adam family or SGD)"
+        )
+    return F.threshold(h.kind, beta1=h.beta1, momentum=h.momentum, dampening=h.dampening,
+                       nesterov=h.nesterov)
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
     r"""The bound on :math:`\lambda_{\max}(P^{-1}H)` below which ``optimizer`` is stable.
+
+    :func:`stablestep.formulas.threshold` for each param group (the equations are there and
+    tested against the spectral radius of torch's own iteration); in short:
 
     Linearise around a minimum with the preconditioner frozen: along an eigenvector of
     :math:`P^{-1}H` with eigenvalue :math:`a` every method below is a 2-term recurrence
@@ -180,7 +180,8 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> float:
       :math:`x_{t+1} = (1+\mu-(1-d)a)x_t - \mu x_{t-1}`, so :math:`a < (2+2\mu)/(1-d)`.
     - Nesterov (torch, ``x -= lr*(g + mu*buf)``): state :math:`(x, b)` with matrix
       :math:`[[1-a(1+\mu), -\mathrm{lr}\mu^2], [\lambda, \mu]]`, trace :math:`1+\mu-a(1+\mu)`,
-      determinant :math:`\mu(1-a)`: :math:`a < (2+2\mu)/(1+2\mu)`.
+      determinant :math:`\mu(1-a)`: :math:`a < (2+2\mu)/(1+2\mu)`
+      (:math:`(2+2\mu)/(1+(2-d)\mu)` with dampening, which torch does not allow).
     - Adam family (EMA momentum ``m = b1*m + (1-b1)*g``, ``x -= P^{-1} m``, :math:`a` an
       eigenvalue of :math:`P^{-1}H`): :math:`x_{t+1} = (1+\beta_1-(1-\beta_1)a)x_t -
       \beta_1 x_{t-1}`, so :math:`a < (2+2\beta_1)/(1-\beta_1)` = 38 for
@@ -249,7 +250,7 @@ def max_stable_lr(
     thr = stability_threshold(optimizer)
     h = group_hyper(optimizer, optimizer.param_groups[0])
     lr = h.lr
-    max_lr = lr * thr / lam if lam > 0 else math.inf
+    max_lr = F.max_stable_lr(lr, lam, thr)
     ratio = lr / max_lr if max_lr > 0 else math.inf
     what = (
         f"lam_max(P^-1 H) = {lam:.3g} against the bound {thr:.3g}"

@@ -6,25 +6,30 @@ directory, Keras history JSON, JSON of parallel arrays or llm.c-style text log t
 one normalised :class:`Trace`; the online detectors are usable on their own.
 """
 
-from stablestep.diagnosis.core import DiagnoseConfig, diagnose, diagnose_trace
-from stablestep.diagnosis.detectors import (
-    Alarm,
-    DivergenceConfig,
-    DivergenceDetector,
-    NonFiniteDetector,
-    PeriodicConfig,
-    PeriodicDetector,
-    PrecursorDetector,
-    SpikeConfig,
-    SpikeDetector,
-)
-from stablestep.diagnosis.findings import MECHANISMS, Finding, Remedy
-from stablestep.diagnosis.sources import SourceError, load
-from stablestep.diagnosis.trace import Trace, from_series
+from __future__ import annotations
 
-__all__ = [
-    "MECHANISMS", "Alarm", "DiagnoseConfig", "DivergenceConfig", "DivergenceDetector",
-    "Finding", "NonFiniteDetector", "PeriodicConfig", "PeriodicDetector",
-    "PrecursorDetector", "Remedy", "SourceError", "SpikeConfig", "SpikeDetector", "Trace",
-    "diagnose", "diagnose_trace", "from_series", "load",
-]
+from stablestep._lazy import attach
+
+_LAZY = {
+    "DiagnoseConfig": "stablestep.diagnosis.core",
+    "diagnose": "stablestep.diagnosis.core",
+    "diagnose_trace": "stablestep.diagnosis.core",
+    "Alarm": "stablestep.diagnosis.detectors",
+    "DivergenceConfig": "stablestep.diagnosis.detectors",
+    "DivergenceDetector": "stablestep.diagnosis.detectors",
+    "NonFiniteDetector": "stablestep.diagnosis.detectors",
+    "PeriodicConfig": "stablestep.diagnosis.detectors",
+    "PeriodicDetector": "stablestep.diagnosis.detectors",
+    "PrecursorDetector": "stablestep.diagnosis.detectors",
+    "SpikeConfig": "stablestep.diagnosis.detectors",
+    "SpikeDetector": "stablestep.diagnosis.detectors",
+    "MECHANISMS": "stablestep.diagnosis.findings",
+    "Finding": "stablestep.diagnosis.findings",
+    "Remedy": "stablestep.diagnosis.findings",
+    "SourceError": "stablestep.diagnosis.sources",
+    "load": "stablestep.diagnosis.sources",
+    "Trace": "stablestep.diagnosis.trace",
+    "from_series": "stablestep.diagnosis.trace",
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

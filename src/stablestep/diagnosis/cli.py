@@ -118,9 +118,9 @@ def render(findings: list[Any], *, source: str, console: Any) -> None:
 
 def run_diagnose(args: argparse.Namespace) -> int:
     """Run the diagnosis and print it; unusable input raises ``UsageError`` (exit 2)."""
-    from stablestep.cli import UsageError
     from stablestep.diagnosis.core import diagnose
     from stablestep.diagnosis.sources import SourceError, SourceWarning
+    from stablestep.errors import UsageError
 
     try:
         with warnings.catch_warnings(record=True) as caught:

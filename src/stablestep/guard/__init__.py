@@ -4,8 +4,17 @@ spikes of Adam's adaptive edge of stability; decisions agree across ``torch.dist
 ranks. Configure with :class:`GuardPolicy`; actions are :class:`GuardRecord`.
 """
 
-from stablestep.guard.guard import Guard
-from stablestep.guard.policy import GuardError, GuardPolicy, GuardRecord
-from stablestep.guard.remedies import enable_amsgrad, raise_eps
+from __future__ import annotations
 
-__all__ = ["Guard", "GuardError", "GuardPolicy", "GuardRecord", "enable_amsgrad", "raise_eps"]
+from stablestep._lazy import attach
+
+_LAZY = {
+    "Guard": "stablestep.guard.guard",
+    "GuardError": "stablestep.guard.policy",
+    "GuardPolicy": "stablestep.guard.policy",
+    "GuardRecord": "stablestep.guard.policy",
+    "enable_amsgrad": "stablestep.guard.remedies",
+    "raise_eps": "stablestep.guard.remedies",
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

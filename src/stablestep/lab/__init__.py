@@ -15,8 +15,7 @@ Names are resolved lazily so that ``stablestep --help`` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stablestep._lazy import attach
 
 _LAZY = {
     "TrainConfig": "stablestep.lab.config",
@@ -36,19 +35,4 @@ _LAZY = {
     "spike_steps": "stablestep.lab.spikes",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve a public name on first use (PEP 562)."""
-    try:
-        module = importlib.import_module(_LAZY[name])
-    except KeyError:
-        raise AttributeError(f"module 'stablestep.lab' has no attribute {name!r}") from None
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

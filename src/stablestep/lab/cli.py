@@ -58,7 +58,7 @@ def _console():
 
 
 def _usage(msg: str) -> Exception:
-    from stablestep.cli import UsageError
+    from stablestep.errors import UsageError
 
     return UsageError(msg)
 

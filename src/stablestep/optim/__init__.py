@@ -6,8 +6,15 @@ step -> value schedules; :mod:`.inspect` reads any optimizer's state (see
 docs/architecture.md).
 """
 
-from stablestep.optim import schedules
-from stablestep.optim.adam import Adam, AdamW
-from stablestep.optim.atan2 import AdamAtan2
+from __future__ import annotations
 
-__all__ = ["Adam", "AdamAtan2", "AdamW", "schedules"]
+from stablestep._lazy import attach
+
+_LAZY = {
+    "schedules": "stablestep.optim.schedules",
+    "Adam": "stablestep.optim.adam",
+    "AdamW": "stablestep.optim.adam",
+    "AdamAtan2": "stablestep.optim.atan2",
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim._reference import AdamStep, Atan2Step
 
 
@@ -51,10 +52,6 @@ def fused_supported(p: torch.Tensor) -> bool:
     return p.device.type in devices and p.is_floating_point() and hasattr(torch, "_fused_adam_")
 
 
-def _eps_t(h: AdamStep, bc2: float) -> float:
-    return h.eps if h.eps_mode == "torch" else h.eps / math.sqrt(bc2)
-
-
 def _rms_scale(
     ge: torch.Tensor, vd: torch.Tensor, bc2: float, eps_t: float, buf: torch.Tensor,
     *, k: float = 1.0,
@@ -68,11 +65,11 @@ def _rms_scale(
     n = ge.numel()
     if n == 0:
         return 1.0
-    floor = max(eps_t * eps_t, torch.finfo(vd.dtype).tiny) * bc2 / k
+    floor = F.g2v_floor(eps_t, vd.dtype) * bc2 / k
     torch.clamp_min(vd, floor, out=buf)
     torch.div(ge, buf, out=buf)
     ms = float(torch.dot(buf.reshape(-1), ge.reshape(-1))) * bc2 / (k * n)
-    return 1.0 / max(1.0, math.sqrt(max(ms, 0.0)))
+    return F.update_clip_scale(math.sqrt(max(ms, 0.0)))
 
 
 def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: AdamStep,
@@ -85,7 +82,7 @@ def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: 
     if h.update_clipping:
         l2 = h.weight_decay != 0 and not h.decoupled_weight_decay
         for i in range(n):
-            bc2 = 1 - h.beta2 ** ts[i]
+            bc2 = F.bias_correction2(h.beta2, ts[i])
             ge = grads[i].add(params[i], alpha=h.weight_decay) if l2 else grads[i]
             buf = scratch.like(ge)
             if h.beta2 > 0:  # buf = v_t / b2 in one pass
@@ -96,7 +93,8 @@ def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: 
                 k = 1.0
             if h.amsgrad:
                 torch.maximum(buf, max_exp_avg_sqs[i] / k, out=buf)
-            scales[i] = _rms_scale(ge, buf, bc2, _eps_t(h, bc2), buf, k=k)
+            scales[i] = _rms_scale(ge, buf, bc2, F.eps_t(h.eps, h.beta2, ts[i], h.eps_mode), buf,
+                                   k=k)
 
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -104,7 +102,7 @@ def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h: 
         buckets[(p.device, p.dtype, t, scales[i])].append(i)
     kernel = torch._fused_adamw_ if h.decoupled_weight_decay else torch._fused_adam_
     for (_, _, t, scale), idx in buckets.items():
-        eps = h.eps if t is None else h.eps / math.sqrt(1 - h.beta2**t)
+        eps = h.eps if t is None else F.eps_t(h.eps, h.beta2, t, "tf")
         kernel(
             [params[i] for i in idx],
             [grads[i] for i in idx],
@@ -147,9 +145,9 @@ def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, h
     if h.amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         vd = max_exp_avg_sqs
-    bc1 = [1 - h.beta1**t for t in ts]
-    bc2 = [1 - h.beta2**t for t in ts]
-    eps = [_eps_t(h, b) for b in bc2]
+    bc1 = [F.bias_correction1(h.beta1, t) for t in ts]
+    bc2 = [F.bias_correction2(h.beta2, t) for t in ts]
+    eps = [F.eps_t(h.eps, h.beta2, t, h.eps_mode) for t in ts]
     scales = [1.0] * len(params)
     if h.update_clipping:
         scales = [
@@ -182,7 +180,7 @@ def atan2_fast(params, grads, exp_avgs, exp_avg_sqs, steps, h: Atan2Step, scratc
     torch._foreach_mul_(exp_avg_sqs, h.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - h.beta2)
     for p, m, v, t in zip(params, exp_avgs, exp_avg_sqs, ts, strict=True):
-        c = math.sqrt(1 - h.beta2**t) / (h.b * (1 - h.beta1**t))
+        c = math.sqrt(F.bias_correction2(h.beta2, t)) / (h.b * F.bias_correction1(h.beta1, t))
         num, den = scratch.like(m, 0), scratch.like(v, 1)
         torch.sqrt(v, out=den)
         torch.mul(m, c, out=num)

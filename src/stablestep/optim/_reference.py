@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stablestep import formulas as F
+
 
 @dataclass(frozen=True)
 class AdamStep:
@@ -37,19 +39,11 @@ class AdamStep:
 def clip_scale(g: torch.Tensor, v_denom: torch.Tensor, bc2: float, eps_t: float) -> float:
     r"""StableAdamW's update-clipping factor (Wortsman et al. 2023, Algorithm 2).
 
-    .. math::
-
-        \mathrm{RMS}_t = \sqrt{\operatorname{mean}\big(g_t^2 / \max(\hat v_t, \epsilon_t^2)\big)},
-        \qquad s_t = 1 / \max(1, \mathrm{RMS}_t)
-
-    with :math:`\hat v_t` = ``v_denom / bc2`` (the second moment Adam divides by, AMSGrad's
-    max under ``amsgrad``) and :math:`\epsilon_t` the PyTorch-convention epsilon. The
-    floor is at least the dtype's smallest normal number so that ``g = v = 0`` gives 0.
+    :math:`s_t = 1 / \max(1, \mathrm{RMS}_t)` with :math:`\mathrm{RMS}_t`
+    = :func:`stablestep.formulas.g2v_rms` of ``g`` and ``v_denom`` (the second moment Adam
+    divides by, AMSGrad's max under ``amsgrad``, already updated with ``g``).
     """
-    floor = max(eps_t * eps_t, torch.finfo(v_denom.dtype).tiny)
-    ratio = g.square() / torch.clamp_min(v_denom / bc2, floor)
-    rms = math.sqrt(float(ratio.mean())) if ratio.numel() else 0.0
-    return 1.0 / max(1.0, rms)
+    return F.update_clip_scale(F.g2v_rms(g, v_denom, bc2, eps_t))
 
 
 def adam_reference(
@@ -95,9 +89,9 @@ def adam_reference(
         torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
         v = max_exp_avg_sq
 
-    bc1 = 1 - h.beta1**t
-    bc2 = 1 - h.beta2**t
-    eps_t = h.eps if h.eps_mode == "torch" else h.eps / math.sqrt(bc2)
+    bc1 = F.bias_correction1(h.beta1, t)
+    bc2 = F.bias_correction2(h.beta2, t)
+    eps_t = F.eps_t(h.eps, h.beta2, t, h.eps_mode)
     scale = clip_scale(g, v, bc2, eps_t) if h.update_clipping else 1.0
     lr = h.lr * scale
 
@@ -155,6 +149,6 @@ def atan2_reference(
         param.mul_(1 - h.lr * h.weight_decay)
     exp_avg.lerp_(g, 1 - h.beta1)
     exp_avg_sq.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
-    m_hat = exp_avg / (1 - h.beta1**t)
-    v_hat = exp_avg_sq / (1 - h.beta2**t)
+    m_hat = exp_avg / F.bias_correction1(h.beta1, t)
+    v_hat = exp_avg_sq / F.bias_correction2(h.beta2, t)
     param.add_(torch.atan2(m_hat, h.b * v_hat.sqrt()), alpha=-h.lr * h.a)

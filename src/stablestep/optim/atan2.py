@@ -8,9 +8,16 @@ from typing import Any
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.optim import _compiled, _fast
 from stablestep.optim._reference import Atan2Step, atan2_reference
-from stablestep.optim.adam import _AdamFamily, check_common, compiled_kernel, resolve_impl
+from stablestep.optim.adam import (
+    _AdamFamily,
+    check_common,
+    compiled_kernel,
+    reject_torch_flags,
+    resolve_impl,
+)
 
 
 class AdamAtan2(_AdamFamily):
@@ -48,7 +55,10 @@ class AdamAtan2(_AdamFamily):
         b: float = 1.0,
         maximize: bool = False,
         impl: str = "auto",
+        **torch_flags: Any,
     ) -> None:
+        reject_torch_flags(type(self).__name__, torch_flags,
+                           ("auto", "foreach", "reference", "compiled"))
         check_common(lr, betas, weight_decay, impl)
         if impl == "fused":
             raise ValueError("impl='fused' is not available for AdamAtan2; use 'auto' or 'foreach'")
@@ -120,7 +130,7 @@ class AdamAtan2(_AdamFamily):
             return None
         b1, b2 = group["betas"]
         lr, a, b = float(group["lr"]), group["a"], group["b"]
-        bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+        bc1, bc2 = F.bias_correction1(b1, t), F.bias_correction2(b2, t)
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if torch.is_complex(m):
             m, v = torch.view_as_real(m), torch.view_as_real(v)

@@ -24,11 +24,12 @@ what :func:`effective_step` returns. For SGD, :math:`P^{-1} = \mathrm{lr}\,I`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from stablestep import formulas as F
 
 Kind = Literal["adam", "sgd", "other"]
 
@@ -108,11 +109,15 @@ def second_moment(
 def epsilon_t(h: GroupHyper, step: int) -> float:
     r"""The epsilon added to :math:`\sqrt{\hat v}` at ``step`` in PyTorch's convention.
 
-    ``eps`` itself for ``eps_mode="torch"``; ``eps / sqrt(1 - b2^t)`` for ``eps_mode="tf"``.
+    :func:`stablestep.formulas.eps_t` with this group's ``eps``, ``beta2`` and ``eps_mode``;
+    any mode other than ``"tf"`` (``"none"`` for AdamAtan2, whose ``eps`` reads 0, or a
+    foreign optimizer's) adds ``eps`` as torch does.
     """
-    if h.eps_mode == "tf":
-        return h.eps / math.sqrt(1.0 - h.beta2**step)
-    return h.eps
+    return F.eps_t(h.eps, h.beta2, step, _mode(h))
+
+
+def _mode(h: GroupHyper) -> str:
+    return "tf" if h.eps_mode == "tf" else "torch"
 
 
 def effective_step(
@@ -120,7 +125,8 @@ def effective_step(
 ) -> torch.Tensor | None:
     r"""Diagonal of :math:`P_t^{-1}` for parameter ``p`` as of its last step.
 
-    Adam family: ``lr/(1-b1^t) / (sqrt(v_hat) + eps_t)`` (see module docstring), a tensor
+    Adam family: :func:`stablestep.formulas.effective_step`,
+    ``lr/(1-b1^t) / (sqrt(v_hat) + eps_t)`` (see module docstring), a tensor
     shaped like ``p``. SGD: a scalar tensor ``lr``. ``None`` when the optimizer has no
     state for ``p`` yet or is of an unknown kind. Optimizers may provide their own
     ``effective_step(p)`` method (e.g. eps-free variants); it takes precedence.
@@ -139,6 +145,5 @@ def effective_step(
     v = second_moment(optimizer, p, h.amsgrad)
     if t == 0 or v is None:
         return None
-    bc1 = 1.0 - h.beta1**t
-    bc2 = 1.0 - h.beta2**t
-    return (h.lr / bc1) / ((v / bc2).sqrt_().add_(epsilon_t(h, t)))
+    return F.effective_step(v, lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, step=t,
+                            eps_mode=_mode(h))

@@ -20,7 +20,8 @@ Compose with ``*`` (product of two schedules or a schedule and a number) and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "Schedule",
@@ -34,26 +35,66 @@ __all__ = [
 ]
 
 
-class Schedule:
-    """A named ``step -> float`` function; ``*`` multiplies schedules (or scales by a number)."""
+def _value(spec: dict[str, Any], s: int) -> float:
+    """Evaluate a schedule's spec (plain data, see :class:`Schedule`) at step ``s``."""
+    kind = spec["kind"]
+    if kind == "constant":
+        return spec["value"]
+    if kind == "exponential_decay":
+        e = s // spec["decay_steps"] if spec["staircase"] else s / spec["decay_steps"]
+        return spec["decay_rate"] ** e
+    if kind == "inverse_sqrt":
+        return spec["alpha"] / math.sqrt(s + spec["offset"])
+    if kind == "linear_warmup":
+        return spec["start"] + (1.0 - spec["start"]) * min(1.0, s / spec["warmup_steps"])
+    if kind == "cosine":
+        t, a = spec["decay_steps"], spec["alpha"]
+        return a + (1.0 - a) * 0.5 * (1.0 + math.cos(math.pi * min(s, t) / t))
+    if kind == "product":
+        out = 1.0
+        for part in spec["parts"]:
+            out *= _value(part, s)
+        return out
+    if kind == "join":
+        bounds = spec["boundaries"]
+        i = sum(1 for b in bounds if s >= b)
+        return _value(spec["parts"][i], s - ([0, *bounds])[i])
+    raise ValueError(f"unknown schedule kind {kind!r}")
 
-    def __init__(self, fn: Callable[[int], float], name: str) -> None:
-        self._fn = fn
+
+class Schedule:
+    """A named ``step -> float`` function; ``*`` multiplies schedules (or scales by a number).
+
+    A schedule is plain data, ``spec`` (a dict of numbers, strings and lists of such dicts),
+    evaluated at each call: so it pickles, and a ``LambdaLR`` driven by one saves with
+    ``torch.save(scheduler.state_dict())`` and loads back with ``torch.load`` (the default
+    ``weights_only=True`` included), which a schedule holding a lambda could not.
+    """
+
+    def __init__(self, spec: dict[str, Any], name: str) -> None:
+        self.spec = spec
         self.name = name
 
     def __call__(self, step: int) -> float:
         """Value at ``step`` (number of steps already taken, so 0 for the first step)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        return float(self._fn(step))
+        return float(_value(self.spec, step))
 
     def __mul__(self, other: Schedule | float) -> Schedule:
         if isinstance(other, Schedule):
-            return Schedule(lambda s: self(s) * other(s), f"{self.name} * {other.name}")
+            return Schedule({"kind": "product", "parts": [self.spec, other.spec]},
+                            f"{self.name} * {other.name}")
         k = float(other)
-        return Schedule(lambda s: self(s) * k, f"{self.name} * {k:g}")
+        return Schedule({"kind": "product", "parts": [self.spec, constant(k).spec]},
+                        f"{self.name} * {k:g}")
 
     __rmul__ = __mul__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Schedule) and (self.spec, self.name) == (other.spec, other.name)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable (LambdaLR.load_state_dict updates it)
 
     def __repr__(self) -> str:
         return f"Schedule({self.name})"
@@ -67,7 +108,7 @@ def _positive_int(name: str, value: int) -> int:
 
 def constant(value: float = 1.0) -> Schedule:
     """The constant schedule ``value``."""
-    return Schedule(lambda s: value, f"constant({value:g})")
+    return Schedule({"kind": "constant", "value": float(value)}, f"constant({value:g})")
 
 
 def exponential_decay(decay_steps: int, decay_rate: float, *, staircase: bool = False) -> Schedule:
@@ -82,15 +123,10 @@ def exponential_decay(decay_steps: int, decay_rate: float, *, staircase: bool = 
     decay_steps = _positive_int("decay_steps", decay_steps)
     if not decay_rate > 0.0:
         raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
-    if staircase:
-        return Schedule(
-            lambda s: decay_rate ** (s // decay_steps),
-            f"exponential_decay({decay_steps}, {decay_rate:g}, staircase=True)",
-        )
-    return Schedule(
-        lambda s: decay_rate ** (s / decay_steps),
-        f"exponential_decay({decay_steps}, {decay_rate:g})",
-    )
+    spec = {"kind": "exponential_decay", "decay_steps": decay_steps,
+            "decay_rate": float(decay_rate), "staircase": bool(staircase)}
+    tail = ", staircase=True" if staircase else ""
+    return Schedule(spec, f"exponential_decay({decay_steps}, {decay_rate:g}{tail})")
 
 
 def inverse_sqrt(alpha: float = 1.0, *, offset: int = 1) -> Schedule:
@@ -100,7 +136,8 @@ def inverse_sqrt(alpha: float = 1.0, *, offset: int = 1) -> Schedule:
     ``alpha``.
     """
     offset = _positive_int("offset", offset)
-    return Schedule(lambda s: alpha / math.sqrt(s + offset), f"inverse_sqrt({alpha:g})")
+    return Schedule({"kind": "inverse_sqrt", "alpha": float(alpha), "offset": offset},
+                    f"inverse_sqrt({alpha:g})")
 
 
 def linear_warmup(warmup_steps: int, *, start: float = 0.0) -> Schedule:
@@ -109,10 +146,8 @@ def linear_warmup(warmup_steps: int, *, start: float = 0.0) -> Schedule:
     .. math:: f(s) = \mathrm{start} + (1-\mathrm{start})\min(1, s/W)
     """
     warmup_steps = _positive_int("warmup_steps", warmup_steps)
-    return Schedule(
-        lambda s: start + (1.0 - start) * min(1.0, s / warmup_steps),
-        f"linear_warmup({warmup_steps})",
-    )
+    return Schedule({"kind": "linear_warmup", "warmup_steps": warmup_steps, "start": float(start)},
+                    f"linear_warmup({warmup_steps})")
 
 
 def cosine(decay_steps: int, *, alpha: float = 0.0) -> Schedule:
@@ -123,11 +158,8 @@ def cosine(decay_steps: int, *, alpha: float = 0.0) -> Schedule:
     decay_steps = _positive_int("decay_steps", decay_steps)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return Schedule(
-        lambda s: alpha
-        + (1.0 - alpha) * 0.5 * (1.0 + math.cos(math.pi * min(s, decay_steps) / decay_steps)),
-        f"cosine({decay_steps}, alpha={alpha:g})",
-    )
+    return Schedule({"kind": "cosine", "decay_steps": decay_steps, "alpha": float(alpha)},
+                    f"cosine({decay_steps}, alpha={alpha:g})")
 
 
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -147,13 +179,9 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
         raise ValueError(
             f"boundaries must be non-negative and strictly increasing, got {boundaries}"
         )
-    starts = [0, *boundaries]
-
-    def fn(s: int) -> float:
-        i = sum(1 for b in boundaries if s >= b)
-        return schedules[i](s - starts[i])
-
-    return Schedule(fn, "join(" + ", ".join(x.name for x in schedules) + ")")
+    spec = {"kind": "join", "parts": [x.spec for x in schedules],
+            "boundaries": [int(b) for b in boundaries]}
+    return Schedule(spec, "join(" + ", ".join(x.name for x in schedules) + ")")
 
 
 def bias_correction(t: int, b1: float = 0.9, b2: float = 0.999) -> float:

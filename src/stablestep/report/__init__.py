@@ -10,8 +10,7 @@ report per run store or lab scenario (images inline, no network).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stablestep._lazy import attach
 
 _LAZY = {
     "write_index": "stablestep.report.build",
@@ -20,19 +19,4 @@ _LAZY = {
     "write_sweep_report": "stablestep.report.sweepmap",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Resolve a public name on first use (PEP 562), keeping ``stablestep --help`` light."""
-    try:
-        module = importlib.import_module(_LAZY[name])
-    except KeyError:
-        raise AttributeError(f"module 'stablestep.report' has no attribute {name!r}") from None
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

@@ -26,7 +26,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; a missing or unreadable store is a one-line usage error."""
     import importlib.util
 
-    from stablestep.cli import UsageError
+    from stablestep.errors import UsageError
     from stablestep.report import write_report
     from stablestep.telemetry import list_runs
 

@@ -6,19 +6,20 @@ Public names: :class:`Monitor` (attach to any torch optimizer), :func:`open_run`
 :mod:`stablestep.telemetry.names`.
 """
 
-from stablestep.telemetry import names
-from stablestep.telemetry.monitor import Monitor
-from stablestep.telemetry.sinks import TensorBoardSink, export_csv
-from stablestep.telemetry.store import SCHEMA_VERSION, Event, Run, list_runs, open_run
+from __future__ import annotations
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Event",
-    "Monitor",
-    "Run",
-    "TensorBoardSink",
-    "export_csv",
-    "list_runs",
-    "names",
-    "open_run",
-]
+from stablestep._lazy import attach
+
+_LAZY = {
+    "names": "stablestep.telemetry.names",
+    "Monitor": "stablestep.telemetry.monitor",
+    "TensorBoardSink": "stablestep.telemetry.sinks",
+    "export_csv": "stablestep.telemetry.sinks",
+    "SCHEMA_VERSION": "stablestep.telemetry.store",
+    "Event": "stablestep.telemetry.store",
+    "Run": "stablestep.telemetry.store",
+    "list_runs": "stablestep.telemetry.store",
+    "open_run": "stablestep.telemetry.store",
+}
+
+__getattr__, __dir__, __all__ = attach(__name__, _LAZY, globals())

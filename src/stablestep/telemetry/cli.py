@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from stablestep.cli import UsageError
+from stablestep.errors import UsageError
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:

@@ -242,10 +242,10 @@ class Monitor:
                 )
             pending["detail"] = None
         if pending["curv"]:
-            metrics.update(self._curvature())
+            metrics.update(self._curvature(pending["step"]))
         self._finish()
 
-    def _curvature(self) -> dict[str, float]:
+    def _curvature(self, step: int) -> dict[str, float]:
         if self._probe is None:
             from stablestep.curvature import CurvatureProbe
 
@@ -253,7 +253,10 @@ class Monitor:
             if self._probe_state is not None:
                 self._probe.load_state_dict(self._probe_state)
                 self._probe_state = None
-        return {k: float(v) for k, v in self._probe(self.curvature_loss).items()}
+        res = self._probe(self.curvature_loss)
+        if getattr(res, "error", None):  # the probe never raises: a failure is an event
+            self.record_event(step, N.EVENT_CURVATURE, {"error": res.error, "backend": res.backend})
+        return {k: float(v) for k, v in res.items()}
 
     def _finish(self) -> None:
         """Emit the pending step (if any) to the store and sinks."""

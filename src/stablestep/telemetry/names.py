@@ -15,23 +15,29 @@ UPDATE_RATIO = "update_ratio"  # update_norm / param_norm
 UPDATE_COS = "update_cos"  # cos(update, -g)
 
 # Adam family: effective per-coordinate step lr/(1-b1^t) / (sqrt(v_hat) + eps_t),
-# the diagonal of P^-1 (stablestep.optim.inspect.effective_step).
+# the diagonal of P^-1 (stablestep.formulas.effective_step).
 EFF_STEP_P50 = "eff_step_p50"
 EFF_STEP_P90 = "eff_step_p90"
 EFF_STEP_P99 = "eff_step_p99"
 EFF_STEP_MAX = "eff_step_max"
 EPS_SHARE = "eps_share"  # share of coordinates with sqrt(v_hat) < eps_t
-G2V_RMS = "g2v_rms"  # RMS over coordinates of g^2 / v_hat (StableAdamW's early warning)
+G2V_RMS = "g2v_rms"  # sqrt(mean(g^2 / max(v_hat, eps_t^2))), current v_hat: formulas.g2v_rms
 G2V_MAX = "g2v_max"
 AMSGRAD_GAP = "amsgrad_gap"  # sum(max_v - v) / sum(max_v), 0 when v is at its max
 
 # Curvature (stablestep.curvature), stored every ``curvature_every`` steps.
 SHARPNESS = "sharpness"  # lam_max(H)
 PRECOND_SHARPNESS = "precond_sharpness"  # lam_max(P^-1 H)
-PRECOND_THRESHOLD = "precond_threshold"  # (2 + 2*b1)/(1 - b1) for Adam; 2+2mu for heavy ball
+PRECOND_THRESHOLD = "precond_threshold"  # the bound, formulas.threshold: (2+2*b1)/(1-b1) Adam
 LR_SHARPNESS = "lr_sharpness"  # lr * lam_max(H)
-GD_THRESHOLD = "gd_threshold"  # 2 (GD), 2 + 2*mu (heavy ball), ... for lr * lam_max(H)
+GD_THRESHOLD = "gd_threshold"  # formulas.sgd_threshold: 2, heavy ball, Nesterov, for lr*lam_max
+GRAD_CURVATURE = "grad_curvature"  # g.(S H g)/g.g, S the lr-free preconditioner; vs 2/lr
+CRITICAL_SHARPNESS = "critical_sharpness"  # 2/eta_c, eta_c: lr at which the loss rises; vs 2/lr
+CURV_SECONDS = "curvature_seconds"  # wall time of the curvature estimate at this step
+CURV_HVPS = "curvature_hvps"  # Hessian-vector products it used
+CURV_SHARE = "curvature_share"  # the probe's share of wall time since its first estimate
 
 # Event kinds recorded in the store (besides metrics).
 EVENT_NONFINITE = "non-finite"
 EVENT_GUARD = "guard"
+EVENT_CURVATURE = "curvature-failed"  # a curvature estimate raised; data: {"error", "backend"}
