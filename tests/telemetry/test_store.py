@@ -185,11 +185,14 @@ def test_damaged_config_events_and_values_do_not_stop_a_reader(tmp_path):
     assert run.names() == ["loss", "lr"] and run.series("lr")[1].tolist() == [0.1]
     con = sqlite3.connect(path)
     con.execute("UPDATE runs SET config = '[1, 2]'")
+    con.execute("UPDATE metrics SET value = 'text' WHERE name_id = "
+                "(SELECT id FROM names WHERE name = 'lr')")
     con.execute("UPDATE events SET data = '{not json'")
     con.commit()
     con.close()
     run = open_run(path, "r")
     assert run.config == {} and run.events == [Event(0, "guard", {})]
+    assert np.isnan(run.series("lr")[1]).all() and run.series("loss")[1].tolist() == [1.0]
     con = sqlite3.connect(path)
     con.execute("UPDATE runs SET config = '{bad'")
     con.commit()

@@ -292,16 +292,14 @@ class Run:
                 steps = np.zeros(0, dtype=np.int64)
                 values = np.zeros(0)
                 if row is not None:
-                    n = con.execute("SELECT count(*) FROM metrics WHERE run_id = ? AND "
-                                    "name_id = ?", (self._id, row[0])).fetchone()[0]
                     sql = ("SELECT step, value FROM metrics WHERE run_id = ? AND name_id = ? "
                            "ORDER BY step")
                     try:  # the fast path: rows flattened in C
                         flat = np.fromiter(itertools.chain.from_iterable(
-                            con.execute(sql, (self._id, row[0]))), dtype=np.float64, count=2 * n)
+                            con.execute(sql, (self._id, row[0]))), dtype=np.float64)
                     except (ValueError, TypeError):  # a hand-edited value that is text
                         flat = np.fromiter(_numbers(con.execute(sql, (self._id, row[0]))),
-                                           dtype=np.float64, count=2 * n)
+                                           dtype=np.float64)
                     steps = flat[0::2].astype(np.int64)
                     values = flat[1::2].copy()
         finally:
