@@ -141,6 +141,17 @@ def test_keras_history_warns_that_it_is_epoch_level(tmp_path, caplog):
     assert not info.coarse and str(info).startswith(f"{q}: read 'loss' (16 points, steps 0..15")
 
 
+def test_json_lines_are_streamed_record_by_record(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"step": i, "loss": v, "lr": 1e-3}) + "\n"
+                         for i, v in enumerate(LOSS)))
+    (t,) = load(str(p))
+    np.testing.assert_allclose(t.loss, LOSS)
+    p.write_text(p.read_text() + "{broken\n")
+    with pytest.raises(SourceError, match="not valid JSON Lines .* at line 17"):
+        load(str(p))
+
+
 # --- CSV dialects and missing values ---------------------------------------------------
 
 def test_semicolon_csv_with_decimal_commas(tmp_path):

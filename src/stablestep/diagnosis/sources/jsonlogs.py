@@ -55,9 +55,49 @@ def _json_lines(path: str, text: str) -> list[Any]:
 
 
 def read_json(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
-    """A ``trainer_state.json``, Keras history, JSON of arrays, records or JSON Lines."""
+    """A ``trainer_state.json``, Keras history, JSON of arrays, records or JSON Lines
+    (streamed record by record: memory follows the points kept)."""
     check_path(path, file=True)
+    if _is_json_lines(path):
+        return read_records(_stream_lines(path), source=path, what="the JSON Lines",
+                            infos=infos)
     return json_traces(_load(path), path, infos=infos)
+
+
+def _is_json_lines(path: str) -> bool:
+    """Whether the first two non-empty lines are each a whole JSON object."""
+    seen = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if len(line) > 1 << 20:
+                return False
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return False
+            except (ValueError, RecursionError):
+                return False
+            seen += 1
+            if seen == 2:
+                return True
+    return False
+
+
+def _stream_lines(path: str) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except RecursionError:
+                raise SourceError(f"{path}: JSON nested too deeply at line {n}") from None
+            except ValueError as exc:
+                msg = getattr(exc, "msg", str(exc))
+                raise SourceError(f"{path}: not valid JSON Lines ({msg} at line {n})") from None
+            if isinstance(rec, dict):
+                yield rec
 
 
 def json_traces(data: Any, source: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
