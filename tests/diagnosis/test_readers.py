@@ -238,6 +238,8 @@ def test_fifo_and_directories_are_refused_not_waited_on(tmp_path):
         load(str(fifo))
     with pytest.raises(SourceError, match="neither TensorBoard event files nor a run.sqlite"):
         load(str(tmp_path))
+    with pytest.raises(SourceError, match="not a valid path"):
+        load("log\x00.csv")
 
 
 def _tb(path, values):

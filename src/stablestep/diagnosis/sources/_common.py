@@ -202,6 +202,8 @@ def check_path(path: str, *, file: bool = False) -> os.stat_result:
         raise SourceError(f"{path}: no such file or directory") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError:  # an embedded NUL
+        raise SourceError(f"{path!r}: not a valid path") from None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise SourceError(f"{path}: not a regular file or directory")
     if file and stat.S_ISDIR(st.st_mode):
