@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,11 +22,34 @@ from tests.fuzz._inputs import HOSTILE_NAMES, csv_texts, json_texts, names, text
 FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+class Hung(BaseException):
+    """Not an OSError (TimeoutError is one, and a bare ``except OSError`` would hide it)."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int, argv: list[str]):
+    """A hang (a FIFO opened for reading waits for a writer forever) fails the test."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def hung(*_):
+        raise Hung(f"stablestep {argv!r} hung for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """``stablestep ARGV`` in-process: (exit status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            warnings.catch_warnings():
+            warnings.catch_warnings(), _deadline(60, argv):
         warnings.simplefilter("ignore")
         try:
             rc = main(argv)
