@@ -34,7 +34,7 @@ def _store(path: str) -> str:
             return inner
         raise UsageError(f"{path} is a directory without a run.sqlite, not a run store")
     if not os.path.exists(path):
-        raise UsageError(f"no run store at {path}")
+        raise UsageError(f"no run store at {path} (no such file)")
     return path
 
 

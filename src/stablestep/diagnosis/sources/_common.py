@@ -325,14 +325,14 @@ class Collector:
             report(info, infos)
         if not out:
             raise SourceError(f"{self.source}: column {str(loss_column)!r} has no numeric values")
-        bad = self.unreadable + self.out_of_range
-        if bad:
-            why = []
-            if self.unreadable:
-                why.append(f"{self.unreadable} whose step or {str(loss_column)!r} is not a number")
-            if self.out_of_range:
-                why.append(f"{self.out_of_range} whose step is beyond int64")
-            warn(f"{self.source}: skipped {bad} record(s): " + "; ".join(why))
+        why = []
+        if self.unreadable:
+            why.append(f"{self.unreadable} record(s) whose step or {str(loss_column)!r} "
+                       "is not a number")
+        if self.out_of_range:
+            why.append(f"{self.out_of_range} record(s) whose step is beyond int64")
+        if why:
+            warn(f"{self.source}: skipped " + " and ".join(why))
         return out
 
 
