@@ -33,6 +33,7 @@ from stablestep.guard import snapshot as S
 from stablestep.guard.policy import GuardError, GuardPolicy, GuardRecord
 from stablestep.telemetry import names
 from stablestep.telemetry.probes import stack_scalars
+from stablestep.telemetry.recorder import is_sharded, local
 
 
 def _dist() -> Any:
@@ -327,18 +328,24 @@ class Guard:
     def _signals(self, loss: torch.Tensor | float) -> tuple[float, float]:
         """(loss, gradient norm), all-reduced (mean over ranks) under torch.distributed."""
         grads = [q.grad.detach() for q in self._params if q.grad is not None]
-        dev = grads[0].device if grads else self._device()
+        # FSDP2 gradients are DTensor shards: this rank's part, squared norms summed over ranks
+        shard = [local(g) for g in grads if is_sharded(g)]
+        grads = [local(g) for g in grads if not is_sharded(g)]
+        dev = (grads or shard)[0].device if grads or shard else self._device()
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
         gn = (stack_scalars([n.to(dev) for n in torch._foreach_norm(grads)]).square().sum()
-              .sqrt() if grads else torch.zeros((), dtype=torch.float64, device=dev))
+              .sqrt() if grads else zero)
+        gs = (stack_scalars([n.to(dev) for n in torch._foreach_norm(shard)]).square().sum()
+              if shard else zero)
         lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
               else torch.tensor(float(loss), dtype=torch.float64, device=dev))
-        vec = torch.stack([lt, gn])
+        vec = torch.stack([lt, gn, gs])
         d = _dist()
         if d is not None:
             d.all_reduce(vec)  # NaN/Inf on any rank reaches every rank
-            vec /= d.get_world_size()
-        loss_v, gnorm = vec.tolist()
-        return loss_v, gnorm
+            vec[:2] /= d.get_world_size()
+        loss_v, gnorm, shard_sq = vec.tolist()
+        return loss_v, math.sqrt(gnorm * gnorm + shard_sq)
 
     # ------------------------------------------------------------- lr multiplier
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

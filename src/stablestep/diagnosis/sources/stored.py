@@ -30,7 +30,9 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
         steps, loss = run.series(names.LOSS)
     else:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
-    metrics = {n: run.series(n) for n in available if n != names.LOSS and "/" not in n}
+    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
+    metrics = {n: run.series(n) for n in available
+               if n != names.LOSS and ("/" not in n or n.startswith(per_layer))}
     config = run.config if isinstance(run.config, dict) else {}
     hyper = config.get("hyper")
     hyper = dict(hyper) if isinstance(hyper, dict) else {}
