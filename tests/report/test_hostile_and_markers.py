@@ -11,7 +11,7 @@ import pytest
 
 from stablestep.report import plots, write_report
 from stablestep.report.plots import Incident, Series, first_nonfinite
-from stablestep.report.text import plot_label, printable
+from stablestep.text import plot_label, printable
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

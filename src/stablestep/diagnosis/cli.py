@@ -60,7 +60,7 @@ def _line(console: Any, text: str, *, indent: int, style: str | None = None) -> 
 
     from rich.markup import escape
 
-    from stablestep.report.text import printable
+    from stablestep.text import printable
 
     width = max(40, console.width)
     lines = textwrap.wrap(printable(text), width=width, initial_indent=" " * indent,
@@ -78,13 +78,13 @@ def render(findings: list[Any], *, source: str, console: Any, verbose: bool = Fa
     step, kind, mechanism, confidence), then per finding what to do (``action value --
     why`` lines) and why (one sentence with the deciding numbers); ``verbose`` adds the
     evidence as ``key: value`` lines. Everything is wrapped to the console width and every
-    string from the log is shown through :func:`stablestep.report.text.printable`."""
+    string from the log is shown through :func:`stablestep.text.printable`."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    from stablestep.report.incidents import headline, remedy_value
-    from stablestep.report.text import printable
+    from stablestep.diagnosis.wording import headline, remedy_value
+    from stablestep.text import printable
 
     shown_source = printable(source, limit=200)
     if not findings:
@@ -150,7 +150,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     was read go to the ``stablestep`` logger (stderr)."""
     import inspect
 
-    from stablestep.cli import console
+    from stablestep.console import console
     from stablestep.diagnosis.core import diagnose_trace
     from stablestep.diagnosis.sources import SourceError, SourceWarning, load
     from stablestep.errors import UsageError
@@ -171,7 +171,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
                 log.info("%s: read %s", args.path, _describe(trace))
             findings.extend(diagnose_trace(trace))
     except (SourceError, ValueError, OSError, KeyError) as exc:
-        from stablestep.cli import _one_line
+        from stablestep.console import _one_line
 
         raise UsageError(_one_line(exc)) from None
     if args.json:

@@ -21,7 +21,7 @@ def add_parsers(subparsers: Any) -> None:
         description="Reproduce a classic Adam failure on the CPU in seconds, compare the "
         "fixes side by side, diagnose each run and write an HTML report.")
     sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
-    from stablestep.cli import VERBOSITY
+    from stablestep.console import VERBOSITY
 
     p = sub.add_parser("list", help="list the scenarios", parents=[VERBOSITY])
     p.set_defaults(func=cmd_list)
@@ -60,14 +60,14 @@ def add_parsers(subparsers: Any) -> None:
 
 def printable(text) -> str:
     """Paths and names from the user, shown with escapes for control characters."""
-    from stablestep.report.text import printable as _printable
+    from stablestep.text import printable as _printable
 
     return _printable(text)
 
 
 def _console():
     """The CLI's console (terminal width, or ``COLUMNS``/80 when piped)."""
-    from stablestep.cli import console
+    from stablestep.console import console
 
     return console()
 
@@ -141,7 +141,7 @@ def _print_outcome(console, outcome) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one scenario or all (output directories checked before anything trains), with
     a progress bar; print the outcome tables and where the reports are."""
-    from stablestep.cli import progress
+    from stablestep.console import progress
     from stablestep.lab import runner, scenarios
 
     console = _console()
@@ -218,7 +218,7 @@ def _sweep_out(out: Path) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Check every argument and the output directory, run the sweep with a progress bar,
     write sweep.json (standard JSON: no NaN/Infinity) and sweep.html, print the map."""
-    from stablestep.cli import progress
+    from stablestep.console import progress
     from stablestep.lab.runner import fmt_loss
     from stablestep.lab.sweep import sweep
 

@@ -25,7 +25,7 @@ from stablestep.report.html import (
     table,
 )
 from stablestep.report.incidents import remedy_value
-from stablestep.report.text import printable
+from stablestep.text import printable
 
 
 def _spike_findings(spikes: Sequence[int], diverged_at: int | None) -> list[dict]:

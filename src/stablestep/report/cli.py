@@ -66,10 +66,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         out = write_report(path, args.output, title=args.title, runs=args.run)
     except (SourceError, KeyError) as exc:
-        from stablestep.cli import _one_line
+        from stablestep.console import _one_line
 
         raise UsageError(_one_line(exc)) from None
-    from stablestep.report.text import printable
+    from stablestep.text import printable
 
     print(f"report: {printable(out)}")
     return 0

@@ -3,7 +3,7 @@
 Pages are Jinja2 templates (:mod:`stablestep.report.templates`) rendered with autoescape:
 every value a template prints is escaped unless it is :class:`markupsafe.Markup` (HTML
 this package built from another template). Every printed value also goes through
-:func:`stablestep.report.text.printable` first, so NUL, control and bidi-override
+:func:`stablestep.text.printable` first, so NUL, control and bidi-override
 characters from run names or logs show as visible escapes instead of being copied in.
 
 No network: every image is a ``data:`` URL, styles and the one script are inline, and a
@@ -18,12 +18,11 @@ wide tables scroll inside their own box, so the page itself never scrolls sidewa
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stablestep.report import plots
-from stablestep.report.text import printable
+from stablestep.text import fmt, printable  # noqa: F401  (fmt re-exported)
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
        "script-src 'unsafe-inline'")
@@ -73,23 +72,12 @@ window.addEventListener('load', function () {
 
 def esc(value: Any) -> str:
     """``str(value)`` made safe for HTML text and attribute values: control and bidi
-    characters as visible escapes (:func:`~stablestep.report.text.printable`), then
+    characters as visible escapes (:func:`~stablestep.text.printable`), then
     ``& < > " '`` escaped (the same escaping the templates apply)."""
     from markupsafe import escape
 
     return str(escape(printable(value, newlines=True)))
 
-
-def fmt(x: Any) -> str:
-    """A number for tables (3 significant digits, ``NaN`` for non-finite); other values
-    as ``str``."""
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, (int, float)):
-        if isinstance(x, float) and not math.isfinite(x):
-            return "NaN"
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-    return str(x)
 
 
 def render(template: str, /, **context: Any) -> Any:

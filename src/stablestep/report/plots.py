@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stablestep.report.text import plot_label
 from stablestep.telemetry import names as N
+from stablestep.text import plot_label
 
 _EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 

@@ -1,6 +1,6 @@
 """The report's Jinja2 templates, compiled once with autoescape on.
 
-Every ``{{ value }}`` is passed through :func:`stablestep.report.text.printable` (the
+Every ``{{ value }}`` is passed through :func:`stablestep.text.printable` (the
 environment's ``finalize``: control and bidi characters become visible escapes) and then
 HTML-escaped, unless it is :class:`markupsafe.Markup` built by another template here.
 Templates live in this module, not in package data, so an installed wheel always has them.
@@ -74,7 +74,7 @@ report.html</code>.</p>""",
 def _finalize(value: Any) -> Any:
     from markupsafe import Markup
 
-    from stablestep.report.text import printable
+    from stablestep.text import printable
 
     if isinstance(value, Markup) or value is None:
         return "" if value is None else value

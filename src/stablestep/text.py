@@ -10,7 +10,9 @@ character into a visible escape (``\\x1b``, ``\\u202e``) and shortens the text;
 
 from __future__ import annotations
 
+import math
 import unicodedata
+from typing import Any
 
 # Bidi embeddings/overrides/isolates and marks, zero-width characters, the BOM.
 _INVISIBLE = frozenset(
@@ -49,3 +51,14 @@ def plot_label(text: object, *, limit: int = 40) -> str:
     and ``$`` escaped so that ``$\\undefinedmacro$`` is drawn as text, not parsed as
     mathtext."""
     return printable(text, limit=limit).replace("$", r"\$")
+
+def fmt(x: Any) -> str:
+    """A number for tables (3 significant digits, ``NaN`` for non-finite); other values
+    as ``str``."""
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, (int, float)):
+        if isinstance(x, float) and not math.isfinite(x):
+            return "NaN"
+        return f"{x:.3g}" if isinstance(x, float) else str(x)
+    return str(x)
