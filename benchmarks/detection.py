@@ -1,10 +1,14 @@
 """Detection benchmark: stablestep's diagnosis against three loss-spike rules in use.
 
-Labelled runs are generated here (``stablestep.diagnosis.labeled.make_run``: small
-models on CPU, two models x three seeds per cause): Adam's adaptive edge of stability,
-lr above the GD bound, injected outlier batches, injected overflow, stable runs.
+Labelled runs are generated here (``benchmarks/labeled.py``: small models on CPU,
+recorded by the real ``stablestep.Monitor`` into a run store and read back as ``diagnose``
+reads a user's; two models x three seeds per cause): Adam's adaptive edge of stability,
+lr above the GD bound, injected outlier batches, injected overflow, stable runs. The runs
+come from one of two files with disjoint seeds, model sizes and data sizes:
+``detection_heldout.py`` (default; nothing was tuned on it: these are the figures to
+report) and ``detection_tuning.py`` (``--set tuning``: what the thresholds were tuned on).
 
-Labels (the same for every detector; :mod:`stablestep.diagnosis.labeled`): adaptive
+Labels (the same for every detector; ``benchmarks/labeled.py``): adaptive
 edge of stability and stable runs: every episode of ``label_spikes`` (a rise to 1.1x
 the lowest loss of the 50 steps before; it lasts until the loss stays under 1.1x its
 pre-spike level for 25 steps, or until a new climb of 8+ rising steps by 10%: ringing
@@ -35,11 +39,8 @@ Baselines, re-implemented from their published rules (loss only):
 - Megatron's rerun state machine: NaN/Inf (``check_for_nan_in_loss``), or the loss at
   or above 10x the largest of its first 100 values (``is_unexpectedly_large``).
 
-Run: ``.venv/bin/python benchmarks/detection.py`` (about a minute on one CPU core);
-``--seeds 3 4 5`` scores runs whose false alarms drove the 2026-11 fixes (10% bar,
-early-overshoot settle, the label rules above); ``--seeds 6 7 8`` was run once, after
-them, and nothing was tuned on it.
-The last line prints our F1 and the best baseline's.
+Run: ``.venv/bin/python benchmarks/detection.py`` (a few minutes on one CPU core);
+``--set tuning`` for the tuning runs. The last line prints our F1 and the best baseline's.
 """
 
 from __future__ import annotations
@@ -49,16 +50,19 @@ import statistics
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from stablestep.diagnosis import diagnose_trace
-from stablestep.diagnosis.labeled import MECHANISM_RUNS, make_run
-from stablestep.telemetry import names as names_
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* importable
 
-MODELS = ((32, "tanh"), (64, "gelu"))
-SEEDS = (0, 1, 2)
+from benchmarks import detection_heldout, detection_tuning  # noqa: E402
+from benchmarks.labeled import MECHANISM_RUNS, make_run  # noqa: E402
+
+from stablestep.diagnosis import diagnose_trace  # noqa: E402
+from stablestep.telemetry import names as names_  # noqa: E402
+
 MATCH_BEFORE, MATCH_AFTER = 2, 20
 
 
@@ -157,45 +161,45 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS),
-                        help="seeds per model and cause (default 0 1 2; others are held out)")
-    args = parser.parse_args(argv)  # main: generate, detect, score, print the table
+    parser.add_argument("--set", choices=("heldout", "tuning"), default="heldout",
+                        help="which labelled runs (default: the held-out ones)")
+    args = parser.parse_args(argv)
+    runs = (detection_heldout if args.set == "heldout" else detection_tuning).RUNS
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     names = ("stablestep", "lightning", "olmo-core", "megatron")
     tot = {n: {"tp": 0, "fp": 0, "fn": 0, "delays": [], "mech": 0, "fa_stable": 0}
            for n in names}
     per_cause = {c: {"events": 0, "found": 0, "mech": 0} for c in MECHANISM_RUNS}
-    for cause in MECHANISM_RUNS:
-        for width, act in MODELS:
-            for seed in args.seeds:
-                run = make_run(cause, seed=seed, width=width, act=act)
-                tr = run.trace
-                steps, losses = tr.steps.tolist(), tr.loss.tolist()
-                dets = {
-                    "stablestep": ours(tr),
-                    "lightning": [(s, None) for s in lightning(steps, losses)],
-                    "olmo-core": [(s, None) for s in olmo(
-                        steps, losses, tr.metric(names_.GRAD_NORM).tolist())],
-                    "megatron": [(s, None) for s in megatron(steps, losses)],
-                }
-                for n in names:
-                    tp, fp, fn, delays, mech = score(run.events, dets[n])
-                    t = tot[n]
-                    t["tp"] += tp
-                    t["fp"] += fp
-                    t["fn"] += fn
-                    t["delays"] += delays
-                    t["mech"] += mech
-                    if cause == "stable":
-                        t["fa_stable"] += len(dets[n])
-                    if n == "stablestep":
-                        pc = per_cause[cause]
-                        pc["events"] += len(run.events)
-                        pc["found"] += tp
-                        pc["mech"] += mech
-                print(f"{run.name:40s} events={len(run.events):3d} "
-                      + " ".join(f"{n}={len(dets[n])}" for n in names), flush=True)
+    for spec in runs:
+        cause = spec["cause"]
+        run = make_run(**spec)
+        tr = run.trace
+        steps, losses = tr.steps.tolist(), tr.loss.tolist()
+        dets = {
+            "stablestep": ours(tr),
+            "lightning": [(s, None) for s in lightning(steps, losses)],
+            "olmo-core": [(s, None) for s in olmo(
+                steps, losses, tr.metric(names_.GRAD_NORM).tolist())],
+            "megatron": [(s, None) for s in megatron(steps, losses)],
+        }
+        for n in names:
+            tp, fp, fn, delays, mech = score(run.events, dets[n])
+            t = tot[n]
+            t["tp"] += tp
+            t["fp"] += fp
+            t["fn"] += fn
+            t["delays"] += delays
+            t["mech"] += mech
+            if cause == "stable":
+                t["fa_stable"] += len(dets[n])
+            if n == "stablestep":
+                pc = per_cause[cause]
+                pc["events"] += len(run.events)
+                pc["found"] += tp
+                pc["mech"] += mech
+        print(f"{run.name:40s} events={len(run.events):3d} "
+              + " ".join(f"{n}={len(dets[n])}" for n in names), flush=True)
     print()
     print(f"{'detector':12s} {'prec':>6s} {'recall':>6s} {'F1':>6s} {'delay':>6s} "
           f"{'mech.acc':>8s} {'FA(stable)':>10s}")
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if pc["events"]:
             print(f"  {c:28s} recall {pc['found'] / pc['events']:.3f}  mechanism "
                   f"{pc['mech'] / max(1, pc['found']):.3f}  ({pc['events']} events)")
-    print(f"elapsed {time.perf_counter() - t0:.0f}s")
+    print(f"{len(runs)} {args.set} runs, elapsed {time.perf_counter() - t0:.0f}s")
     best = max((n for n in names if n != "stablestep"), key=lambda n: f1s[n])
     ratio = f1s["stablestep"] / max(f1s[best], 1e-12)
     print(f"stablestep F1 {f1s['stablestep']:.3f} | best baseline ({best}) F1 {f1s[best]:.3f}"

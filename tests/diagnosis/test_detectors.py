@@ -143,7 +143,8 @@ def test_label_spikes_skips_the_early_transient():
     """The offline labels follow the detector's definition: an episode under 1.5x whose
     onset is before step ``settle`` is training's early overshoot, a larger one is not;
     ``start`` skips the steps before it."""
-    from stablestep.diagnosis.labeled import label_spikes
+    from benchmarks.labeled import label_spikes
+
     from stablestep.diagnosis.trace import from_series
 
     loss = np.concatenate([np.linspace(0.8, 0.2, 10), np.full(390, 0.2)])
@@ -162,7 +163,8 @@ def test_label_spikes_skips_the_early_transient():
 def test_label_spikes_splits_a_new_climb_out_of_ringing():
     """Rises of 2 steps while the loss rings after a spike stay in its episode; a
     12-step climb to 20x inside it (the loss never quiet for 25 steps) is a new one."""
-    from stablestep.diagnosis.labeled import label_spikes
+    from benchmarks.labeled import label_spikes
+
     from stablestep.diagnosis.trace import from_series
 
     loss = np.full(400, 0.01)

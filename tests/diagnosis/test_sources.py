@@ -124,7 +124,7 @@ def test_store_written_by_monitor_is_diagnosed_end_to_end(tmp_path):
     """Adam at its adaptive edge of stability, recorded by the Monitor with curvature:
     the diagnosis names the mechanism and computes eps from the stored numbers."""
     torch.set_num_threads(1)
-    from stablestep.diagnosis.labeled import _data, _model
+    from benchmarks.labeled import _data, _model
 
     x, y = _data(0)
     model = _model(0, 64, "gelu")
@@ -141,13 +141,17 @@ def test_store_written_by_monitor_is_diagnosed_end_to_end(tmp_path):
             mon.observe(loss)
             opt.step()
     findings = diagnose(str(store), run="aeos")
-    periodic = [f for f in findings if f.kind == "periodic-spikes"]
-    assert len(periodic) == 1
-    f = periodic[0]
-    assert f.mechanism == "adaptive-edge-of-stability"
-    eps = next(r for r in f.remedies if r.action == "set-eps").value
-    lam = f.evidence[names.SHARPNESS]
-    assert eps == pytest.approx(1e-2 / (1 - 0.9 ** f.step) * lam * 0.1 / 3.8, rel=0.1)
+    # invariants, not the count of a chaotic trajectory (another CPU groups the same spikes
+    # into separate spike findings): every finding is Adam's edge of stability, >= 3 spikes,
+    # and every eps remedy is the one the stored numbers give
+    assert findings and {f.mechanism for f in findings} == {"adaptive-edge-of-stability"}
+    assert sum(f.evidence.get("n_spikes", 1) for f in findings) >= 3
+    with_eps = [f for f in findings if any(r.action == "set-eps" for r in f.remedies)]
+    assert with_eps
+    for f in with_eps:
+        eps = next(r for r in f.remedies if r.action == "set-eps").value
+        lam = f.evidence[names.SHARPNESS]
+        assert eps == pytest.approx(1e-2 / (1 - 0.9 ** f.step) * lam * 0.1 / 3.8, rel=0.1)
     run = stablestep.open_run(str(store), "aeos")
     assert diagnose(run)[0].to_dict() == findings[0].to_dict()
     with pytest.raises(SourceError, match="no run named 'other'|no run 'other'"):
@@ -156,5 +160,6 @@ def test_store_written_by_monitor_is_diagnosed_end_to_end(tmp_path):
     from stablestep.telemetry import export_csv
 
     export_csv(str(store), tmp_path / "aeos.csv", name="aeos")
-    from_csv = [g for g in diagnose(str(tmp_path / "aeos.csv")) if g.kind == "periodic-spikes"]
-    assert [(g.step, g.mechanism) for g in from_csv] == [(f.step, f.mechanism)]
+    from_csv = diagnose(str(tmp_path / "aeos.csv"))
+    assert [(g.step, g.kind, g.mechanism) for g in from_csv] == [
+        (f.step, f.kind, f.mechanism) for f in findings]

@@ -6,23 +6,23 @@ import pytest
 import torch
 
 from stablestep.diagnosis.detectors import SpikeConfig
+from stablestep.diagnosis.stack import StackConfig
 from stablestep.guard import Guard, GuardPolicy, GuardRecord
 from stablestep.telemetry import Monitor, names, open_run
 from tests.guard.conftest import mlp, regression_data
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"outlier_z": 0.0}, "Invalid outlier_z: 0.0 (need > 0 or None)"),
-    ({"outlier_z": float("nan")}, "Invalid outlier_z: nan (need > 0 or None)"),
-    ({"outlier_action": "drop"}, "Invalid outlier_action: 'drop' (expected 'skip' or 'clip')"),
+    ({"outlier_action": "drop"},
+     "Invalid outlier_action: 'drop' (expected 'skip', 'clip' or None)"),
     ({"clip_z": -1.0}, "Invalid clip_z: -1.0 (need > 0)"),
-    ({"sigma_min": 0.0}, "Invalid sigma_min: 0.0 (need > 0)"),
     ({"snapshot_every": 0}, "Invalid snapshot_every: 0 (need an int >= 1)"),
     ({"keep_snapshots": 1.5}, "Invalid keep_snapshots: 1.5 (need an int >= 1)"),
-    ({"stats_window": 1}, "Invalid stats_window: 1 (need an int >= 2)"),
     ({"adapt_after": True}, "Invalid adapt_after: True (need an int >= 1)"),
     ({"max_rollbacks": -1}, "Invalid max_rollbacks: -1 (need an int >= 0 or None)"),
+    ({"restore_after": 0}, "Invalid restore_after: 0 (need an int >= 1 or None)"),
     ({"lr_backoff": 1.0}, "Invalid lr_backoff: 1.0 (need 0 < lr_backoff < 1)"),
+    ({"min_lr_scale": 0.0}, "Invalid min_lr_scale: 0.0 (need 0 < min_lr_scale <= 1)"),
     ({"remedies": ("amsgrad", "warmup")},
      "Invalid remedy: 'warmup' (expected one of 'amsgrad', 'eps', 'lr')"),
     ({"remedies": "lr"}, "Invalid remedies: 'lr' (need a tuple of names)"),
@@ -36,7 +36,8 @@ def test_policy_validation_messages(kwargs, message):
 def test_policy_is_keyword_only_and_round_trips():
     with pytest.raises(TypeError):
         GuardPolicy(True)  # noqa: FBT003
-    p = GuardPolicy(outlier_z=None, spike=SpikeConfig(window=20), remedies=("lr",))
+    p = GuardPolicy(outlier_action=None, stack=StackConfig(spike=SpikeConfig(window=20)),
+                    remedies=("lr",))
     assert GuardPolicy.from_dict(p.to_dict()) == p
 
 

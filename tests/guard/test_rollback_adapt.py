@@ -169,7 +169,7 @@ def test_rollback_restores_weights_and_moments_but_keeps_adapted_hyperparameters
         opt.step()
     assert guard.snapshots == [10, 20]
     opt.param_groups[0]["eps"] = 1e-3  # changed after the snapshot: must survive
-    for _ in range(2):  # parameters gone bad: two non-finite steps in a row roll back
+    for _ in range(2):  # parameters gone bad: skipped, then the state check rolls back
         with torch.no_grad():
             next(model.parameters()).fill_(float("nan"))
         opt.zero_grad()
@@ -177,7 +177,7 @@ def test_rollback_restores_weights_and_moments_but_keeps_adapted_hyperparameters
         loss.backward()
         assert not guard.check(loss)
     assert [(r.action, r.reason) for r in guard.records] == [
-        ("skip", "non-finite"), ("rollback", "repeated-non-finite"), ("adapt", "after-rollback")]
+        ("skip", "non-finite"), ("rollback", "non-finite-state"), ("adapt", "after-rollback")]
     assert guard.records[1].data["to_step"] == 20
     for p, w, v in zip(model.parameters(), saved["w"], saved["v"], strict=True):
         assert torch.equal(p, w) and torch.equal(opt.state[p]["exp_avg_sq"], v)
@@ -226,3 +226,29 @@ def test_guard_eps_remedy_uses_the_measured_sharpness_of_the_dense_hessian():
     want = stable_eps(config.lr, rec.data["sharpness"], beta1=0.9, beta2=0.999, step=t)
     assert want <= rec.data["eps_new"] <= 1.1 * want
     assert opt.param_groups[0]["eps"] == rec.data["eps_new"]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_guard_g2v_evidence_is_the_number_the_monitor_records(tmp_path, amsgrad):
+    """One definition (stablestep.formulas): the guard's g^2/v_hat RMS before the step is
+    the Monitor's g2v_rms of the same step, recorded after it."""
+    from stablestep.guard.remedies import g2v_rms
+    from stablestep.telemetry import Monitor, names, open_run
+
+    x, y = regression_data(n=64)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=amsgrad)
+    seen = []
+    with Monitor(model, opt, store=tmp_path / "r.db", run="g", state_every=1) as mon:
+        for _ in range(6):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            mon.observe(loss)
+            seen.append(g2v_rms(opt))
+            opt.step()
+    steps, rec = open_run(tmp_path / "r.db", "g").series(names.G2V_RMS)
+    assert seen[0] is None  # before the first step there is no v
+    for s, v in zip(steps.tolist(), rec.tolist(), strict=True):
+        if s >= 1:
+            assert seen[s] == pytest.approx(v, rel=1e-5)

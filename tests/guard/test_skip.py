@@ -102,5 +102,8 @@ def test_a_stable_run_gets_no_action():
     guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=50))
     _train(model, opt, guard, x, y, idx)
     assert guard.records == []
-    assert guard.counts == {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "spike": 0}
-    assert guard.snapshots == [700, 750]  # kept every 50 calm steps, two at most
+    assert guard.counts == {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "restore": 0,
+                            "spike": 0}
+    assert guard.summary()["skipped"] == 0 and guard.summary()["lr_scale"] == 1.0
+    snaps = guard.snapshots  # kept every 50 calm steps, two at most
+    assert len(snaps) == 2 and snaps[1] - snaps[0] >= 50 and snaps[1] >= 700

@@ -6,10 +6,12 @@ import io
 
 import torch
 
+from stablestep.diagnosis.stack import OutlierConfig, StackConfig
 from stablestep.guard import Guard, GuardPolicy
 from tests.guard.conftest import mlp, regression_data
 
-POLICY = GuardPolicy(snapshot_every=10, stats_warmup=5)
+POLICY = GuardPolicy(snapshot_every=10, stack=StackConfig(outlier=OutlierConfig(warmup=5)),
+                     remedies=("lr",))
 
 
 def _objects():
@@ -64,6 +66,8 @@ def test_save_load_continue_identically():
         assert torch.equal(p, q)
     sa, sb = a[1].state_dict(), b[1].state_dict()
     assert sa["param_groups"] == sb["param_groups"]
+    # the optimizer holds the user's lr, the guard its scale: a resume cannot compound them
+    assert sb["param_groups"][0]["lr"] == b[2].get_last_lr()[0]
     for i in sa["state"]:
         for k in sa["state"][i]:
             assert torch.equal(sa["state"][i][k], sb["state"][i][k])

@@ -34,9 +34,12 @@ def test_late_explosion_explodes_after_long_good_training(late_explosion):
 
 
 def test_late_explosion_fixed_by_larger_eps_or_lower_lr(late_explosion):
+    bad = late_explosion.variant("eps1e-8")
     for name in ("eps1e-3", "lr1e-4"):
         v = late_explosion.variant(name)
-        assert v.spikes == [] and v.diverged_at is None, (name, v.spikes)
+        # invariants, not exact counts: at most one stray spike, far fewer than without it
+        assert len(v.spikes) <= min(1, len(bad.spikes) // 2), (name, v.spikes)
+        assert v.diverged_at is None
     assert late_explosion.variant("eps1e-3").final_loss < 1e-9
 
 
@@ -53,7 +56,7 @@ def test_periodic_spikes_with_adam_not_with_amsgrad(periodic_spikes):
     assert len(adam.spikes) >= 15, adam.spikes
     gaps = np.diff(adam.spikes)
     assert np.median(gaps) < 200  # recurring, not a one-off
-    assert len(ams.spikes) == 0, ams.spikes
+    assert len(ams.spikes) <= len(adam.spikes) // 10, ams.spikes
     assert ams.final_loss < adam.final_loss
 
 
@@ -61,6 +64,9 @@ def test_periodic_spikes_diagnosed_as_adaptive_edge_of_stability(periodic_spikes
     v = periodic_spikes.variant("adam")
     assert "adaptive-edge-of-stability" in _finding_mechanisms(periodic_spikes, "adam")
     assert "periodic-spikes" in {f["kind"] for f in v.findings}
+    # every finding names a mechanism of the story (nothing blamed on batches or overflow)
+    assert _finding_mechanisms(periodic_spikes, "adam") <= {
+        "adaptive-edge-of-stability", "unknown"}
 
 
 # --- seed 003: lr divergence ---------------------------------------------------------------

@@ -28,6 +28,11 @@ _LAZY = {
     "Remedy": "stablestep.diagnosis.findings",
     "SourceError": "stablestep.diagnosis.sources",
     "load": "stablestep.diagnosis.sources",
+    "DetectorStack": "stablestep.diagnosis.stack",
+    "StackConfig": "stablestep.diagnosis.stack",
+    "StackIncident": "stablestep.diagnosis.stack",
+    "replay": "stablestep.diagnosis.stack",
+    "incidents": "stablestep.diagnosis.core",
     "Trace": "stablestep.diagnosis.trace",
     "from_series": "stablestep.diagnosis.trace",
 }

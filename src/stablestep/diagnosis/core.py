@@ -13,53 +13,55 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from stablestep.diagnosis.detectors import (
-    DivergenceConfig,
-    Excursion,
-    NonFiniteDetector,
-    PeriodicConfig,
-    SpikeConfig,
-    SpikeDetector,
-)
+from stablestep.diagnosis.detectors import Excursion, PeriodicConfig, SpikeConfig
 from stablestep.diagnosis.explain import Incident, classify, remedies
 from stablestep.diagnosis.findings import Finding, Remedy
 from stablestep.diagnosis.sources import load
+from stablestep.diagnosis.stack import StackConfig, StackIncident, replay
 from stablestep.diagnosis.trace import Trace
-from stablestep.telemetry import names
 
 
 @dataclass(frozen=True)
 class DiagnoseConfig:
-    """Settings of the offline diagnosis (the detectors' own configs inside)."""
+    """Settings of the offline diagnosis: ``stack`` is the detector stack's config (the
+    guard's default is the same, so both see the same incidents); ``tail_factor``: an
+    excursion still open when the log ends, at least this far above its baseline after 5
+    records, is a divergence."""
 
-    spike: SpikeConfig = field(default_factory=SpikeConfig)
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    periodic: PeriodicConfig = field(default_factory=PeriodicConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    tail_factor: float = 4.0
+
+    @property
+    def spike(self) -> SpikeConfig:
+        """The spike detector's config (``stack.spike``)."""
+        return self.stack.spike
+
+    @property
+    def periodic(self) -> PeriodicConfig:
+        """The periodic grouping's config (``stack.periodic``)."""
+        return self.stack.periodic
 
 
-def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[int]]:
+def _replay(trace: Trace, cfg: DiagnoseConfig) -> tuple[list[Excursion], list[int],
+                                                        list[StackIncident]]:
+    """Feed the trace through the detector stack the guard runs live."""
     n = len(trace)
-    spike_cfg = cfg.spike
+    stack_cfg = cfg.stack
+    spike_cfg = stack_cfg.spike
     if n < 2 * spike_cfg.warmup:
         # A short excerpt cannot teach the noise: the first record is the baseline and
         # a rise of 2 * min_rise (confirmed, or a jump) is the only test.
         spike_cfg = SpikeConfig(**{**spike_cfg.__dict__, "warmup": 1, "z": 1e-9,
                                    "min_rise": max(spike_cfg.min_rise, 0.1), "window": 1000})
-    spike, nonfinite = SpikeDetector(spike_cfg), NonFiniteDetector()
-    gnf = trace.metric(names.GRAD_NONFINITE)
-    nf_steps = []
-    for i, (st, loss) in enumerate(zip(trace.steps.tolist(), trace.loss.tolist(), strict=True)):
-        bad = st in trace.nonfinite_steps or (gnf is not None and np.nan_to_num(gnf[i]) > 0)
-        if nonfinite.update(st, loss, nonfinite=bad):
-            nf_steps.append(st)
-        if math.isfinite(loss):
-            spike.update(st, loss)
-    return spike.finish(), nf_steps
+        stack_cfg = replace(stack_cfg, spike=spike_cfg)
+    stack = replay(trace, config=stack_cfg)
+    nf_steps = [i.step for i in stack.incidents if i.kind == "non-finite"]
+    return stack.excursions, nf_steps, stack.incidents
 
 
 def _episodes(excs: list[Excursion]) -> list[list[Excursion]]:
@@ -82,11 +84,12 @@ def _incident(chain: list[Excursion], kind: str, nonfinite_at: int | None = None
 
 
 def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
-                      cfg: DiagnoseConfig) -> str:
-    """An excursion that did not recover is a divergence if it reached a non-finite value,
-    outlasted ``patience`` records, or ended the log still ``factor`` above its baseline
-    after at least 5 records; otherwise the log simply ends during a spike."""
-    if nf_at is not None:
+                      div_at: int | None, cfg: DiagnoseConfig) -> str:
+    """An excursion that did not recover is a divergence if the stack raised a divergence
+    incident in it, it reached a non-finite value, outlasted ``patience`` records, or ended
+    the log still ``tail_factor`` above its baseline after at least 5 records; otherwise
+    the log simply ends during a spike."""
+    if nf_at is not None or div_at is not None:
         return "divergence"
     i0 = int(np.searchsorted(trace.steps, chain[0].onset))
     end = chain[-1].end
@@ -95,7 +98,7 @@ def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
         return "divergence"
     tail = trace.loss[i0:i1]
     tail = tail[np.isfinite(tail)]
-    if end is None and tail.size >= 5 and tail[-1] >= cfg.divergence.factor * chain[0].baseline:
+    if end is None and tail.size >= 5 and tail[-1] >= cfg.tail_factor * chain[0].baseline:
         return "divergence"
     return "spike"
 
@@ -103,15 +106,21 @@ def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
 def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> list[Finding]:
     """Findings for one normalised trace, ordered by step."""
     cfg = config or DiagnoseConfig()
-    excs, nf_steps = _replay(trace, cfg)
+    excs, nf_steps, raised = _replay(trace, cfg)
+    div_steps = [i.step for i in raised if i.kind == "divergence"]
     incidents: list[Incident] = []
     consumed_nf: set[int] = set()
     for chain in _episodes(excs):
         last = chain[-1]
-        nf_inside = [s for s in nf_steps if s >= chain[0].onset and (last.end is None
-                                                                     or s <= last.end)]
+
+        def inside(s: int, chain: list[Excursion] = chain, last: Excursion = last) -> bool:
+            return s >= chain[0].onset and (last.end is None or s <= last.end)
+
+        nf_inside = [s for s in nf_steps if inside(s)]
         nf_at = nf_inside[0] if nf_inside else None
-        kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, cfg)
+        div_at = next((s for s in div_steps if inside(s)), None)
+        kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, div_at,
+                                                                cfg)
         if kind == "divergence":  # one regime, however many sub-peaks
             consumed_nf.update(nf_inside)  # the blow-up reached NaN: part of the regime
             incidents.append(_incident(chain, kind, nf_at))
@@ -127,6 +136,12 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
             else:
                 groups.append([e])
         incidents.extend(_incident(g, "spike") for g in groups)
+    for d in raised:  # the loss's median grew far, but no spike alarm framed it
+        if d.kind == "divergence" and not any(
+                e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs):
+            incidents.append(Incident(onset=d.onset, detected=d.step, kind="divergence",
+                                      peak=d.value, peak_step=d.step, baseline=d.baseline,
+                                      recovered=False))
     for s in nf_steps:
         if s not in consumed_nf:
             incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,
@@ -151,6 +166,7 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         kind = inc.kind
         findings.append(Finding(step=inc.onset, kind=kind, mechanism=mech, confidence=conf,
                                 evidence=ev, remedies=remedies(trace, mech, inc, ev)))
+    _attach_guard_actions(trace, findings)
     for f in findings:
         if trace.name:
             f.evidence["run"] = trace.name
@@ -158,6 +174,23 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
             f.evidence["short_excerpt_records"] = len(trace)
     findings.sort(key=lambda f: f.step)
     return findings
+
+
+def _attach_guard_actions(trace: Trace, findings: list[Finding]) -> None:
+    """Put the guard's actions (events of kind ``guard`` in the store) into the evidence of
+    the finding they belong to (``evidence["guard_actions"]``): the last finding at or
+    before the action's step, else the first one. A run with guard actions and no finding
+    keeps them in :attr:`Trace.events` only."""
+    acts = [e for e in trace.events if e.get("kind") == "guard"]
+    if not acts or not findings:
+        return
+    order = sorted(findings, key=lambda f: f.step)
+    for e in acts:
+        st = int(e["step"])
+        owner = next((f for f in reversed(order) if f.step <= st), order[0])
+        data = dict(e.get("data") or {})
+        data.setdefault("step", st)
+        owner.evidence.setdefault("guard_actions", []).append(data)
 
 
 def _cv(steps: list[int]) -> float:
@@ -202,6 +235,18 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
     return Finding(step=spikes[0][0].onset, kind="periodic-spikes", mechanism=mech,
                    confidence=min(conf, 0.3 + 0.7 * share) if mech != "unknown" else conf,
                    evidence=ev, remedies=rem)
+
+
+def incidents(source: Any, *, run: str | None = None,
+              config: DiagnoseConfig | None = None) -> list[StackIncident]:
+    """The detector stack's incidents ``(step, kind, onset, ...)`` that :func:`diagnose`
+    explains, replayed from ``source`` exactly as :func:`diagnose` replays it; for a run the
+    Guard watched, the same incidents the Guard saw live (``guard.incidents``)."""
+    cfg = config or DiagnoseConfig()
+    out: list[StackIncident] = []
+    for trace in load(source, run=run):
+        out.extend(_replay(trace, cfg)[2])
+    return out
 
 
 def diagnose(source: Any, *, run: str | None = None,

@@ -27,13 +27,15 @@ class DivergenceConfig:
 
     ``factor``: loss growth over the running minimum that counts as divergence;
     ``min_steps``: records the growth must be sustained over; ``window``: span of the
-    minimum's memory (records).
+    minimum's memory (records); ``smooth``: the detector follows the running median of
+    the last ``smooth`` log losses (1: the raw loss), so one noisy minibatch is not growth.
     """
 
     factor: float = 4.0
     min_steps: int = 3
     window: int = 100
     warmup: int = 5
+    smooth: int = 1
 
     def __post_init__(self) -> None:
         if not self.factor > 1:
@@ -42,11 +44,14 @@ class DivergenceConfig:
             raise ValueError(f"Invalid min_steps: {self.min_steps} (need >= 1)")
         if self.window < 1:
             raise ValueError(f"Invalid window: {self.window} (need >= 1)")
+        if self.smooth < 1:
+            raise ValueError(f"Invalid smooth: {self.smooth} (need >= 1)")
 
 
 class DivergenceDetector:
     r"""Sustained geometric growth: the loss has risen ``min_steps`` records in a row and
-    stands ``factor`` above its (slowly forgetting) running minimum.
+    stands ``factor`` above its (slowly forgetting) running minimum; with ``smooth`` > 1
+    both are taken on the running median of the last ``smooth`` log losses.
 
     The minimum forgets at rate :math:`1/\text{window}` in log space,
     :math:`m_t = \min(y_t, m_{t-1} + \log(\text{factor}) / \text{window})`, so a slow
@@ -57,7 +62,8 @@ class DivergenceDetector:
     def __init__(self, config: DivergenceConfig | None = None) -> None:
         self.config = config or DivergenceConfig()
         self._s: dict[str, Any] = {"n": 0, "min": math.nan, "prev": math.nan,
-                                   "rising": 0, "rise_start": -1, "fired": False}
+                                   "rising": 0, "rise_start": -1, "fired": False,
+                                   "buf": []}
 
     def update(self, step: int, loss: float) -> Alarm | None:
         """Feed one loss; ``inf`` counts as growth, ``nan`` is ignored."""
@@ -65,6 +71,11 @@ class DivergenceDetector:
         if math.isnan(loss) or loss <= 0:
             return None
         y = math.log(loss) if math.isfinite(loss) else math.inf
+        if c.smooth > 1:
+            buf = s.setdefault("buf", [])
+            buf.append(y)
+            del buf[:-c.smooth]
+            y = sorted(buf)[len(buf) // 2]
         if s["n"] == 0:
             s.update(n=1, min=y, prev=y)
             return None
@@ -91,12 +102,14 @@ class DivergenceDetector:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state for checkpoints."""
-        return {"config": asdict(self.config), "state": dict(self._s)}
+        return {"config": asdict(self.config),
+                "state": {**self._s, "buf": list(self._s.get("buf", []))}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
         self.config = DivergenceConfig(**state["config"])
         self._s = dict(state["state"])
+        self._s["buf"] = list(self._s.get("buf", []))
 
 
 class NonFiniteDetector:

@@ -9,7 +9,8 @@ Decision, in order (DESIGN.md's vocabulary):
    the previous ``window`` records), it was normal (``z < 3``) just before, and the
    measured curvature (when recorded) is under its bound.
 3. ``lr-too-high``: :math:`\mathrm{lr}\,\lambda_{\max}(H)` above the GD bound
-   (2, or :math:`2+2\mu` with heavy-ball momentum) for a non-Adam optimizer; or, for
+   (:func:`stablestep.formulas.sgd_threshold`: 2, :math:`(2+2\mu)/(1-d)` with heavy-ball
+   momentum, :math:`(2+2\mu)/(1+(2-d)\mu)` with Nesterov) for a non-Adam optimizer; or, for
    Adam, :math:`\lambda_{\max}(P^{-1}H)` above :math:`(2+2\beta_1)/(1-\beta_1)`, the
    loss never recovers, and it happened before :math:`\hat v` could go stale
    (:math:`t < 1/(1-\beta_2)`): the preconditioner did not grow, the lr is too large.
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from stablestep import formulas as F
 from stablestep.diagnosis.findings import Remedy
 from stablestep.diagnosis.trace import Trace
 from stablestep.telemetry import names
@@ -188,25 +190,27 @@ def curvature(trace: Trace, inc: Incident, *, window: int = 50) -> dict[str, flo
     if names.LR_SHARPNESS not in out and names.SHARPNESS in out and lr is not None:
         out[names.LR_SHARPNESS] = lr * out[names.SHARPNESS]
     if names.GD_THRESHOLD not in out and names.LR_SHARPNESS in out:
-        out[names.GD_THRESHOLD] = 2.0 + 2.0 * float(trace.hyper.get("momentum", 0.0) or 0.0)
+        h = trace.hyper
+        out[names.GD_THRESHOLD] = F.sgd_threshold(float(h.get("momentum", 0.0) or 0.0),
+                                                  float(h.get("dampening", 0.0) or 0.0),
+                                                  bool(h.get("nesterov", False)))
     b1 = trace.hyper.get("beta1")
     if names.PRECOND_THRESHOLD not in out and names.PRECOND_SHARPNESS in out and b1 is not None:
-        out[names.PRECOND_THRESHOLD] = (2 + 2 * b1) / (1 - b1)
+        out[names.PRECOND_THRESHOLD] = F.adam_threshold(b1)
     return out
 
 
 def stable_eps(lr: float, sharpness: float, *, beta1: float, beta2: float, step: int,
                eps_mode: str = "torch") -> float:
     r"""The smallest eps that keeps :math:`\lambda_{\max}(P^{-1}H)` under Adam's threshold:
+    :func:`stablestep.formulas.min_stable_eps_t`,
     :math:`\epsilon_t \ge \alpha_t\,\lambda_{\max}(H)\,(1-\beta_1)/(2+2\beta_1)`,
-    :math:`\alpha_t = \mathrm{lr}/(1-\beta_1^t)` (module docstring); returned in the
-    optimizer's own convention (``eps_mode="tf"``: :math:`\hat\epsilon =
+    :math:`\alpha_t = \mathrm{lr}/(1-\beta_1^t)`, returned in the optimizer's own convention
+    (:func:`stablestep.formulas.eps_in_mode`; ``"tf"``: :math:`\hat\epsilon =
     \epsilon_t\sqrt{1-\beta_2^t}`). Shared by the diagnosis' remedy and the guard."""
     t = max(1, int(step))
-    eps = lr / (1 - beta1**t) * sharpness * (1 - beta1) / (2 + 2 * beta1)
-    if eps_mode == "tf":
-        eps *= math.sqrt(1 - beta2**t)
-    return eps
+    eps = F.min_stable_eps_t(lr, beta1, t, sharpness)
+    return F.eps_in_mode(eps, beta2, t, eps_mode if eps_mode in F.EPS_MODES else "torch")
 
 
 def lr_at(trace: Trace, step: int) -> float | None:
@@ -355,13 +359,13 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) ->
         b1 = h.get("beta1", 0.9)
         if sharp is not None and lr is not None:
             t = max(1, int(inc.onset))
-            lr_t = lr / (1 - b1**t)
+            lr_t = F.step_size(lr, b1, t)
             eps_min = stable_eps(lr, sharp, beta1=b1, beta2=h.get("beta2", 0.999), step=t,
                                  eps_mode=h.get("eps_mode", "torch"))
             out.append(Remedy(
                 "set-eps", _sig(eps_min),
                 f"caps the effective step at lr_t/eps so lam_max(P^-1 H) <= lr_t*lam_max(H)/eps"
-                f" stays under {(2 + 2 * b1) / (1 - b1):.0f}: lr_t={lr_t:.3g}, "
+                f" stays under {F.adam_threshold(b1):.0f}: lr_t={lr_t:.3g}, "
                 f"lam_max(H)={sharp:.4g}" + (f", current eps {h['eps']:g}" if "eps" in h else "")))
         if not h.get("amsgrad", False):
             out.append(Remedy("amsgrad", True,

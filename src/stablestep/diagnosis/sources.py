@@ -330,8 +330,10 @@ def from_run(run: Any, *, source: str = "") -> Trace:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
     metrics = {n: run.series(n) for n in available if n != names.LOSS and "/" not in n}
     hyper = dict((run.config or {}).get("hyper") or {})
+    events = [{"step": int(e.step), "kind": e.kind, "data": e.data} for e in run.events
+              if e.kind != names.EVENT_NONFINITE]
     return from_series(steps, loss, metrics=metrics, hyper=hyper, nonfinite_steps=nonfinite,
-                       name=str(getattr(run, "name", "")), source=source)
+                       name=str(getattr(run, "name", "")), source=source, events=events)
 
 
 def _is_sqlite(path: str) -> bool:

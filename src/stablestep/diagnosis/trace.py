@@ -30,6 +30,8 @@ class Trace:
             ``beta2``, ``eps``, ``eps_mode``, ``amsgrad``, ``momentum``); empty if unknown.
         nonfinite_steps: steps at which a non-finite value was recorded anywhere
             (loss, gradients, parameters, optimizer state).
+        events: recorded events other than non-finite marks, e.g. the guard's actions:
+            ``{"step": int, "kind": str, "data": dict}`` in step order.
         name: run name (for multi-run sources), ``""`` for a single run.
         source: where the trace was read from (for messages).
     """
@@ -41,6 +43,7 @@ class Trace:
     nonfinite_steps: frozenset[int] = frozenset()
     name: str = ""
     source: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.steps = np.asarray(self.steps, dtype=np.int64)
@@ -98,6 +101,7 @@ def from_series(
     nonfinite_steps: Any = (),
     name: str = "",
     source: str = "",
+    events: Any = (),
 ) -> Trace:
     """Build a :class:`Trace` from a loss series and metric series with their own steps.
 
@@ -105,6 +109,7 @@ def from_series(
     re-logs steps overwrites them). Metric series recorded at other steps than the loss
     (e.g. curvature every 10 steps) are aligned onto the union of steps, ``nan`` elsewhere.
     Steps listed in ``nonfinite_steps`` without a loss value get a ``nan`` loss.
+    ``events``: ``{"step", "kind", "data"}`` dicts (e.g. the guard's actions), kept as given.
     """
     s = np.asarray(steps, dtype=np.int64).ravel()
     v = np.asarray(loss, dtype=np.float64).ravel()
@@ -157,4 +162,5 @@ def from_series(
         nonfinite_steps=frozenset(nonfinite),
         name=name,
         source=source,
+        events=sorted((dict(e) for e in events), key=lambda e: int(e["step"])),
     )

@@ -10,6 +10,7 @@ from stablestep._lazy import attach
 
 _LAZY = {
     "Guard": "stablestep.guard.guard",
+    "skip_batches": "stablestep.guard.guard",
     "GuardError": "stablestep.guard.policy",
     "GuardPolicy": "stablestep.guard.policy",
     "GuardRecord": "stablestep.guard.policy",

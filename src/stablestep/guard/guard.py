@@ -20,19 +20,21 @@ so they are saved with the optimizer's own ``state_dict``.
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from stablestep.diagnosis.detectors import DivergenceDetector, SpikeDetector
+from stablestep.diagnosis.stack import DetectorStack
 from stablestep.guard import remedies as R
 from stablestep.guard import snapshot as S
 from stablestep.guard.policy import GuardError, GuardPolicy, GuardRecord
 from stablestep.telemetry import names
 from stablestep.telemetry.probes import stack_scalars
+
+log = logging.getLogger("stablestep.guard")
 
 
 def _dist() -> Any:
@@ -53,36 +55,30 @@ class Guard:
             if guard.check(loss):      # False: skip this step (or it was rolled back)
                 optimizer.step()
             scheduler.step()           # keep the schedule on the clock either way
-        guard.records                  # every action with its numbers
+        guard.summary()                # skipped steps and why, rollbacks, the lr scale now
 
-    Each :meth:`check` (call it after ``backward()``, before ``step()``) reads the loss and
-    the gradients and decides, in order (thresholds in :class:`GuardPolicy`):
+    Each :meth:`check` (call it after ``backward()``, before ``step()``) feeds the loss and
+    the gradient norm to the one detector stack
+    (:class:`~stablestep.diagnosis.stack.DetectorStack`, the one ``diagnose`` replays on the
+    stored run, so both see the same incidents) and acts on its incidents as
+    :class:`GuardPolicy` says: a non-finite step or an outlier batch is skipped; rollback
+    and adaptation need evidence of instability (the loss not coming back, non-finite
+    values that persist or sit in the parameters or optimizer state, Adam's spikes
+    recurring); the lr cut is bounded and restored once the run is healthy.
 
-    1. **non-finite** loss or gradients: skip (never let a NaN into Adam's moments);
-       ``max_nonfinite_run`` in a row: roll back.
-    2. **gradient outlier**: :math:`z_t = (\log\|g_t\| - \mu)/\max(\sigma, \sigma_{\min})`
-       against the running statistics of accepted steps; skip, or clip to
-       :math:`\exp(\mu + \text{clip\_z}\,\sigma)`.
-    3. **loss detectors** (the diagnosis' own :class:`SpikeDetector` and
-       :class:`DivergenceDetector`, fed with the losses of accepted steps): divergence, or
-       a spike not recovered within ``recover_patience`` steps, restores the newest
-       snapshot taken before the incident's onset, then adapts; a recovered spike of
-       the adaptive-edge-of-stability kind (Adam family, gradient not an outlier) is
-       counted (unless within ``spike.window`` steps of a gradient outlier: its echo), and
-       ``adapt_after`` of them within ``adapt_window`` steps adapt.
-    4. **snapshot** every ``snapshot_every`` calm steps (CPU copies, ``keep_snapshots``).
+    Every action is a :class:`GuardRecord` in :attr:`records`, a ``logging`` line (logger
+    ``stablestep.guard``: skips at INFO, the rest at WARNING), an event of kind
+    ``names.EVENT_GUARD`` in the store when a ``monitor`` is given (``diagnose`` shows it),
+    and a call of each hook of :meth:`register_action_hook` (how the Lightning, HF and Keras
+    callbacks put it in the framework's own log). Skipped batches are listed in
+    :attr:`bad_batches` (the ``batch_id`` given to :meth:`check`, else the step), saved in
+    :meth:`state_dict`; :func:`stablestep.guard.skip_batches` drops them on resume.
 
-    Adaptation walks ``policy.remedies`` (AMSGrad on; eps raised to
-    :func:`stablestep.diagnosis.explain.stable_eps`; lr scale times ``lr_backoff`` or
-    :math:`0.9\,T/\lambda_{\max}(P^{-1}H)`), see :mod:`stablestep.guard.remedies`. eps and
-    the curvature-based lr factor need ``curvature_loss``, a closure returning the loss on
-    a fixed batch (only evaluated when a remedy is chosen, never per step).
-
-    Every action is a :class:`GuardRecord` in :attr:`records` (and an event of kind
-    ``names.EVENT_GUARD`` when a ``monitor`` is given) and counted in :attr:`counts`.
     Steps are counted by :meth:`check` calls from 0, like the Monitor's :meth:`observe`.
     A rollback does not rewind the step counter, the data or the scheduler: the run goes
-    on from the restored weights with the next batches.
+    on from the restored weights with the next batches. With a ``monitor`` (and not under
+    ``torch.distributed``) the loss and gradient norm the Monitor just read are reused:
+    no second norm, no second host sync.
 
     With ``torch.amp.GradScaler``: ``scaler.unscale_(opt)``, then
     ``if guard.check(loss): scaler.step(opt)``, then ``scaler.update()``; the scaler's own
@@ -110,21 +106,22 @@ class Guard:
         self.policy = policy or GuardPolicy()
         self.monitor, self.curvature_loss = monitor, curvature_loss
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._spike = SpikeDetector(self.policy.spike)
-        self._div = DivergenceDetector(self.policy.divergence)
+        self.stack = DetectorStack(self.policy.stack)
         self.records: list[GuardRecord] = []
-        self.counts = {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "spike": 0}
+        self.counts = {"skip": 0, "clip": 0, "rollback": 0, "adapt": 0, "restore": 0,
+                       "spike": 0}
+        self.bad_batches: list[Any] = []
         self.lr_scale = 1.0
         self._step = 0
-        self._stats = {"n": 0, "mean": 0.0, "var": 0.0, "prev_z": 0.0}
         self._nonfinite_run = 0
-        self._episode: tuple[int, int] | None = None  # (first alarm step, onset)
-        self._aeos: list[int] = []  # AEoS spike steps since the last adaptation
+        self._aeos: list[int] = []  # Adam spike steps since the last adaptation
         self._ladder = 0
         self._last_adapt: int | None = None
         self._last_outlier: int | None = None
+        self._last_trouble = -1  # last step with a spike, divergence or rollback
         self._snaps: list[S.Snapshot] = []
         self._saved_lr: list[Any] = []
+        self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
 
@@ -139,13 +136,31 @@ class Guard:
         """Steps of the snapshots held, oldest first."""
         return [s.step for s in self._snaps]
 
-    def check(self, loss: torch.Tensor | float) -> bool:
+    @property
+    def incidents(self) -> list[Any]:
+        """Every incident of the detector stack so far (``StackIncident`` records)."""
+        return self.stack.incidents
+
+    def check(self, loss: torch.Tensor | float, *, batch_id: Any = None) -> bool:
         """Decide step ``self.step``: ``True`` to take ``optimizer.step()``, ``False`` to skip
-        it (a non-finite or outlier step, or one that triggered a rollback)."""
+        it (a non-finite or outlier step, or one that triggered a rollback). ``batch_id``
+        (any JSON-able value) names the batch in :attr:`bad_batches` if it is skipped."""
         step, p = self._step, self.policy
         self._step += 1
-        loss_v, gnorm = self._signals(loss)
-        if not (math.isfinite(loss_v) and math.isfinite(gnorm)):
+        check_state = (p.state_check_every is not None
+                       and (step % p.state_check_every == 0 or self._nonfinite_run > 0))
+        loss_v, gnorm, state_v = self._signals(loss, check_state)
+        bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
+        state_bad = not math.isfinite(state_v)
+        incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
+        kinds = {i.kind: i for i in incs}
+        bid = step if batch_id is None else batch_id
+        if state_bad and p.rollback:
+            self._rollback(step, "non-finite-state", onset=step,
+                           data={"loss": _num(loss_v), "grad_norm": _num(gnorm),
+                                 "state_norm": _num(state_v)})
+            return False
+        if bad:
             self._nonfinite_run += 1
             data = {"loss": _num(loss_v), "grad_norm": _num(gnorm), "run": self._nonfinite_run}
             if p.rollback and self._nonfinite_run >= p.max_nonfinite_run:
@@ -153,98 +168,107 @@ class Guard:
                                data=data)
                 return False
             if p.skip_nonfinite:
-                self._record(step, "skip", "non-finite", data)
+                self._skip(step, "non-finite", data, bid)
                 return False
             return True
         self._nonfinite_run = 0
-        if gnorm <= 0.0:  # no gradient (frozen model, check before backward): no statistics
-            return self._watch_loss(step, loss_v, gnorm, 0.0)
-        st = self._stats
-        y = math.log(gnorm)
-        sigma = max(math.sqrt(st["var"]), p.sigma_min)
-        z = (y - st["mean"]) / sigma if st["n"] else 0.0
-        prev_z, st["prev_z"] = st["prev_z"], z
-        if (p.outlier_z is not None and st["n"] >= p.stats_warmup and z >= p.outlier_z
-                and prev_z < p.outlier_z / 2):
-            data = {"loss": loss_v, "grad_norm": gnorm, "z": z,
-                    "median": math.exp(st["mean"]), "sigma": sigma}
+        out = kinds.get("gradient-outlier")
+        if out is not None:
             self._last_outlier = step
+        if out is not None and p.outlier_action is not None:
+            mean, sigma = self.stack.grad_stats
+            data = {"loss": loss_v, "grad_norm": gnorm, "z": out.score,
+                    "median": math.exp(mean), "sigma": sigma}
             if p.outlier_action == "skip":
-                self._record(step, "skip", "gradient-outlier", data)
+                self._skip(step, "gradient-outlier", data, bid)
                 return False
-            target = math.exp(st["mean"] + p.clip_z * sigma)
+            target = math.exp(mean + p.clip_z * sigma)
             with torch.no_grad():
                 grads = [q.grad for q in self._params if q.grad is not None]
                 torch._foreach_mul_(grads, target / gnorm)
             self._record(step, "clip", "gradient-outlier", {**data, "clip_to": target})
             return True
-        a = 2.0 / (p.stats_window + 1)
-        if st["n"] == 0:
-            st["mean"] = y
-        else:
-            d = y - st["mean"]
-            st["mean"] += a * d
-            st["var"] = (1 - a) * (st["var"] + a * d * d)
-        st["n"] += 1
-        return self._watch_loss(step, loss_v, gnorm, z)
-
-    def _watch_loss(self, step: int, loss_v: float, gnorm: float, z: float) -> bool:
-        p = self.policy
-        was_in = self._spike.in_excursion
-        alarm = self._spike.update(step, loss_v)
-        div = self._div.update(step, loss_v)
-        if alarm is not None:
-            if not was_in or self._episode is None:
-                self._episode = (step, alarm.onset)
-            self._on_spike(step, alarm, gnorm, z)
-        if not self._spike.in_excursion:
-            self._episode = None
-        if p.rollback and div is not None:
-            self._rollback(step, "divergence", onset=div.onset,
-                           data={"loss": loss_v, "baseline": div.baseline,
-                                 "factor": loss_v / div.baseline})
-            return False
-        if p.rollback and self._episode is not None and \
-                step - self._episode[0] >= p.recover_patience:
-            self._rollback(step, "unrecovered-spike", onset=self._episode[1],
-                           data={"loss": loss_v, "alarm_step": self._episode[0]})
-            return False
+        if "spike" in kinds:
+            self._last_trouble = step
+            self._on_spike(step, kinds["spike"], gnorm)
+        div = kinds.get("divergence")
+        if div is not None:
+            self._last_trouble = step
+            data = {"loss": loss_v, "baseline": div.baseline, "factor": loss_v / div.baseline}
+            probe = self._probe_loss()
+            if probe is not None and self._snaps and "probe_loss" in self._snaps[-1].guard:
+                # the fixed batch says whether the model diverged or the batches changed
+                ref = self._snaps[-1].guard["probe_loss"]
+                data.update(probe_loss=_num(probe), probe_loss_at_snapshot=ref)
+                if math.isfinite(probe) and probe < 2.0 * ref:
+                    self._record(step, "hold", "divergence-not-on-probe-batch", data)
+                    div = None
+            if div is not None and p.rollback:
+                self._rollback(step, "divergence", onset=div.onset, data=data)
+                return False
+        self._maybe_restore(step)
         last = self._snaps[-1].step if self._snaps else None
-        if (last is None or step - last >= p.snapshot_every) and self._episode is None:
-            self._snaps.append(S.capture(step, self.model, self.optimizer, self._detectors()))
+        if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
+            probe = self._probe_loss()
+            extra = {} if probe is None or not math.isfinite(probe) else {"probe_loss": probe}
+            self._snaps.append(S.capture(step, self.model, self.optimizer, extra))
             del self._snaps[:-p.keep_snapshots]
         return True
 
-    def _on_spike(self, step: int, alarm: Any, gnorm: float, z: float) -> None:
+    def _probe_loss(self) -> float | None:
+        """The loss on the user's fixed batch (``curvature_loss``), or ``None`` without one;
+        evaluated only at snapshots and divergence incidents, never per step."""
+        if self.curvature_loss is None:
+            return None
+        with torch.no_grad():
+            v = self.curvature_loss()
+        v = float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+        d = _dist()
+        if d is not None:  # same decision on every rank
+            tt = torch.tensor([v], dtype=torch.float64, device=self._device())
+            d.all_reduce(tt)
+            v = float(tt.item()) / d.get_world_size()
+        return v
+
+    def _skip(self, step: int, reason: str, data: dict, batch_id: Any) -> None:
+        self.bad_batches.append(batch_id)
+        self._record(step, "skip", reason, {**data, "batch": batch_id})
+
+    def _on_spike(self, step: int, alarm: Any, gnorm: float) -> None:
         self.counts["spike"] += 1
         if not R.is_adam(self.optimizer):
             return
         p = self.policy
         if self._last_adapt is not None and step - self._last_adapt < p.adapt_cooldown:
             return
-        if self._last_outlier is not None and step - self._last_outlier < p.spike.window:
+        if self._last_outlier is not None and step - self._last_outlier < p.stack.spike.window:
             return  # the echo of a bad batch (momentum carries it), not Adam's instability
+        if step < p.stack.spike.window:
+            return  # the run's noise is not learnt yet (a mean of a few records): no evidence
         self._aeos = [s for s in self._aeos if step - s < p.adapt_window] + [step]
         if p.adapt and len(self._aeos) >= p.adapt_after:
             evidence = {"spike_steps": list(self._aeos), "loss": alarm.value,
-                        "baseline": alarm.baseline, "grad_norm": gnorm, "grad_norm_z": z}
+                        "baseline": alarm.baseline, "grad_norm": gnorm}
             g2v = R.g2v_rms(self.optimizer)
             if g2v is not None:
                 evidence[names.G2V_RMS] = g2v
             self._aeos = []
             self._adapt(step, "adaptive-edge-of-stability", evidence)
 
+    def _maybe_restore(self, step: int) -> None:
+        """Undo one lr cut after ``restore_after`` steps without trouble."""
+        p = self.policy
+        if (p.restore_after is None or self.lr_scale >= 1.0
+                or step - max(self._last_trouble, self._last_adapt or -1) < p.restore_after):
+            return
+        old = self.lr_scale
+        self.lr_scale = min(1.0, self.lr_scale / p.lr_backoff)
+        self._last_adapt = step
+        self._record(step, "restore", "healthy",
+                     {"lr_scale_old": old, "lr_scale": self.lr_scale,
+                      "calm_steps": p.restore_after})
+
     # --------------------------------------------------------- rollback & adapt
-    def _detectors(self) -> dict[str, Any]:
-        return {"spike": self._spike.state_dict(), "div": self._div.state_dict(),
-                "stats": dict(self._stats)}
-
-    def _load_detectors(self, d: dict[str, Any]) -> None:
-        self._spike.load_state_dict(copy.deepcopy(d["spike"]))
-        self._div.load_state_dict(copy.deepcopy(d["div"]))
-        self._spike.config, self._div.config = self.policy.spike, self.policy.divergence
-        self._stats = dict(d["stats"])
-
     def _rollback(self, step: int, reason: str, *, onset: int, data: dict) -> None:
         p = self.policy
         if p.max_rollbacks is not None and self.counts["rollback"] >= p.max_rollbacks:
@@ -257,12 +281,13 @@ class Guard:
         del self._snaps[self._snaps.index(snap) + 1:]
         S.restore(snap, self.model, self.optimizer)
         R.ensure_amsgrad_state(self.optimizer)
-        self._load_detectors(snap.guard)
-        self._nonfinite_run, self._episode, self._aeos = 0, None, []
+        # The detector stack is not rewound: it watches the stream as recorded (the restored
+        # loss reads as the spike's recovery), so a replay of the store sees the same.
+        self._nonfinite_run, self._aeos, self._last_trouble = 0, [], step
         self._record(step, "rollback", reason,
                      {**data, "onset": onset, "to_step": snap.step, "lost_steps": step - snap.step})
         if p.adapt:
-            self._adapt(step, "after-rollback", {"reason": reason})
+            self._adapt(step, "after-rollback", {"rollback_reason": reason})
 
     def _adapt(self, step: int, reason: str, evidence: dict) -> None:
         ladder = self.policy.remedies
@@ -295,8 +320,9 @@ class Guard:
         m = self._measure() if self.curvature_loss is not None else {}
         ps = m.get("precond_sharpness")
         f = R.lr_factor(self.policy.lr_backoff, ps, m.get("precond_threshold"))
-        self.lr_scale *= f
-        out = {"remedy": "lr", "factor": f, "lr_scale": self.lr_scale}
+        old = self.lr_scale
+        self.lr_scale = max(self.policy.min_lr_scale, old * f)  # bounded
+        out = {"remedy": "lr", "factor": self.lr_scale / old, "lr_scale": self.lr_scale}
         if ps is not None:
             out[names.PRECOND_SHARPNESS] = ps
         return out
@@ -316,29 +342,95 @@ class Guard:
     def _record(self, step: int, action: str, reason: str, data: dict) -> None:
         rec = GuardRecord(step=step, action=action, reason=reason, data=data)
         self.records.append(rec)
-        self.counts[action] += 1
+        self.counts[action] = self.counts.get(action, 0) + 1
+        log.log(logging.INFO if action == "skip" else logging.WARNING,
+                "guard step %d: %s (%s) %s", step, action, reason, _brief(data))
         if self.monitor is not None:
             self.monitor.record_event(step, names.EVENT_GUARD, rec.to_dict())
+        for hook in list(self._hooks.values()):
+            hook(rec)
+
+    def register_action_hook(self, hook: Callable[[GuardRecord], None]) -> Any:
+        """Call ``hook(record)`` on every action (e.g. to log it with the framework's own
+        logger); returns a handle whose ``remove()`` unregisters it."""
+        if not callable(hook):
+            raise TypeError("hook must be callable with one GuardRecord")
+        key = max(self._hooks, default=-1) + 1
+        self._hooks[key] = hook
+        return _Handle(self._hooks, key)
+
+    def summary(self) -> dict[str, Any]:
+        """What the guard did so far, in plain numbers: steps decided, skipped steps by
+        reason (with their steps and batch ids), rollbacks (with reasons and steps lost),
+        adaptations (remedies), lr restorations, the lr scale now, and AMSGrad/eps of the
+        param groups. Log it at close; the callbacks pass it to the framework's logger."""
+        skips: dict[str, list[int]] = {}
+        for r in self.records:
+            if r.action == "skip":
+                skips.setdefault(r.reason, []).append(r.step)
+        rb = [r for r in self.records if r.action == "rollback"]
+        return {
+            "steps": self._step,
+            "skipped": sum(len(v) for v in skips.values()),
+            "skipped_by_reason": {k: len(v) for k, v in skips.items()},
+            "skipped_steps": skips,
+            "bad_batches": list(self.bad_batches),
+            "clipped": self.counts.get("clip", 0),
+            "rollbacks": len(rb),
+            "rollback_reasons": [r.reason for r in rb],
+            "steps_lost": sum(int(r.data.get("lost_steps", 0)) for r in rb),
+            "adaptations": [r.data.get("remedy") for r in self.records if r.action == "adapt"],
+            "restorations": self.counts.get("restore", 0),
+            "holds": self.counts.get("hold", 0),
+            "lr_scale": self.lr_scale,
+            "spikes_seen": self.counts.get("spike", 0),
+            "amsgrad": [bool(g.get("amsgrad", False)) for g in self.optimizer.param_groups],
+            "eps": [float(g["eps"]) for g in self.optimizer.param_groups if "eps" in g],
+        }
 
     # ------------------------------------------------------------------ signals
     def _device(self) -> torch.device:
         return self._params[0].device if self._params else torch.device("cpu")
 
-    def _signals(self, loss: torch.Tensor | float) -> tuple[float, float]:
-        """(loss, gradient norm), all-reduced (mean over ranks) under torch.distributed."""
-        grads = [q.grad.detach() for q in self._params if q.grad is not None]
-        dev = grads[0].device if grads else self._device()
-        gn = (stack_scalars([n.to(dev) for n in torch._foreach_norm(grads)]).square().sum()
-              .sqrt() if grads else torch.zeros((), dtype=torch.float64, device=dev))
-        lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
-              else torch.tensor(float(loss), dtype=torch.float64, device=dev))
-        vec = torch.stack([lt, gn])
+    def _signals(self, loss: torch.Tensor | float,
+                 check_state: bool) -> tuple[float, float, float]:
+        """(loss, gradient norm, norm of parameters and optimizer state or 0.0 when not
+        checked) in one host sync, all-reduced (mean over ranks) under torch.distributed.
+        With a Monitor that just read this step's loss and gradient norm, those are reused."""
+        reused = None if _dist() is not None else _monitor_reading(self.monitor)
+        tensors: list[torch.Tensor] = []
+        if check_state:
+            tensors = [q.detach() for q in self._params]
+            for q in self._params:
+                st = self.optimizer.state.get(q) or {}
+                tensors += [v for k, v in st.items() if isinstance(v, torch.Tensor)
+                            and k != "step" and v.is_floating_point() and v.dim() > 0]
+        dev = self._device()
+        parts: list[torch.Tensor] = []
+        if reused is None:
+            grads = [q.grad.detach() for q in self._params if q.grad is not None]
+            dev = grads[0].device if grads else dev
+            gn = (stack_scalars([n.to(dev) for n in torch._foreach_norm(grads)]).square()
+                  .sum().sqrt() if grads else torch.zeros((), dtype=torch.float64, device=dev))
+            lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
+                  else torch.tensor(float(loss), dtype=torch.float64, device=dev))
+            parts += [lt, gn.double()]
+        if tensors:
+            parts.append(stack_scalars([n.to(dev) for n in torch._foreach_norm(tensors)])
+                         .double().sum())
+        vals = torch.stack(parts) if parts else None
         d = _dist()
-        if d is not None:
-            d.all_reduce(vec)  # NaN/Inf on any rank reaches every rank
-            vec /= d.get_world_size()
-        loss_v, gnorm = vec.tolist()
-        return loss_v, gnorm
+        if d is not None and vals is not None:
+            d.all_reduce(vals)  # NaN/Inf on any rank reaches every rank
+            vals /= d.get_world_size()
+        host = vals.tolist() if vals is not None else []  # the one host sync
+        if reused is None:
+            loss_v, gnorm = host[0], host[1]
+            host = host[2:]
+        else:
+            loss_v, gnorm = reused
+        state_v = host[0] if tensors else 0.0
+        return float(loss_v), float(gnorm), float(state_v)
 
     # ------------------------------------------------------------- lr multiplier
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -364,20 +456,24 @@ class Guard:
 
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue identically: counters, records, lr scale, detector
-        statistics and the snapshots (CPU tensors; save with ``torch.save``). eps and
-        AMSGrad live in the optimizer's param groups and are saved with its state_dict."""
+        """Everything needed to continue identically: counters, records, lr scale, bad batch
+        ids, the detector stack and the snapshots (CPU tensors; save with ``torch.save``).
+        eps and AMSGrad live in the optimizer's param groups and are saved with its
+        state_dict; the lr there is always the user's own (the scale is applied only inside
+        ``optimizer.step()``), so loading both never applies the scale twice."""
         return {"step": self._step, "lr_scale": self.lr_scale, "counts": dict(self.counts),
                 "records": [r.to_dict() for r in self.records],
-                "nonfinite_run": self._nonfinite_run, "episode": self._episode,
-                "aeos": list(self._aeos), "ladder": self._ladder, "last_adapt": self._last_adapt,
-                "last_outlier": self._last_outlier,
-                "detectors": copy.deepcopy(self._detectors()),
+                "bad_batches": list(self.bad_batches),
+                "nonfinite_run": self._nonfinite_run, "aeos": list(self._aeos),
+                "ladder": self._ladder, "last_adapt": self._last_adapt,
+                "last_outlier": self._last_outlier, "last_trouble": self._last_trouble,
+                "stack": self.stack.state_dict(),
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (the policy given to the constructor is kept)."""
+        """Restore from :meth:`state_dict` (the policy given to the constructor is kept).
+        The lr scale is *set* to the saved one (never multiplied into the current one)."""
         self._step, self.lr_scale = int(state["step"]), float(state["lr_scale"])
         self.counts = dict(state["counts"])
         self.records = []
@@ -385,20 +481,79 @@ class Guard:
             r = dict(r)
             self.records.append(GuardRecord(step=r.pop("step"), action=r.pop("action"),
                                             reason=r.pop("reason"), data=r))
+        self.bad_batches = list(state.get("bad_batches", []))
         self._nonfinite_run = int(state["nonfinite_run"])
-        ep = state["episode"]
-        self._episode = (int(ep[0]), int(ep[1])) if ep is not None else None
         self._aeos, self._ladder = [int(s) for s in state["aeos"]], int(state["ladder"])
         self._last_adapt = state["last_adapt"]
         self._last_outlier = state["last_outlier"]
-        self._load_detectors(state["detectors"])
+        self._last_trouble = int(state.get("last_trouble", -1))
+        self.stack.load_state_dict(state["stack"])
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
     def close(self) -> None:
-        """Remove the optimizer hooks (the lr scale stops being applied)."""
+        """Log the :meth:`summary` (one line, WARNING if the guard acted, else INFO) and
+        remove the optimizer hooks (the lr scale stops being applied)."""
+        if self._handles:
+            s = self.summary()
+            acted = s["skipped"] or s["clipped"] or s["rollbacks"] or s["adaptations"]
+            log.log(logging.WARNING if acted else logging.INFO,
+                    "guard summary after %d steps: %d skipped %s, %d clipped, %d rollbacks "
+                    "(%d steps lost), adaptations %s, lr scale %.4g", s["steps"], s["skipped"],
+                    s["skipped_by_reason"], s["clipped"], s["rollbacks"], s["steps_lost"],
+                    s["adaptations"] or "none", s["lr_scale"])
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def skip_batches(batches: Iterable[Any], bad: Iterable[Any], *,
+                 batch_id: Callable[[int, Any], Any] | None = None) -> Iterator[Any]:
+    """Yield the batches of ``batches`` whose id is not in ``bad`` (e.g. a resumed run's
+    ``guard.bad_batches``): the id of the ``i``-th batch is ``batch_id(i, batch)``, by default
+    ``i`` (the step, when one epoch of a deterministic loader is one pass over the steps).
+
+    Example::
+
+        for x, y in skip_batches(loader, state["guard"]["bad_batches"],
+                                 batch_id=lambda i, b: int(b[2][0])):  # sample id column
+            ...
+    """
+    drop = set(bad)
+    for i, b in enumerate(batches):
+        if (i if batch_id is None else batch_id(i, b)) not in drop:
+            yield b
+
+
+class _Handle:
+    """Removable handle of :meth:`Guard.register_action_hook`."""
+
+    def __init__(self, hooks: dict, key: int) -> None:
+        self._hooks, self._key = hooks, key
+
+    def remove(self) -> None:
+        """Unregister the hook."""
+        self._hooks.pop(self._key, None)
+
+
+def _monitor_reading(monitor: Any) -> tuple[float, float] | None:
+    """The (loss, grad_norm) a :class:`stablestep.Monitor` read at its last ``observe`` and
+    has not yet written (the step being decided), or ``None``."""
+    pending = getattr(monitor, "_pending", None)
+    if not isinstance(pending, dict) or pending.get("step") != getattr(monitor, "step", 0) - 1:
+        return None  # nothing read at the latest observe()
+    m = pending.get("metrics") or {}
+    if names.LOSS in m and names.GRAD_NORM in m:
+        return float(m[names.LOSS]), float(m[names.GRAD_NORM])
+    return None
+
+
+def _brief(data: dict) -> str:
+    keys = ("loss", "grad_norm", "z", "remedy", "lr_scale", "to_step", "lost_steps", "batch")
+    return " ".join(f"{k}={_fmt(data[k])}" for k in keys if k in data)
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _num(x: float) -> float | str:

@@ -2,84 +2,71 @@ r"""What the guard does and when: :class:`GuardPolicy`, and :class:`GuardRecord`
 
 Every threshold is explicit and validated at construction with an exact message. The
 defaults are meant to leave a healthy run alone (no action at all) and to act on the
-failures of DESIGN.md: non-finite values, gradient outliers, divergence, and Adam's
-adaptive edge of stability (repeated self-recovering spikes).
+failures of DESIGN.md: non-finite values, gradient outliers (a skip), divergence (a
+rollback), and Adam's adaptive edge of stability (repeated self-recovering spikes).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from stablestep.diagnosis.detectors import DivergenceConfig, SpikeConfig
+from stablestep.diagnosis.stack import StackConfig
 
 REMEDIES = ("amsgrad", "eps", "lr")
-ACTIONS = ("skip", "clip", "rollback", "adapt")
+ACTIONS = ("skip", "clip", "rollback", "adapt", "restore", "hold")
 
 
 @dataclass(frozen=True, kw_only=True)
 class GuardPolicy:
     r"""Settings of :class:`stablestep.guard.Guard` (keyword-only, validated).
 
-    Skip / clip (per step):
+    What the guard *sees* is the incidents of the one detector stack
+    (:class:`~stablestep.diagnosis.stack.DetectorStack`, configured by ``stack``; the same
+    stack ``diagnose`` replays on the stored run). What it *does* with them:
 
-    - ``skip_nonfinite``: skip a step whose loss or gradients hold a NaN/Inf, so no NaN
-      ever reaches Adam's moments.
-    - ``outlier_z``: a step is a *gradient outlier* when
-      :math:`z_t = (\log\|g_t\| - \mu_{t-1}) / \max(\sigma_{t-1}, \sigma_{\min}) \ge`
-      ``outlier_z`` while the previous step was normal (:math:`z_{t-1} <` ``outlier_z/2``; a
-      sustained rise is an instability for the loss detectors, not one bad batch).
-      :math:`\mu, \sigma^2` are exponential moving mean and variance of :math:`\log\|g\|`
-      over accepted steps, span ``stats_window`` (:math:`\alpha = 2/(w+1)`), used after
-      ``stats_warmup`` accepted steps; ``sigma_min`` is a floor in log units (0.1: z = 6
-      needs at least :math:`e^{0.6} = 1.8\times` the running mean). ``None`` turns it off.
-    - ``outlier_action``: ``"skip"`` the step, or ``"clip"`` the gradient norm to
-      :math:`\exp(\mu + \text{clip\_z}\,\sigma)` and take it.
+    - **non-finite** loss or gradients: skip the step (``skip_nonfinite``), so no NaN
+      reaches Adam's moments; ``max_nonfinite_run`` in a row roll back. Parameters or
+      optimizer state non-finite (checked every ``state_check_every`` steps, from one norm
+      per tensor in the same host sync): roll back at once (skipping cannot mend them).
+    - **gradient-outlier** (one batch's gradient norm ``stack.outlier.z`` of *this run's*
+      standard deviations above its running mean): ``outlier_action`` ``"skip"`` the step,
+      ``"clip"`` its gradient to :math:`\exp(\mu + \text{clip\_z}\,\sigma)`, or ``None``
+      (record nothing, do nothing). One noisy batch is at most a skip.
+    - **divergence** (the loss not coming back: unrecovered after ``stack.spike.patience``
+      records, or its running median ``stack.divergence.factor`` above its minimum and
+      still rising): roll back to the newest snapshot before the onset (``rollback``), then
+      adapt. With the guard's ``curvature_loss`` (a fixed batch), the loss on that batch is
+      measured at each snapshot and at the incident: under 2x its snapshot value, the
+      model did not diverge (the batches did), and the guard records ``hold`` instead.
+      ``snapshot_every`` calm steps a snapshot is taken (CPU copies,
+      ``keep_snapshots`` kept). ``max_rollbacks``: raise :class:`GuardError` after this many
+      (``None``: never).
+    - **recurring spikes** of Adam (``adapt_after`` spike incidents within
+      ``adapt_window`` steps, none within ``stack.spike.window`` steps of a gradient outlier,
+      none within ``adapt_cooldown`` steps of the last adaptation, none in the first
+      ``stack.spike.window`` steps, while the run's noise is still being learnt): adapt
+      (``adapt``).
+      A single spike is never acted on.
 
-    Rollback (to the last good snapshot of model + optimizer state, kept on CPU):
-
-    - ``snapshot_every``: steps between snapshots (taken only while calm: finite loss, no
-      spike in progress, step accepted); ``keep_snapshots`` bounds memory (each holds the
-      model's parameters and buffers and the optimizer's per-parameter state).
-    - ``divergence``: :class:`~stablestep.diagnosis.detectors.DivergenceConfig` (loss
-      ``factor`` above its running minimum, rising ``min_steps`` records in a row);
-      ``recover_patience``: a spike not recovered within this many steps of its first alarm
-      is rolled back too; ``max_nonfinite_run``: this many non-finite steps in a row (the
-      parameters themselves may be gone) roll back as well.
-    - ``max_rollbacks``: raise :class:`GuardError` after this many rollbacks (``None``:
-      never); a run that keeps diverging after every remedy needs a person.
-
-    Adapt (so the same thing does not happen again at the same point):
-
-    - ``adapt``: apply the next remedy after each rollback, and after ``adapt_after``
-      spikes of the adaptive-edge-of-stability kind within ``adapt_window`` steps; spikes
-      within ``adapt_cooldown`` steps of an adaptation are not counted (the remedy needs
-      time to act, and Adam's loss rings for a while after a spike).
-    - ``remedies``: the ladder, in order, from ``"amsgrad"`` (turn AMSGrad on, the max
-      initialised at the current second moment), ``"eps"`` (raise eps to the value that caps
-      the effective step below the stability threshold; needs the guard's
-      ``curvature_loss``, skipped without it), ``"lr"`` (multiply the guard's lr scale by
-      ``lr_backoff``, or less when the measured preconditioned sharpness asks for less).
-      Remedies that do not apply (AMSGrad already on, SGD) are passed over; once the ladder
-      is used up ``"lr"`` repeats.
-    - ``spike``: :class:`~stablestep.diagnosis.detectors.SpikeConfig` of the loss spike
-      detector (shared with the diagnosis).
+    Adaptation walks ``remedies`` (``"amsgrad"``, ``"eps"``: needs the guard's
+    ``curvature_loss``, ``"lr"``: the guard's lr scale times ``lr_backoff``, or less when the
+    measured preconditioned sharpness asks for less); remedies that do not apply are passed
+    over, and once the ladder is used up ``"lr"`` repeats. It is bounded: the lr scale never
+    goes under ``min_lr_scale``; and reversible: after ``restore_after`` steps without a
+    spike or divergence incident the lr scale is divided by ``lr_backoff`` (up to 1), one
+    step at a time. The lr scale is part of the guard's state, never written into the
+    optimizer's, so it cannot compound across a resume.
     """
 
     skip_nonfinite: bool = True
-    outlier_z: float | None = 6.0
-    outlier_action: Literal["skip", "clip"] = "skip"
+    outlier_action: Literal["skip", "clip"] | None = "skip"
     clip_z: float = 3.0
-    stats_window: int = 100
-    stats_warmup: int = 20
-    sigma_min: float = 0.1
     snapshot_every: int = 100
     keep_snapshots: int = 2
     rollback: bool = True
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    recover_patience: int = 100
     max_nonfinite_run: int = 5
+    state_check_every: int | None = 10
     max_rollbacks: int | None = 20
     adapt: bool = True
     adapt_after: int = 3
@@ -87,61 +74,55 @@ class GuardPolicy:
     adapt_cooldown: int = 100
     remedies: tuple[str, ...] = REMEDIES
     lr_backoff: float = 0.5
-    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    min_lr_scale: float = 1.0 / 16
+    restore_after: int | None = 500
+    stack: StackConfig = field(default_factory=StackConfig)
 
     def __post_init__(self) -> None:
-        if self.outlier_z is not None and not (
-            math.isfinite(self.outlier_z) and self.outlier_z > 0
-        ):
-            raise ValueError(f"Invalid outlier_z: {self.outlier_z} (need > 0 or None)")
-        if self.outlier_action not in ("skip", "clip"):
+        if self.outlier_action not in ("skip", "clip", None):
             raise ValueError(
-                f"Invalid outlier_action: {self.outlier_action!r} (expected 'skip' or 'clip')"
-            )
+                f"Invalid outlier_action: {self.outlier_action!r} (expected 'skip', 'clip' "
+                "or None)")
         if not self.clip_z > 0:
             raise ValueError(f"Invalid clip_z: {self.clip_z} (need > 0)")
-        if not self.sigma_min > 0:
-            raise ValueError(f"Invalid sigma_min: {self.sigma_min} (need > 0)")
-        for name, low in (("stats_window", 2), ("stats_warmup", 0), ("snapshot_every", 1),
-                          ("keep_snapshots", 1), ("recover_patience", 1),
+        for name, low in (("snapshot_every", 1), ("keep_snapshots", 1),
                           ("max_nonfinite_run", 1), ("adapt_after", 1), ("adapt_window", 1),
                           ("adapt_cooldown", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Invalid {name}: {value!r} (need an int >= {low})")
-        if self.max_rollbacks is not None and (
-            not isinstance(self.max_rollbacks, int) or self.max_rollbacks < 0
-        ):
-            raise ValueError(f"Invalid max_rollbacks: {self.max_rollbacks!r} (need an int >= 0 "
-                             "or None)")
+        for name in ("max_rollbacks", "state_check_every", "restore_after"):
+            value = getattr(self, name)
+            low = 0 if name == "max_rollbacks" else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < low):
+                raise ValueError(f"Invalid {name}: {value!r} (need an int >= {low} or None)")
         if not 0 < self.lr_backoff < 1:
             raise ValueError(f"Invalid lr_backoff: {self.lr_backoff} (need 0 < lr_backoff < 1)")
+        if not 0 < self.min_lr_scale <= 1:
+            raise ValueError(f"Invalid min_lr_scale: {self.min_lr_scale} (need 0 < "
+                             "min_lr_scale <= 1)")
         if isinstance(self.remedies, str):
             raise ValueError(f"Invalid remedies: {self.remedies!r} (need a tuple of names)")
         for r in self.remedies:
             if r not in REMEDIES:
                 raise ValueError(f"Invalid remedy: {r!r} (expected one of "
                                  f"{', '.join(map(repr, REMEDIES))})")
-        if not isinstance(self.divergence, DivergenceConfig):
-            raise TypeError("divergence must be a stablestep.diagnosis.detectors."
-                            "DivergenceConfig")
-        if not isinstance(self.spike, SpikeConfig):
-            raise TypeError("spike must be a stablestep.diagnosis.detectors.SpikeConfig")
+        if not isinstance(self.stack, StackConfig):
+            raise TypeError("stack must be a stablestep.diagnosis.stack.StackConfig")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (for checkpoints and run configs)."""
-        from dataclasses import asdict
-
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["remedies"] = list(self.remedies)
+        d["stack"] = self.stack.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardPolicy:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
-        d["divergence"] = DivergenceConfig(**d["divergence"])
-        d["spike"] = SpikeConfig(**d["spike"])
+        d["stack"] = StackConfig.from_dict(d["stack"])
         d["remedies"] = tuple(d["remedies"])
         return cls(**d)
 
@@ -149,10 +130,11 @@ class GuardPolicy:
 @dataclass(frozen=True)
 class GuardRecord:
     """One action of the guard: ``step`` (the guard's step counter, see
-    :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``),
-    ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
-    ``unrecovered-spike``, ``repeated-non-finite``, ``adaptive-edge-of-stability``,
-    ``after-rollback``) and ``data``: the numbers behind it (plain floats/ints/strings)."""
+    :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``,
+    ``restore``, ``hold``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
+    ``repeated-non-finite``, ``non-finite-state``, ``adaptive-edge-of-stability``,
+    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``) and ``data``: the
+    numbers behind it (plain floats/ints/strings)."""
 
     step: int
     action: str

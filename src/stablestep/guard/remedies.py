@@ -10,8 +10,9 @@ r"""The guard's remedies, applied to a live torch optimizer (any Adam family mem
   so that :math:`\lambda_{\max}(P^{-1}H) \le \alpha_t\lambda_{\max}(H)/\epsilon` stays under
   :math:`(2+2\beta_1)/(1-\beta_1)`), computed per param group, never lowering it.
 - :func:`lr_factor`: the factor the guard's lr scale is multiplied by.
-- :func:`g2v_rms`: :math:`\sqrt{\operatorname{mean}(g^2/\hat v)}`, the stale-second-moment
-  evidence recorded with a spike (large when the gradient outgrew :math:`v`).
+- :func:`g2v_rms`: StableAdamW's RMS of :math:`g^2/\max(\hat v, \epsilon_t^2)`
+  (:func:`stablestep.formulas.g2v_rms`), the stale-second-moment evidence recorded with a
+  spike (large when the gradient outgrew :math:`v`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable
 
 import torch
 
+from stablestep import formulas as F
 from stablestep.diagnosis.explain import stable_eps
-from stablestep.optim.inspect import group_hyper, second_moment, step_count
+from stablestep.optim.inspect import epsilon_t, group_hyper, second_moment, step_count
 
 
 def is_adam(optimizer: torch.optim.Optimizer) -> bool:
@@ -91,28 +93,36 @@ def lr_factor(backoff: float, precond_sharpness: float | None,
     preconditioned sharpness asks for a larger cut (scaling lr scales :math:`P^{-1}H`)."""
     f = backoff
     if precond_sharpness and threshold and math.isfinite(precond_sharpness) \
-            and precond_sharpness > 0:
-        f = min(f, 0.9 * threshold / precond_sharpness)
+            and precond_sharpness > 0:  # formulas.max_stable_lr at lr 1: the factor itself
+        f = min(f, 0.9 * F.max_stable_lr(1.0, precond_sharpness, threshold))
     return f
 
 
 @torch.no_grad()
 def g2v_rms(optimizer: torch.optim.Optimizer) -> float | None:
-    r""":math:`\sqrt{\operatorname{mean}(g^2/\hat v)}` over all coordinates with state, using
-    the current ``.grad`` and the second moment of the previous step; ``None`` for
-    non-Adam optimizers or before the first step."""
+    r"""StableAdamW's :math:`\mathrm{RMS}_t` (:func:`stablestep.formulas.g2v_rms`) over all
+    coordinates with state, for the step about to be taken: the current ``.grad`` against
+    the second moment it will enter, :math:`v_t` (:func:`stablestep.formulas.
+    second_moment_update` of the stored :math:`v_{t-1}`; AMSGrad's max of the two), the
+    same number the Monitor records after the step. ``None`` for non-Adam optimizers or
+    before the first step."""
     num, cnt = 0.0, 0
     for group in optimizer.param_groups:
         h = group_hyper(optimizer, group)
         if h.kind != "adam":
             return None
         for p in group["params"]:
-            v = second_moment(optimizer, p, h.amsgrad)
-            t = step_count(optimizer, p)
-            if p.grad is None or v is None or t == 0:
+            v_prev = second_moment(optimizer, p, False)
+            t = step_count(optimizer, p) + 1
+            if p.grad is None or v_prev is None or t == 1:
                 continue
-            v_hat = v.float() / (1.0 - h.beta2**t)
-            num += float((p.grad.float().square() / v_hat.clamp_min(1e-30)).sum())
+            g = p.grad.float()
+            v = F.second_moment_update(v_prev.float(), g, h.beta2)
+            vmax = second_moment(optimizer, p, True)
+            if h.amsgrad and vmax is not None and vmax is not v_prev:
+                v = torch.maximum(vmax.float(), v)
+            r = F.g2v_ratio(g, v, F.bias_correction2(h.beta2, t), epsilon_t(h, t))
+            num += float(r.sum())
             cnt += p.numel()
     return math.sqrt(num / cnt) if cnt else None
 

@@ -1,17 +1,19 @@
-r"""A plain loss-spike counter used to score lab runs and sweep cells.
+r"""The lab's spike count: the spike incidents of the one detector stack, large ones only.
 
-A *spike* starts at step :math:`t` when
-
-.. math::  L_t > f \cdot \max\big(\min_{t-w \le s < t} L_s,\; \rho\, L_0\big)
-
-(``factor`` f, ``window`` w, ``floor`` :math:`\rho`), and ends once the loss is back
-under half that level; each start is counted once. The floor keeps float32 round-off
-at a loss of 1e-13 from counting as spikes. Non-finite losses end the count (they are
-divergence, not spikes). The diagnosis has its own, richer detectors; this one only
-gives the lab a number to compare variants and sweep cells by.
+A spike is what :class:`stablestep.diagnosis.stack.DetectorStack` calls one (the guard acts
+on the same incidents and ``diagnose`` replays them): an alarm of the spike detector, a
+confirmed rise of the log loss by ``z`` times this run's one-step noise, including the new
+alarms while the loss rings after a spike. The lab counts those whose excursion peaks at
+least ``factor`` times its baseline (so a story's table counts the spikes a person would
+see on its plot), with the detector's statistics spanning ``window`` records. Losses under
+``floor`` times the first loss are read as that floor, so float32 round-off at a loss of
+1e-13 does not count as spikes; a non-finite loss ends the count (divergence, not a spike).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,7 +21,10 @@ import numpy as np
 def spike_steps(
     losses: np.ndarray, *, factor: float = 3.0, window: int = 100, floor: float = 1e-9
 ) -> list[int]:
-    """Steps at which a spike starts (see the module docstring)."""
+    """Steps at which the stack raised a spike whose excursion peaked ``factor`` times
+    above its baseline (see the module docstring)."""
+    from stablestep.diagnosis.stack import DetectorStack, StackConfig
+
     if factor <= 1.0:
         raise ValueError(f"factor must be > 1; got {factor}")
     if window < 1:
@@ -28,23 +33,16 @@ def spike_steps(
     finite = np.isfinite(x)
     stop = int(np.argmin(finite)) if not finite.all() else len(x)
     x = x[:stop]
-    if len(x) <= window:
+    if len(x) == 0:
         return []
     base = floor * abs(x[0])
-    # running minimum of the previous `window` values
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    prev_min = sliding_window_view(x[:-1], window).min(axis=1)  # for t = window .. len-1
-    ref = np.maximum(prev_min, base)
-    out: list[int] = []
-    inside = False
-    for i, t in enumerate(range(window, len(x))):
-        if inside:
-            inside = x[t] > 0.5 * factor * ref[i]
-        elif x[t] > factor * ref[i]:
-            out.append(t)
-            inside = True
-    return out
+    cfg = StackConfig()
+    stack = DetectorStack(replace(cfg, spike=replace(cfg.spike, window=max(2, window))))
+    for t, v in enumerate(np.maximum(x, base).tolist()):
+        stack.update(t, v)
+    peaks = {e.detected: e.peak / e.baseline for e in stack.excursions if e.baseline > 0}
+    return [i.step for i in stack.incidents
+            if i.kind == "spike" and peaks.get(i.step, math.inf) >= factor]
 
 
 def count_spikes(losses: np.ndarray, **kwargs) -> int:

@@ -135,10 +135,10 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
     if "period" in scenario.panels:
         spikes = {v.label: v.spikes or [] for v in outcome.variants}
         extra.append(figure(plots.interval_panel(spikes),
-                            "Spikes per run and the median number of steps between them, "
-                            "as counted by the lab's simple spike counter (loss above "
-                            "a factor times its recent minimum); the diagnosis below "
-                            "groups alarms into episodes, so its counts differ."))
+                            "Spikes per run and the median number of steps between them: "
+                            "the spike alarms of the detector stack the diagnosis and the "
+                            "guard use, counting those that peak at least the story's "
+                            "factor above their baseline."))
     adam = {v.name: str(v.config.optimizer).lower().startswith("adam")
             for v in scenario.variants}  # eps and amsgrad mean nothing to SGD
     cfg_rows = [[v.label, v.config.optimizer, v.config.lr,

@@ -1,11 +1,12 @@
-"""Small training runs with a known cause, for testing and benchmarking detectors.
+"""Small training runs with a known cause, for testing and benchmarking detectors
+(a benchmark and test fixture: not part of the installed package).
 
-Each :func:`make_run` trains a tiny model on CPU in a few seconds with its own minimal
-loop, records what the Monitor would (``loss``, ``lr``, ``grad_norm``,
-``grad_nonfinite``, Adam's ``eff_step_max`` and ``g2v_rms`` via
-:mod:`stablestep.optim.inspect`, curvature every ``curvature_every`` steps via
-:class:`stablestep.curvature.CurvatureProbe`) and returns the trace with the labelled
-incidents:
+Each :func:`make_run` trains a tiny model on CPU in a few seconds, records it with the real
+:class:`stablestep.Monitor` (its default settings: loss, lr, gradient norm every step,
+optimizer-state statistics such as ``eff_step_max`` and ``g2v_rms`` every 10 steps, and
+curvature every ``curvature_every`` steps) into a real run store, reads the store back
+the way ``diagnose`` reads a user's, and returns that trace with the labelled incidents.
+So the detectors are tuned and scored on the numbers users record:
 
 - ``adaptive-edge-of-stability``: full-batch MSE, small MLP, Adam lr 1e-2 / eps 1e-8;
   the loss flattens, ``v`` decays and the loss spikes again and again (DESIGN.md).
@@ -23,13 +24,14 @@ incidents:
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from stablestep.diagnosis.trace import Trace, from_series
-from stablestep.optim.inspect import effective_step, group_hyper
+from stablestep.diagnosis.trace import Trace
 from stablestep.telemetry import names
 
 MECHANISM_RUNS = ("adaptive-edge-of-stability", "lr-too-high", "gradient-outlier",
@@ -60,36 +62,22 @@ def _model(seed: int, width: int, act: str, d: int = 8) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(d, width), layer, torch.nn.Linear(width, 1))
 
 
-def _adam_stats(opt: torch.optim.Optimizer) -> tuple[float, float]:
-    """(max effective step, RMS of g^2/v_hat) over all parameters, after the step."""
-    eff_max, g2v_sum, count = 0.0, 0.0, 0
-    for group in opt.param_groups:
-        h = group_hyper(opt, group)
-        for p in group["params"]:
-            e = effective_step(opt, p, group)
-            if e is None:
-                continue
-            eff_max = max(eff_max, float(e.max()))
-            st = opt.state[p]
-            t = int(st["step"])
-            v_hat = st["exp_avg_sq"] / (1 - h.beta2**t)
-            if p.grad is not None:
-                r = p.grad.pow(2) / (v_hat + 1e-30)
-                g2v_sum += float(r.pow(2).sum())
-                count += r.numel()
-    return eff_max, math.sqrt(g2v_sum / max(count, 1))
-
-
 def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
-             steps: int | None = None, curvature_every: int = 10) -> LabeledRun:
-    """Train one small labelled run (see module docstring); ``cause`` in ``MECHANISM_RUNS``."""
+             steps: int | None = None, curvature_every: int = 10, n: int = 256,
+             store: str | os.PathLike | None = None) -> LabeledRun:
+    """Train one small labelled run, recorded by ``stablestep.Monitor`` into a run store
+    (``store``, a temporary file by default) with its default settings plus curvature every
+    ``curvature_every`` steps, and read back as a user's ``diagnose`` reads it (see the
+    module docstring); ``cause`` in ``MECHANISM_RUNS``."""
     if cause not in MECHANISM_RUNS:
         raise ValueError(f"Invalid cause: {cause!r} (one of {', '.join(MECHANISM_RUNS)})")
     if steps is not None and steps < 400 and cause in ("gradient-outlier", "non-finite"):
         raise ValueError(f"Invalid steps: {steps} (need >= 400 for {cause!r} injections)")
+    from stablestep import Monitor
     from stablestep.curvature import CurvatureProbe, ProbeConfig
+    from stablestep.diagnosis.sources import load
 
-    x, y = _data(seed)
+    x, y = _data(seed, n=n)
     model = _model(seed, width, act)
     params = list(model.parameters())
     rng = np.random.default_rng(seed)
@@ -102,70 +90,54 @@ def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
         opt = torch.optim.Adam(params, lr=3e-3, amsgrad=True, eps=1e-3)
     else:
         opt = torch.optim.Adam(params, lr=1e-2 if full_batch else 3e-3)
-    probe = CurvatureProbe(params, opt, config=ProbeConfig(tol=2e-2, max_iter=30, seed=seed))
     inject: list[int] = []
     if cause in ("gradient-outlier", "non-finite"):
         inject = sorted(int(s) for s in rng.choice(np.arange(150, n_steps - 30, 60), 3,
                                                    replace=False))
     switch = 150 if cause == "lr-too-high" else None
     factor = 1.3 + 0.5 * (seed % 3)
-    rec: dict[str, list] = {k: [] for k in (names.LOSS, names.LR, names.GRAD_NORM,
-                                             names.GRAD_NONFINITE, names.EFF_STEP_MAX,
-                                             names.G2V_RMS)}
-    curv: dict[str, tuple[list, list]] = {}
-    steps_done, nonfinite = [], []
     mse = torch.nn.functional.mse_loss
-    for t in range(n_steps):
-        if full_batch:
-            xb, yb = x, y
-        else:
-            idx = torch.as_tensor(rng.choice(x.shape[0], 32, replace=False))
-            xb, yb = x[idx], y[idx]
-            if cause == "gradient-outlier" and t in inject:
-                yb = yb * 30.0
-        if switch is not None and t == switch:
-            m = probe(lambda: mse(model(x), y))
-            new_lr = factor * (2 + 2 * momentum) / m[names.SHARPNESS]
-            for g in opt.param_groups:
-                g["lr"] = new_lr
-        opt.zero_grad()
-        loss = mse(model(xb), yb)
-        if cause == "non-finite" and t in inject:
-            loss = loss * torch.tensor(float("inf"))  # an overflow in the forward pass
-        loss.backward()
-        grads = [p.grad for p in params]
-        gn = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        n_bad = int(sum((~torch.isfinite(g)).sum() for g in grads))
-        lval = float(loss.detach())
-        steps_done.append(t)
-        rec[names.LOSS].append(lval)
-        rec[names.LR].append(float(opt.param_groups[0]["lr"]))
-        rec[names.GRAD_NORM].append(gn if math.isfinite(gn) else math.nan)
-        rec[names.GRAD_NONFINITE].append(float(n_bad))
-        if not math.isfinite(lval) or n_bad:
-            nonfinite.append(t)
-            rec[names.EFF_STEP_MAX].append(math.nan)
-            rec[names.G2V_RMS].append(math.nan)
-            if cause == "lr-too-high":
-                break
-            continue  # skip the update, as torch.amp.GradScaler does
-        opt.step()
-        if isinstance(opt, torch.optim.Adam):
-            e, r = _adam_stats(opt)
-        else:
-            e, r = math.nan, math.nan
-        rec[names.EFF_STEP_MAX].append(e)
-        rec[names.G2V_RMS].append(r)
-        if curvature_every and t % curvature_every == 0:
-            for k, v in probe(lambda: mse(model(x), y)).items():
-                curv.setdefault(k, ([], []))[0].append(t)
-                curv[k][1].append(v)
-    metrics = {k: (steps_done, v) for k, v in rec.items() if k != names.LOSS}
-    metrics.update(curv)
-    hyper = group_hyper(opt, opt.param_groups[0]).__dict__
-    losses = [v if math.isfinite(v) else math.nan for v in rec[names.LOSS]]
-    trace = from_series(steps_done, losses, metrics=metrics, hyper=dict(hyper),
-                        nonfinite_steps=nonfinite, name=f"{cause}-{act}{width}-s{seed}")
+    name = f"{cause}-{act}{width}-s{seed}"
+    tmp = None
+    if store is None:
+        tmp = tempfile.TemporaryDirectory()
+        store = os.path.join(tmp.name, "labeled.db")
+    curv = dict(curvature_every=curvature_every, curvature_loss=lambda: mse(model(x), y)) \
+        if curvature_every else {}
+    try:
+        with Monitor(model, opt, store=store, run=name, **curv) as monitor:
+            for t in range(n_steps):
+                if full_batch:
+                    xb, yb = x, y
+                else:
+                    idx = torch.as_tensor(rng.choice(x.shape[0], 32, replace=False))
+                    xb, yb = x[idx], y[idx]
+                    if cause == "gradient-outlier" and t in inject:
+                        yb = yb * 30.0
+                if switch is not None and t == switch:
+                    probe = CurvatureProbe(params, opt,
+                                           config=ProbeConfig(tol=2e-2, max_iter=30, seed=seed))
+                    m = probe(lambda: mse(model(x), y))
+                    new_lr = factor * (2 + 2 * momentum) / m[names.SHARPNESS]
+                    for g in opt.param_groups:
+                        g["lr"] = new_lr
+                opt.zero_grad()
+                loss = mse(model(xb), yb)
+                if cause == "non-finite" and t in inject:
+                    loss = loss * torch.tensor(float("inf"))  # an overflow in the forward pass
+                loss.backward()
+                monitor.observe(loss)
+                bad = not math.isfinite(float(loss.detach())) or not all(
+                    bool(torch.isfinite(p.grad).all()) for p in params)
+                if bad:
+                    if cause == "lr-too-high":
+                        break
+                    continue  # skip the update, as torch.amp.GradScaler does
+                opt.step()
+        (trace,) = load(os.fspath(store), run=name)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     if cause in ("adaptive-edge-of-stability", "stable"):  # a spike in a 'stable' run counts
         events = [(s, "adaptive-edge-of-stability") for s in label_spikes(trace)]
     elif cause == "lr-too-high":
@@ -177,7 +149,7 @@ def make_run(cause: str, *, seed: int = 0, width: int = 32, act: str = "tanh",
         events = [(s, cause) for s in inject]
     else:
         events = []
-    return LabeledRun(trace=trace, cause=cause, events=events, name=trace.name)
+    return LabeledRun(trace=trace, cause=cause, events=events, name=name)
 
 
 def _first_rise(trace: Trace, start: int, *, rise: float = 0.05) -> int:
