@@ -1,0 +1,3 @@
+"""Held-out runs for benchmarks/wild.py (filled below)."""
+
+RUNS: list[dict] = []
