@@ -97,6 +97,7 @@ class Monitor:
         flush_seconds: float = 10.0,
         curvature_every: int | None = None,
         curvature_loss: Callable[[], torch.Tensor] | None = None,
+        secant_every: int | None = 1,
         sinks: Sequence[Any] = (),
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -143,6 +144,10 @@ class Monitor:
         self._probe: Any = None
         self._probe_state: dict | None = None
         self._closed = False
+        from stablestep.telemetry.secant import SecantTracker  # free curvature (#11)
+
+        check_every("secant_every", secant_every, optional=True)
+        self._secant = SecantTracker(secant_every)
         self._handle = optimizer.register_step_post_hook(self._post_step)
 
     # ----------------------------------------------------------------- the loop
@@ -198,6 +203,9 @@ class Monitor:
             if g_norm is not None:
                 metrics[N.GRAD_NORM] = g_norm
                 metrics[N.GRAD_NONFINITE] = float(sum(bad.values()))
+        sec = self._secant.observe(s, [p.detach() for _, p in live], grads)
+        if sec is not None:  # curvature along the previous step's update (telemetry.secant)
+            metrics[N.SECANT], metrics[N.SECANT_COS] = sec["q"], sec["cos"]
         pending = {"step": s, "metrics": metrics, "bad": bad, "curv": curv, "detail": None}
         if detail and grads:
             tnames = [n for n, _ in live]
@@ -223,6 +231,7 @@ class Monitor:
         pending = self._pending
         if pending is None:
             return
+        self._secant.after_step(optimizer, [p for _, p, _ in self._params if p.grad is not None])
         metrics = pending["metrics"]
         if pending["detail"] is not None:
             tnames, params, snaps, p_norms, g_norms, grads = pending["detail"]
@@ -297,12 +306,14 @@ class Monitor:
             "optimizer": type(self.optimizer).__name__,
             "hyper": dataclasses.asdict(inspect.group_hyper(self.optimizer, groups[0])),
             "n_params": sum(p.numel() for _, p, _ in self._params),
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for _, p, _ in self._params}),
             "torch_version": torch.__version__,
             "started_at": utc_now(),
             "monitor": {
                 "every": self.every,
                 "state_every": self.state_every,
                 "curvature_every": self.curvature_every,
+                "secant_every": self._secant.every,
                 "top_k": self.top_k,
                 "quantile_sample": None
                 if self._sample.exact
