@@ -330,6 +330,9 @@ def from_run(run: Any, *, source: str = "") -> Trace:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
     metrics = {n: run.series(n) for n in available if n != names.LOSS and "/" not in n}
     hyper = dict((run.config or {}).get("hyper") or {})
+    for key in ("dtypes", "batch_size", "full_batch"):  # what the remedies must fit (#11)
+        if (run.config or {}).get(key) is not None:
+            hyper[key] = run.config[key]
     events = [{"step": int(e.step), "kind": e.kind, "data": e.data} for e in run.events
               if e.kind != names.EVENT_NONFINITE]
     return from_series(steps, loss, metrics=metrics, hyper=hyper, nonfinite_steps=nonfinite,
