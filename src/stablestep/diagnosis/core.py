@@ -146,8 +146,11 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         if s not in consumed_nf:
             incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,
                                       peak_step=s, baseline=math.nan, recovered=False))
+    from stablestep.diagnosis.infer import augment, fold  # blow-ups at step 0, jump-and-stay (#11)
+
+    incidents.extend(augment(trace, incidents, raised))
     incidents.sort(key=lambda i: i.onset)
-    explained = [(inc, *classify(trace, inc)) for inc in incidents]
+    explained = fold(trace, [(inc, *classify(trace, inc)) for inc in incidents])
     findings: list[Finding] = []
     recurring = [x for x in explained if x[0].kind == "spike"
                  and x[1] not in ("gradient-outlier", "non-finite")]
