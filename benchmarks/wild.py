@@ -93,6 +93,7 @@ def _data(spec: Spec):
     if spec.model == "cnn":
         x = torch.randn(spec.n, 1, 8, 8, generator=g)
         y = (x[:, 0, :4].sum((1, 2)) > x[:, 0, 4:].sum((1, 2))).long()
+        y = torch.where(torch.rand(spec.n, generator=g) < 0.1, 1 - y, y)  # 10% label noise
         return x, y
     x = torch.randn(spec.n, 4, generator=g)
     return x, torch.sin(x.sum(1, keepdim=True)) + 0.5 * x[:, :1] * x[:, 1:2]
@@ -134,6 +135,8 @@ def _loss(spec: Spec, model, x, y):
     if spec.model == "gpt2":
         return model(input_ids=x, labels=x).loss
     out = model(x)
+    if spec.model == "cnn" and spec.extra.get("mse"):  # regression on +-1 (square loss)
+        return torch.nn.functional.mse_loss(out[:, 0] - out[:, 1], y.float() * 2 - 1)
     if spec.model == "cnn":
         return torch.nn.functional.cross_entropy(out, y)
     return torch.nn.functional.mse_loss(out, y)
@@ -164,8 +167,8 @@ def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
                    if spec.batch is not None else slice(None))
             xb, yb = x[idx], (y[idx] if y is not None else None)
             if spec.kind == "outlier" and t == spec.at:  # a corrupted batch: scaled inputs
-                xb = xb * spec.factor                    # (and targets, for regression)
-                yb = yb * spec.factor if spec.model == "mlp" else yb
+                xb = xb * spec.factor  # and scaled targets (regression) or flipped labels
+                yb = yb * spec.factor if spec.model == "mlp" else 1 - yb  # flipped labels
             opt.zero_grad(set_to_none=True)
             loss = _loss(spec, model, xb, yb)
             loss.backward()
@@ -177,6 +180,27 @@ def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
                 sched.step()
     finally:
         mon.close()
+
+
+def label_holds(spec: Spec, loss) -> bool:
+    """Detector-free check that the construction produced what it is labelled with: for an
+    incident, the loss reaches 2x the lowest running median (5 steps) before the onset within
+    20 steps of it (or goes non-finite); for ``aeos``/``sgd-high``, anywhere after step 5.
+    Healthy runs are taken as built. Runs whose label does not hold are reported, not scored."""
+    import numpy as np
+
+    loss = np.asarray(loss, dtype=float)
+    if spec.kind == "healthy":
+        return True
+    med = np.array([np.median(loss[max(0, k - 4): k + 1]) for k in range(loss.size)])
+    if spec.kind in ("aeos", "sgd-high"):
+        for k in range(6, loss.size):
+            if not np.isfinite(loss[k]) or loss[k] >= 2 * np.nanmin(med[:k - 1]):
+                return True
+        return False
+    ref = loss[0] if spec.at == 0 else float(np.nanmin(med[:spec.at]))
+    seg = loss[spec.at: spec.at + 21]
+    return bool((~np.isfinite(seg)).any() or np.nanmax(seg) >= 2 * ref)
 
 
 def fits(spec: Spec, remedy: dict) -> str | None:
@@ -198,7 +222,8 @@ def fits(spec: Spec, remedy: dict) -> str | None:
     return None
 
 
-def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True) -> dict:
+def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True,
+             labels_only: bool = False) -> dict:
     """Record and diagnose every spec; return the scores (module docstring)."""
     from stablestep import diagnose
 
@@ -209,8 +234,18 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "wild.db")
+        invalid = []
         for spec in specs:
             record(spec, store, curvature=curvature)
+            from stablestep.diagnosis.sources import load
+
+            if not label_holds(spec, load(store, run=spec.name)[0].loss):
+                invalid.append(spec.name)
+                if verbose:
+                    print(f"-- {spec.name}: label does not hold (not scored)", flush=True)
+                continue
+            if labels_only:
+                continue
             fs = [f.to_dict() for f in diagnose(store, run=spec.name)]
             want = MECH[spec.kind]
             match = None
@@ -250,7 +285,7 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
     prec = tp / (tp + fp) if tp + fp else 1.0
     rec = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"runs": len(specs), "tp": tp, "fp": fp, "fn": fn, "f1": f1,
+    return {"runs": len(specs), "labels_not_holding": len(invalid), "tp": tp, "fp": fp, "fn": fn, "f1": f1,
             "median_delay": statistics.median(delays) if delays else math.nan,
             "mechanism_accuracy": right / found if found else math.nan,
             "remedies": n_rem, "remedies_not_fitting": bad_rem,
@@ -263,13 +298,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", choices=("tuning", "heldout"), default="heldout")
     ap.add_argument("--curvature", action="store_true", help="record the HVP probe too")
     ap.add_argument("--only", default=None, help="only runs whose name contains this")
+    ap.add_argument("--labels-only", action="store_true",
+                    help="record and check the labels, diagnose nothing")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     specs = [Spec(**r) for r in (wild_heldout if args.set == "heldout" else wild_tuning).RUNS]
     if args.only:
         specs = [s for s in specs if args.only in s.name]
     t0 = time.perf_counter()
-    res = evaluate(specs, curvature=args.curvature)
+    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only)
     res.pop("rows")
     print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
           f"({time.perf_counter() - t0:.0f} s)")

@@ -23,4 +23,11 @@ RUNS = [
          batch=32),
     dict(kind="outlier", model="cnn", opt="adamw", lr=1e-3, factor=30.0, at=160, seed=1,
          batch=32, steps=250),
+    dict(kind="aeos", model="cnn", opt="ss-adam", lr=5e-3, seed=3, batch=None, n=96,
+         steps=600, extra={"mse": True}),
+    dict(kind="sgd-high", model="cnn", opt="sgd", momentum=0.8, lr=0.7, seed=4, batch=None,
+         steps=150),
+    dict(kind="blowup0", model="mlp", opt="adam", lr=4.0, seed=5, batch=32, steps=60),
+    dict(kind="healthy", model="mlp", opt="ss-adam", amsgrad=True, lr=1e-3, seed=6,
+         batch=None),
 ]

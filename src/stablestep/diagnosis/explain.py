@@ -364,6 +364,11 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
             return "lr-too-high", 0.65, ev
         if adam is False and inc.kind == "divergence":
             return "lr-too-high", 0.6, ev
+        if adam and fb and inc.recovered and not young:
+            # full batch: no outlier batch; constant lr: a spike that recovers by itself
+            ev["reason"] = ("full-batch Adam, no lr change, the spike recovered by itself: "
+                            "the preconditioned curvature crossed the bound")
+            return "adaptive-edge-of-stability", 0.55, ev
     if adam and any(v >= 3 for v in surges.values()) and (
             ps is None or (pthr and ps >= 0.75 * pthr)):
         return "adaptive-edge-of-stability", 0.6 if ps is None else 0.7, ev

@@ -129,14 +129,16 @@ def _running_median(x: np.ndarray, w: int = 5) -> np.ndarray:
 
 def extra_incidents(trace: Trace, covered: list[tuple[int, int | None]], *,
                     factor: float = 3.0, hold: int = 10, outlier_loss: float = 3.0,
-                    outliers: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+                    outliers: tuple[int, ...] = (), warmup: int = 10) -> list[dict[str, Any]]:
     """Incidents the detector stack does not frame (module docstring), as dicts
     ``{"onset", "detected", "kind", "peak", "peak_step", "baseline", "recovered", "why"}``.
 
     ``covered``: ``(onset, end)`` spans already explained (``end`` None: to the end);
     ``outliers``: the stack's gradient-outlier steps. A jump: the loss at ``factor`` x the
     best running median (5 records) so far, and the median of the next ``hold`` records
-    still at ``factor`` x (so one noisy minibatch is not a jump); measured from step 0."""
+    still at ``factor`` x (so one noisy minibatch is not a jump); measured from step 0.
+    In the first ``warmup`` records (the spike detector's warm-up, where it raises nothing)
+    a jump of ``factor`` x counts even if the loss comes back."""
     loss = trace.loss
     n = loss.size
     out: list[dict[str, Any]] = []
@@ -157,7 +159,8 @@ def extra_incidents(trace: Trace, covered: list[tuple[int, int | None]], *,
                 high = (not math.isfinite(v)) or v >= factor * best
                 stay = nxt[np.isfinite(nxt)]
                 stays = (stay.size == 0 or float(np.median(stay)) >= factor * best
-                         or not np.isfinite(nxt).all())
+                         or not np.isfinite(nxt).all()
+                         or k < warmup)  # inside the spike detector's warm-up: any jump
                 if high and stays and free(int(trace.steps[k])):
                     start = k  # the rise began where the loss first left the best level
                     while start > 1 and math.isfinite(loss[start - 1]) and \
@@ -220,7 +223,7 @@ def augment(trace: Trace, found: list[Any], raised: list[Any]) -> list[Any]:
 def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
     """Fold incidents that continue an lr-too-high regime into it: a later incident (any
     kind) while the lr has not come down (>= 0.9 x the lr at the first onset) and the loss
-    stayed (median) at 1.5 x the first incident's baseline or more. ``explained``: sorted
+    stayed (median) at 1.2 x the first incident's baseline or more. ``explained``: sorted
     ``(incident, mechanism, confidence, evidence)``; the folded ones' steps go to the
     first's ``evidence["follow_on_alarms"]``."""
     from dataclasses import replace
@@ -236,7 +239,7 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
             seg = trace.loss[i0 + 1:i1]
             base = head.baseline if head.baseline > 0 else math.inf
             seg = seg[np.isfinite(seg)]
-            stayed = seg.size == 0 or float(np.median(seg)) >= 1.5 * base
+            stayed = seg.size == 0 or float(np.median(seg)) >= 1.2 * base
             if lr_ok and stayed:
                 ev = out[-1][3]
                 ev.setdefault("follow_on_alarms", []).append(int(inc.detected))
