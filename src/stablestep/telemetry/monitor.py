@@ -366,6 +366,7 @@ class Monitor:
             "run": self.run_name,
             "store": self.store,
             "curvature": probe,
+            "secant": self._secant.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,6 +381,8 @@ class Monitor:
         self._resume_from = self._step
         self.run_name = state["run"]
         self._probe_state = state.get("curvature")
+        if state.get("secant") is not None:
+            self._secant.load_state_dict(state["secant"])
 
     def close(self) -> None:
         """Record any pending step, flush, detach from the optimizer and close sinks."""
