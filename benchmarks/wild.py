@@ -285,7 +285,8 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
     prec = tp / (tp + fp) if tp + fp else 1.0
     rec = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-    return {"runs": len(specs), "labels_not_holding": len(invalid), "tp": tp, "fp": fp, "fn": fn, "f1": f1,
+    return {"runs": len(specs), "labels_not_holding": len(invalid), "tp": tp,
+            "fp": fp, "fn": fn, "f1": f1,
             "median_delay": statistics.median(delays) if delays else math.nan,
             "mechanism_accuracy": right / found if found else math.nan,
             "remedies": n_rem, "remedies_not_fitting": bad_rem,
