@@ -446,12 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--healthy-runs", type=int, default=36)
+    ap.add_argument("--overhead-only", action="store_true",
+                    help="only the step-time overhead (more segments)")
     ap.add_argument("--corpus-seed", type=int, default=900,
                     help="first seed of the healthy corpus (500: corpus A, 900: corpus B)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     methods = tuple(args.methods)
+    if args.overhead_only:
+        ov = overhead(methods, segments=24)
+        for m in methods:
+            print(f"{m:16s} step-time ratio against plain torch Adam {ov[m]:.3f}")
+        print(f"guarded/unguarded step time ratio (median of interleaved pairs): "
+              f"{ov.get('stablestep', math.nan):.3f}")
+        return 0
     col = {m: {"story_ok": 0, "healthy_ok": 0, "ratios": [], "actions": 0, "acted_runs": 0,
                "guard_kinds": {}} for m in methods}
     print("failure corpus (final loss; * = ended healthy)")
