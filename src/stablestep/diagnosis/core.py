@@ -170,6 +170,9 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         findings.append(Finding(step=inc.onset, kind=kind, mechanism=mech, confidence=conf,
                                 evidence=ev, remedies=remedies(trace, mech, inc, ev)))
     _attach_guard_actions(trace, findings)
+    from stablestep.diagnosis.transformer import warnings  # model probes, no loss incident
+
+    findings.extend(warnings(trace, {f.mechanism for f in findings}))
     for f in findings:
         if trace.name:
             f.evidence["run"] = trace.name

@@ -233,6 +233,11 @@ def _is_adam(trace: Trace) -> bool | None:
 
 def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     """Mechanism, confidence and evidence of one incident (rules in the module docstring)."""
+    from stablestep.diagnosis import transformer  # model-probe signals, when recorded
+
+    named = transformer.classify(trace, inc)
+    if named is not None:
+        return named
     ev: dict[str, Any] = {"detected_at": inc.detected, "baseline_loss": inc.baseline,
                           "peak_loss": inc.peak, "peak_step": inc.peak_step,
                           "recovered": inc.recovered}
@@ -427,6 +432,11 @@ def _remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -
     h = trace.hyper
     lr = lr_at(trace, inc.onset)
     out: list[Remedy] = []
+    if mechanism in ("attention-logit-growth", "output-logit-divergence", "epsilon-scale",
+                     "loss-scale-collapse"):
+        from stablestep.diagnosis import transformer
+
+        return transformer.remedies(trace, mechanism, ev)
     if mechanism == "non-finite":
         i = _index(trace, inc.onset)
         good = trace.steps[:i][np.isfinite(trace.loss[:i])]

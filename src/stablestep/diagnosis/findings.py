@@ -2,7 +2,7 @@
 
 ``Finding.to_dict()`` is the JSON contract of DESIGN.md::
 
-    {"step": int, "kind": "spike"|"divergence"|"non-finite"|"periodic-spikes",
+    {"step": int, "kind": "spike"|"divergence"|"non-finite"|"periodic-spikes"|"warning",
      "mechanism": "adaptive-edge-of-stability"|"lr-too-high"|"gradient-outlier"|
                   "non-finite"|"unknown",
      "confidence": float, "evidence": {...}, "remedies": [{"action", "value", "why"}]}
@@ -14,12 +14,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("spike", "divergence", "non-finite", "periodic-spikes")
+KINDS = ("spike", "divergence", "non-finite", "periodic-spikes", "warning")
 MECHANISMS = (
     "adaptive-edge-of-stability",
     "lr-too-high",
     "gradient-outlier",
     "non-finite",
+    "attention-logit-growth",
+    "output-logit-divergence",
+    "epsilon-scale",
+    "loss-scale-collapse",
     "unknown",
 )
 

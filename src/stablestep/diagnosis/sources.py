@@ -328,7 +328,9 @@ def from_run(run: Any, *, source: str = "") -> Trace:
         steps, loss = run.series(names.LOSS)
     else:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
-    metrics = {n: run.series(n) for n in available if n != names.LOSS and "/" not in n}
+    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
+    metrics = {n: run.series(n) for n in available
+               if n != names.LOSS and ("/" not in n or n.startswith(per_layer))}
     hyper = dict((run.config or {}).get("hyper") or {})
     for key in ("dtypes", "batch_size", "full_batch"):  # what the remedies must fit (#11)
         if (run.config or {}).get(key) is not None:

@@ -192,8 +192,16 @@ def names() -> list[str]:
     return list(_BUILDERS)
 
 
+# Transformer stories on real text (stablestep.lab.text; a GPT on the stdlib's sources).
+TEXT = ("attention-logit-growth", "output-logit-divergence", "fp16-loss-scale")
+
+
 def get(name: str) -> Scenario:
     """The scenario called ``name``; ``KeyError`` naming the valid ones otherwise."""
+    if name in TEXT:
+        from stablestep.lab import text
+
+        return text.scenario(name)
     try:
         return _BUILDERS[name]()
     except KeyError:

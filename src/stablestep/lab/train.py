@@ -97,6 +97,10 @@ def make_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 def train(config: TrainConfig, *, monitor: MonitorFactory | None = None) -> TrainResult:
     """Run ``config`` deterministically; ``monitor(model, optimizer, probe_loss)`` may
     return an :class:`Observer` that sees every loss before the step."""
+    if getattr(config, "problem", None) == "stdlib-text":  # a transformer story (lab/text.py)
+        from stablestep.lab.text import train_as_lab
+
+        return train_as_lab(config, monitor=monitor)
     problem = problems.build(config)
     opt = make_optimizer(config, problem.model.parameters())
     factor = lr_factor(config)

@@ -99,6 +99,7 @@ class Monitor:
         curvature_loss: Callable[[], torch.Tensor] | None = None,
         secant_every: int | None = 1,
         sinks: Sequence[Any] = (),
+        model_probes: Any = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -149,6 +150,15 @@ class Monitor:
         check_every("secant_every", secant_every, optional=True)
         self._secant = SecantTracker(secant_every)
         self._handle = optimizer.register_step_post_hook(self._post_step)
+        self.model_probes = None
+        if model_probes is not None:
+            self.attach_model_probes(model_probes)
+
+    def attach_model_probes(self, probes: Any) -> None:
+        """Record ``probes.collect(step)`` (e.g. :class:`~stablestep.telemetry.model_probes.
+        ModelProbes`) at every ``observe``; it follows ``state_every`` unless it has a cadence."""
+        self.model_probes = probes
+        probes.bind(self.state_every or self.every)
 
     # ----------------------------------------------------------------- the loop
     @property
@@ -173,7 +183,8 @@ class Monitor:
         cheap = s % self.every == 0
         detail = self.state_every is not None and s % self.state_every == 0
         curv = self.curvature_every is not None and s % self.curvature_every == 0
-        if not (cheap or detail or curv):
+        extra = self.model_probes.collect(s) if self.model_probes is not None else {}
+        if not (cheap or detail or curv or extra):
             return
         self._ensure_writer()
         live = [(n, p) for n, p, _ in self._params if p.grad is not None]
@@ -185,7 +196,7 @@ class Monitor:
             loss_t = loss_t.to(total.device)
         scalars = [x for x in (loss_t, total) if x is not None]
         host = iter(torch.stack(scalars).tolist() if scalars else [])  # the one host sync
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = dict(extra)
         if loss_t is not None:
             metrics[N.LOSS] = next(host)
         elif loss is not None:
@@ -390,6 +401,8 @@ class Monitor:
             return
         self._finish()
         self._handle.remove()
+        if self.model_probes is not None:
+            self.model_probes.remove()
         if self._writer is not None:
             self._writer.close()
         for sink in self.sinks:

@@ -43,3 +43,17 @@ CURV_SHARE = "curvature_share"  # the probe's share of wall time since its first
 EVENT_NONFINITE = "non-finite"
 EVENT_GUARD = "guard"
 EVENT_CURVATURE = "curvature-failed"  # a curvature estimate raised; data: {"error", "backend"}
+
+# Model probes (stablestep.telemetry.model_probes.ModelProbes), on the detail cadence.
+ATTN_LOGIT_MAX = "attn_logit_max"  # max q.k*scale over layers (per layer: /<module>)
+ATTN_ENTROPY = "attn_entropy"  # per layer: /<module>, mean attention entropy (nats)
+ATTN_ENTROPY_MIN = "attn_entropy_min"  # min over layers of attn_entropy
+LM_LOGZ = "lm_logz"  # mean logsumexp of the LM head's logits per position
+LM_LOGZ_ABSMAX = "lm_logz_absmax"  # max |logsumexp| over positions
+ACT_RMS = "act_rms"  # per block: /<module>, RMS of the block's output
+ACT_RMS_MAX = "act_rms_max"
+GRAD_RMS = "grad_rms"  # RMS of all gradient coordinates
+EPS_GRAD_RATIO = "eps_grad_ratio"  # eps_t / median per-tensor grad RMS (/<tensor>: that tensor)
+EPS_GRAD_RATIO_MAX = "eps_grad_ratio_max"
+LOSS_SCALE = "loss_scale"  # torch.amp.GradScaler's scale at this step
+SKIPPED_STEPS = "skipped_steps"  # steps the GradScaler skipped so far (cumulative)
