@@ -521,7 +521,7 @@ def _remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -
     if mechanism == "lr-too-high":
         gthr = ev.get(names.GD_THRESHOLD)
         lrj = ev.get("lr_jump")
-        if lrj is not None:
+        if lrj is not None and ps is None and sharp is None:  # measured curvature wins
             out.append(Remedy("set-lr", _sig_down(lrj["from"]),
                               f"the lr jumped {lrj['factor']:.3g}x (from {lrj['from']:.3g} to "
                               f"{lrj['to']:.3g}) at step {lrj['step']}, where the incident began;"
@@ -559,7 +559,7 @@ def _remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -
             return out
         if _is_adam(trace) and ps is not None and pthr and lr is not None:
             b2 = float(h.get("beta2", 0.999) or 0.999)
-            out.append(Remedy("set-lr", _sig_down(min(0.9 * lr * pthr / ps, lr / 2)),
+            out.append(Remedy("set-lr", _sig_down(min(0.9 * lr * pthr / ps, 0.9 * lr)),
                               f"largest stable lr is lr*{pthr:.0f}/lam_max(P^-1 H) = "
                               f"{F.max_stable_lr(lr, ps, pthr):.3g} "
                               f"({_reliability(inc.onset, b2)}); 10% margin; expected: "

@@ -14,7 +14,9 @@ No Hessian-vector product is needed for any of these; each reads the trace aroun
   (:func:`stablestep.formulas.threshold`), *trusted* only where it stands out of the spread
   it had on the healthy records before (minibatch gradient noise enters
   :math:`g_{t+1} - g_t`): the largest :math:`q` over ``[onset - lead, detected + 2]`` must
-  exceed ``median + noise_k`` robust sigmas of the 50 records before.
+  exceed ``median + noise_k`` robust sigmas of the 50 records before, and a pair whose
+  gradient norm jumps 6 robust sigmas from normal in one step (an outlier batch: its
+  :math:`\Delta g` is the batch difference, not :math:`Hu`) is left out.
 - :func:`extra_incidents`: what the detector stack's warm-up hides: a blow-up from step 0-1
   and a jump that then *stays* high, both measured against the best (running-median) loss so
   far, not against a recovered baseline; and a gradient-outlier batch whose loss left the
@@ -98,7 +100,21 @@ def secant(trace: Trace, onset: int, detected: int, *, lead: int = 5,
     if q is None or thr is None:
         return None
     i0, i1 = _index(trace, onset - lead), _index(trace, detected + 2) + 1
-    seg = q[i0:i1]
+    seg = q[i0:i1].copy()
+    gn = trace.metric(names.GRAD_NORM)
+    if gn is not None:  # an outlier batch in the pair (g_t, g_{t+1}) is not curvature
+        lg = np.log(np.where(np.isfinite(gn) & (gn > 0), gn, np.nan))
+        ref = lg[max(0, i0 - window): i0]
+        ref = ref[np.isfinite(ref)]
+        if ref.size >= 5:
+            m = float(np.median(ref))
+            sd = max(float(np.median(np.abs(ref - m))) * 1.4826, 0.05)
+            z = (lg - m) / sd
+            for j in range(seg.size):
+                k = i0 + j
+                for a in (k - 1, k):  # the two gradients of the secant recorded at k
+                    if a >= 1 and z[a] >= 6 and not (z[a - 1] >= 3):
+                        seg[j] = np.nan
     ok = np.isfinite(seg)
     if not ok.any():
         return None
@@ -156,7 +172,10 @@ def extra_incidents(trace: Trace, covered: list[tuple[int, int | None]], *,
             if best > 0 and math.isfinite(best):
                 v = loss[k]
                 nxt = loss[k: k + hold]
-                high = (not math.isfinite(v)) or v >= factor * best
+                recent = np.nanmin(med[max(0, k - 5):k]) if k > 0 else best
+                # a jump, not the slow return of an earlier incident: above the best level
+                # and above the lowest level of the last 5 records
+                high = (not math.isfinite(v)) or (v >= factor * best and v >= factor * recent)
                 stay = nxt[np.isfinite(nxt)]
                 stays = (stay.size == 0 or float(np.median(stay)) >= factor * best
                          or not np.isfinite(nxt).all()
@@ -199,7 +218,12 @@ def full_batch(trace: Trace) -> bool | None:
 
 
 def half_precision(trace: Trace) -> bool | None:
-    """Whether any parameter dtype recorded for the run is fp16/bf16 (None: not recorded)."""
+    """Whether the run computes in fp16/bf16: a GradScaler's ``loss_scale`` was recorded (AMP
+    keeps fp32 parameters), or a parameter dtype is fp16/bf16 (None: nothing recorded)."""
+    if trace.has(names.LOSS_SCALE) or trace.has(names.SKIPPED_STEPS):
+        return True
+    if trace.hyper.get("precision") in ("fp16", "bf16", "16-mixed", "bf16-mixed"):
+        return True
     dts = trace.hyper.get("dtypes")
     if not dts:
         return None
@@ -229,9 +253,13 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
     from dataclasses import replace
 
     lr = trace.metric(names.LR)
+    half = half_precision(trace)
     out: list[tuple] = []
     for item in explained:
         inc = item[0]
+        if inc.kind == "non-finite" and half:  # fp16/bf16: the NaN may be the format's own
+            out.append(item)
+            continue
         if out and out[-1][1] == "lr-too-high":
             head = out[-1][0]
             i0, i1 = _index(trace, head.onset), _index(trace, inc.onset)
