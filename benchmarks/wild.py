@@ -142,6 +142,9 @@ def _loss(spec: Spec, model, x, y):
     return torch.nn.functional.mse_loss(out, y)
 
 
+SECANT_EVERY: list = []  # [] : the Monitor's default; [n]: secant_every=n (--secant-every)
+
+
 def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
     """Train ``spec`` under ``stablestep.Monitor`` (defaults) into ``store``, run ``spec.name``."""
     from stablestep import Monitor
@@ -159,8 +162,9 @@ def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
         def probe():
             return _loss(spec, model, px, py)
     cfg = {"full_batch": spec.batch is None, "batch_size": spec.batch or spec.n}
+    kw = {"secant_every": SECANT_EVERY[0]} if SECANT_EVERY else {}
     mon = Monitor(model, opt, store=store, run=spec.name, config=cfg,
-                  curvature_every=10 if curvature else None, curvature_loss=probe)
+                  curvature_every=10 if curvature else None, curvature_loss=probe, **kw)
     try:
         for t in range(spec.steps):
             idx = (torch.randint(spec.n, (spec.batch,), generator=gen)
@@ -301,7 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=None, help="only runs whose name contains this")
     ap.add_argument("--labels-only", action="store_true",
                     help="record and check the labels, diagnose nothing")
+    ap.add_argument("--secant-every", type=int, default=None,
+                    help="Monitor(secant_every=N) instead of its default")
     args = ap.parse_args(argv)
+    if args.secant_every is not None:
+        SECANT_EVERY[:] = [args.secant_every]
     torch.set_num_threads(1)
     specs = [Spec(**r) for r in (wild_heldout if args.set == "heldout" else wild_tuning).RUNS]
     if args.only:
@@ -310,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only)
     res.pop("rows")
     print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
+          f"secant_every={args.secant_every or 'default'} "
           f"({time.perf_counter() - t0:.0f} s)")
     for k, v in res.items():
         print(f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}")

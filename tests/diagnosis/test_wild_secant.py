@@ -152,7 +152,7 @@ def test_monitor_records_secant_and_dtypes(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 3), torch.randn(16, 1)
     store = str(tmp_path / "r.db")
-    with Monitor(model, opt, store=store, run="r") as mon:
+    with Monitor(model, opt, store=store, run="r", secant_every=1) as mon:
         for _ in range(5):
             opt.zero_grad()
             loss = ((model(x) - y) ** 2).mean()
@@ -169,3 +169,11 @@ def test_monitor_records_secant_and_dtypes(tmp_path):
     assert np.all(q >= 0.1 * float(lam.min()) * 0.99) and np.all(q <= 0.1 * float(lam.max()) * 1.01)
     assert run.config["dtypes"] == ["float32"]
     assert sd["secant"]["version"] == 1
+    with Monitor(model, opt, store=store, run="default") as mon:  # default cadence: every 10
+        for _ in range(23):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            mon.observe(loss)
+            opt.step()
+    assert list(open_run(store, "default").series(names.SECANT)[0]) == [1, 11, 21]

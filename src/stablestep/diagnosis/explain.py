@@ -367,7 +367,8 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         if early:
             ev["reason"] = "the loss blew up from the first steps, before any state built up"
             return "lr-too-high", 0.65, ev
-        if adam is False and inc.kind == "divergence":
+        if adam is False and (inc.kind == "divergence" or fb):
+            # plain/momentum SGD has one instability besides bad batches (none in full batch)
             return "lr-too-high", 0.6, ev
         if adam and fb and inc.recovered and not young:
             # full batch: no outlier batch; constant lr: a spike that recovers by itself

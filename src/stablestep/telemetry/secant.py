@@ -44,7 +44,10 @@ def secant(u: Sequence[torch.Tensor], g_prev: Sequence[torch.Tensor],
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum()
+    """Sum of the per-tensor dot products, accumulated in float64 across tensors (one BLAS
+    dot per tensor in the tensors' own dtype: no float64 copies of the parameters)."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).double()
+                        for x, y in zip(a, b, strict=True)]).sum()
 
 
 class SecantTracker:
@@ -63,7 +66,7 @@ class SecantTracker:
 
     def __init__(self, every: int | None = 1):
         self.every = every
-        self._buf: list[torch.Tensor] | None = None  # theta_t, then u after the step
+        self._buf: list[torch.Tensor] | None = None  # theta_t, then -u after the step
         self._ug = self._den = self._g2 = self._uu = 0.0  # u.g_t, u^T P u, |g_t|^2, |u|^2
         self._grads: list[torch.Tensor] | None = None
         self._open_step: int | None = None
@@ -77,7 +80,7 @@ class SecantTracker:
         if self._ready and self._open_step == step - 1 and len(grads) == len(self._buf):
             with torch.no_grad():
                 vals = torch.stack([_dot(self._buf, grads), _dot(grads, grads)]).tolist()
-            num = vals[0] - self._ug  # u . (g_{t+1} - g_t)
+            num = -vals[0] - self._ug  # u . (g_{t+1} - g_t), buf holding -u
             q = num / self._den if self._den > 0 else math.nan
             # |dg| <= |g_t| + |g_{t+1}|: a lower bound on the cosine, without keeping g_t
             gmag = math.sqrt(vals[1]) + math.sqrt(self._g2)
@@ -105,19 +108,23 @@ class SecantTracker:
 
         grads, self._grads = self._grads, None
         with torch.no_grad():
+            # buf = theta_t - theta_{t+1} = -u: the sign is applied to the dot products
             torch._foreach_sub_(self._buf, [p.detach() for p in params])
-            torch._foreach_neg_(self._buf)  # u = theta_{t+1} - theta_t
             den = []
             for u, p in zip(self._buf, params, strict=True):
                 d = inspect.effective_step(optimizer, p)
                 if d is None:
                     self._open_step = None
                     return
-                q = u.double().square() / d.double()
-                den.append(q.where(d > 0, q.new_zeros(())).sum())
+                if d.dim() == 0:  # SGD: one lr for the tensor
+                    den.append(torch.dot(u.reshape(-1), u.reshape(-1)).double() / d.double()
+                               if float(d) > 0 else u.new_zeros((), dtype=torch.float64))
+                else:  # u^T P u over the coordinates that moved (d > 0)
+                    q = u.square().div_(d)
+                    den.append(q.where(d > 0, q.new_zeros(())).sum(dtype=torch.float64))
             vals = torch.stack([torch.stack(den).sum(), _dot(self._buf, grads),
                                 _dot(grads, grads), _dot(self._buf, self._buf)]).tolist()
-        self._den, self._ug, self._g2, self._uu = vals
+        self._den, self._ug, self._g2, self._uu = vals[0], -vals[1], vals[2], vals[3]
         self._ready = True
 
     # ------------------------------------------------------------------ state
