@@ -54,6 +54,11 @@ class Monitor:
       ``g2v_rms`` and ``update_ratio`` per tensor for the ``top_k`` worst tensors.
       These passes read every parameter and Adam state twice or thrice; once every 10
       steps keeps the overhead near 1% on a CPU (``benchmarks/monitor_overhead.py``);
+    * every ``secant_every`` steps (default 10; ``None`` turns it off), at the step after:
+      ``secant_curvature``, the free curvature along the update
+      (:mod:`stablestep.telemetry.secant`, no Hessian-vector product; one extra copy of the
+      parameters; every step costs ~1.7x on an optimizer-bound toy MLP, every 10 steps is
+      within noise: ``benchmarks/secant.py``);
     * every ``curvature_every`` steps when ``curvature_loss`` (a closure returning the loss
       on a fixed probe batch) is given: the metrics of
       ``stablestep.curvature.CurvatureProbe(params, optimizer)(curvature_loss)``.
@@ -97,7 +102,7 @@ class Monitor:
         flush_seconds: float = 10.0,
         curvature_every: int | None = None,
         curvature_loss: Callable[[], torch.Tensor] | None = None,
-        secant_every: int | None = 1,
+        secant_every: int | None = 10,
         sinks: Sequence[Any] = (),
         model_probes: Any = None,
     ):
