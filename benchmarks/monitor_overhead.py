@@ -7,16 +7,28 @@ statistic at every step. The variants take turns step by step on the same batch
 (A, B, C, B, C, A, ...), so all of them see the same load on the machine. Step times
 are averaged over periods of ``--period`` steps (one full cadence period, so the
 every-10-steps work is included), and each ratio is the median over periods of the
-paired ratio variant/unmonitored. The last line is the ratio monitored/unmonitored at
-the default cadence (goal <= 1.03).
+paired ratio variant/unmonitored.
 
-    python benchmarks/monitor_overhead.py             # ~1.5 minutes on one CPU thread
+The 2-rank DDP case (``--case ddp``; run after the single-process case by default) does
+the same on 2 CPU processes joined by gloo, each with one thread and its own batches:
+DDP-wrapped unmonitored and monitored (default cadence) copies take turns step by step
+on every rank, and the ratio is taken from rank 0's step times. Under DDP a recorded
+step adds one small all-gather of the packed statistics; rank 0 alone writes the store.
+
+The last line is the ratio monitored/unmonitored at the default cadence (goal <= 1.03):
+for the DDP case when it runs, else for the single process.
+
+    python benchmarks/monitor_overhead.py             # ~3 minutes on 2 CPU cores
     python benchmarks/monitor_overhead.py --periods 3 # quick look
+    python benchmarks/monitor_overhead.py --case ddp  # the 2-rank DDP case only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import socket
 import statistics
 import tempfile
 import time
@@ -79,38 +91,26 @@ def make_corpus(n: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--periods", type=int, default=8, help="timed periods per variant")
-    ap.add_argument("--period", type=int, default=10, help="steps per period (= state_every)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    T = 64
-    corpus = make_corpus(20_000)
-    gen = torch.Generator().manual_seed(1)
-
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.randint(0, len(corpus) - T - 1, (args.batch,), generator=gen)
+def batches(corpus: torch.Tensor, batch: int, T: int, seed: int):
+    """An endless stream of (input, target) byte windows from ``corpus``."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        i = torch.randint(0, len(corpus) - T - 1, (batch,), generator=gen)
         x = torch.stack([corpus[j : j + T] for j in i.tolist()])
         y = torch.stack([corpus[j + 1 : j + T + 1] for j in i.tolist()])
-        return x, y
+        yield x, y
 
-    tmp = tempfile.TemporaryDirectory()
-    store = Path(tmp.name) / "bench.db"
-    variants: dict[str, tuple[nn.Module, torch.optim.Optimizer, Monitor | None]] = {}
-    for name in ("unmonitored", "default", "every-stat-every-step"):
-        torch.manual_seed(0)
-        model = TinyLM(T=T)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        mon = None
-        if name == "default":
-            mon = Monitor(model, opt, store=store, run=name)
-        elif name == "every-stat-every-step":
-            mon = Monitor(model, opt, store=store, run=name, every=1, state_every=1)
-        variants[name] = (model, opt, mon)
-    n_params = sum(p.numel() for p in variants["unmonitored"][0].parameters())
+
+def timed_periods(
+    variants: dict[str, tuple[nn.Module, torch.optim.Optimizer, Monitor | None]],
+    stream,
+    periods: int,
+    period: int,
+) -> dict[str, list[float]]:
+    """Mean step time per period for each variant; the variants take turns step by step,
+    in rotating order, on the same batch; period 0 is warm-up and not returned."""
+    out: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
 
     def one_step(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
         model, opt, mon = variants[name]
@@ -123,38 +123,117 @@ def main() -> None:
         opt.step()
         return time.perf_counter() - t0
 
-    # periods[name][k]: mean step time over period k (one full cadence period);
-    # variants take turns step by step, in rotating order, on the same batch
-    periods: dict[str, list[float]] = {k: [] for k in variants}
-    names = list(variants)
-    for k in range(args.periods + 1):  # period 0 is warm-up
+    for k in range(periods + 1):
         acc = dict.fromkeys(names, 0.0)
-        for i in range(args.period):
-            x, y = batch()
-            r = (k * args.period + i) % len(names)
+        for i in range(period):
+            x, y = next(stream)
+            r = (k * period + i) % len(names)
             for name in names[r:] + names[:r]:
                 acc[name] += one_step(name, x, y)
         if k > 0:
             for name in names:
-                periods[name].append(acc[name] / args.period)
+                out[name].append(acc[name] / period)
     for _, _, mon in variants.values():
         if mon is not None:
             mon.close()
-    tmp.cleanup()
+    return out
 
+
+def paired_ratio(periods: dict[str, list[float]], name: str) -> float:
+    """Median over periods of the paired ratio variant/unmonitored."""
     base = periods["unmonitored"]
+    return statistics.median(a / b for a, b in zip(periods[name], base, strict=True))
+
+
+def single(args: argparse.Namespace, store: Path) -> float:
+    """The single-process case; returns the default-cadence ratio."""
+    torch.set_num_threads(args.threads)
+    T = 64
+    variants: dict[str, tuple[nn.Module, torch.optim.Optimizer, Monitor | None]] = {}
+    for name in ("unmonitored", "default", "every-stat-every-step"):
+        torch.manual_seed(0)
+        model = TinyLM(T=T)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        mon = None
+        if name == "default":
+            mon = Monitor(model, opt, store=store, run=name)
+        elif name == "every-stat-every-step":
+            mon = Monitor(model, opt, store=store, run=name, every=1, state_every=1)
+        variants[name] = (model, opt, mon)
+    n_params = sum(p.numel() for p in variants["unmonitored"][0].parameters())
+    stream = batches(make_corpus(20_000), args.batch, T, seed=1)
+    periods = timed_periods(variants, stream, args.periods, args.period)
     print(
         f"model: {n_params / 1e6:.2f}M parameters, batch {args.batch}x{T} tokens, "
         f"{args.threads} thread(s), {args.periods} periods of {args.period} steps per variant"
     )
-    for name in names:
+    for name in variants:
         print(f"{name:>24}: {statistics.median(periods[name]) * 1e3:8.1f} ms/step (median period)")
+    print(f"ratio every-stat-every-step/unmonitored: "
+          f"{paired_ratio(periods, 'every-stat-every-step'):.3f}")
+    ratio = paired_ratio(periods, "default")
+    print(f"ratio monitored/unmonitored (default cadence): {ratio:.3f}")
+    return ratio
 
-    def ratio(name: str) -> float:  # median over periods of the paired ratio
-        return statistics.median(a / b for a, b in zip(periods[name], base, strict=True))
 
-    print(f"ratio every-stat-every-step/unmonitored: {ratio('every-stat-every-step'):.3f}")
-    print(f"ratio monitored/unmonitored (default cadence): {ratio('default'):.3f}")
+def _ddp_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        T = 64
+        variants = {}
+        for name in ("unmonitored", "default"):
+            torch.manual_seed(0)
+            model = nn.parallel.DistributedDataParallel(TinyLM(T=T))
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            mon = Monitor(model, opt, store=out + ".db", run=name) if name == "default" else None
+            variants[name] = (model, opt, mon)
+        stream = batches(make_corpus(20_000), args.batch, T, seed=1 + rank)
+        periods = timed_periods(variants, stream, args.periods, args.period)
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(periods, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp(args: argparse.Namespace, tmp: Path) -> float:
+    """The 2-rank DDP case (gloo, CPU); returns rank 0's default-cadence ratio."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp / "ddp.json")
+    mp.start_processes(_ddp_rank, args=(2, port, args, out), nprocs=2, join=True,
+                       start_method="fork")
+    with open(out) as f:
+        periods = json.load(f)
+    print(f"2-rank DDP (gloo, 1 thread per rank, batch {args.batch} per rank), "
+          f"{args.periods} periods of {args.period} steps per variant")
+    for name in periods:
+        print(f"{name:>24}: {statistics.median(periods[name]) * 1e3:8.1f} ms/step (rank 0)")
+    ratio = paired_ratio(periods, "default")
+    print(f"ratio monitored/unmonitored, 2-rank DDP (default cadence): {ratio:.3f}")
+    return ratio
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--periods", type=int, default=8, help="timed periods per variant")
+    ap.add_argument("--period", type=int, default=10, help="steps per period (= state_every)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--case", choices=("single", "ddp", "both"), default="both")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.case in ("single", "both"):
+            single(args, Path(tmp) / "bench.db")
+        if args.case in ("ddp", "both"):
+            ddp(args, Path(tmp))
 
 
 if __name__ == "__main__":

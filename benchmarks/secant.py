@@ -53,6 +53,7 @@ def _loop(secant_every, steps: int, store: str, run: str) -> float:
 def noise() -> None:
     """q/bound on healthy runs and the gate's false-trust share."""
     from benchmarks import wild
+
     from stablestep.diagnosis import infer
     from stablestep.diagnosis.sources import load
     from stablestep.telemetry import names

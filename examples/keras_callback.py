@@ -24,12 +24,14 @@ import torch  # noqa: E402
 
 from stablestep.cli import main as stablestep_cli  # noqa: E402
 from stablestep.integrations.keras import StablestepCallback  # noqa: E402
+from stablestep.telemetry.config import MonitorConfig  # noqa: E402
 
 STEPS, N, DIM, WIDTH = 4000, 128, 4, 256
 
 
-def fit(amsgrad: bool, store: str) -> np.ndarray:
-    """Train the seed-001 network for STEPS full-batch steps; return the batch losses."""
+def fit(amsgrad: bool, store: str) -> tuple[np.ndarray, dict]:
+    """Train the seed-001 network for STEPS full-batch steps; return the batch losses and
+    Keras' History (which holds stablestep's per-epoch statistics too)."""
     keras.utils.set_random_seed(1)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, DIM)).astype("float32")  # 1. small data, made here
@@ -39,11 +41,14 @@ def fit(amsgrad: bool, store: str) -> np.ndarray:
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-3, amsgrad=amsgrad), loss="mse")
     name = "amsgrad" if amsgrad else "adam"
-    cb = StablestepCallback(store=store, run=name, state_every=10)  # 3. stablestep's eyes
-    # 4. one epoch over the data repeated STEPS times = STEPS full-batch steps
-    xs, ys = np.tile(x, (STEPS, 1)), np.tile(y, (STEPS, 1))
-    model.fit(xs, ys, batch_size=N, epochs=1, shuffle=False, callbacks=[cb], verbose=0)
-    return cb.read().series("loss")[1]
+    # 3. stablestep's eyes; overwrite=True: running the example again replaces its runs
+    cb = StablestepCallback(store=store, run=name, config=MonitorConfig(state_every=10),
+                            overwrite=True)
+    # 4. STEPS full-batch steps in 10 epochs (History gets one row per epoch)
+    xs, ys = np.tile(x, (STEPS // 10, 1)), np.tile(y, (STEPS // 10, 1))
+    hist = model.fit(xs, ys, batch_size=N, epochs=10, shuffle=False, callbacks=[cb], verbose=0)
+    cb.close()
+    return cb.read().series("loss")[1], hist.history
 
 
 def spikes(loss: np.ndarray, factor: float = 3.0, window: int = 50) -> int:
@@ -55,13 +60,12 @@ def spikes(loss: np.ndarray, factor: float = 3.0, window: int = 50) -> int:
 def run(store: str) -> None:
     """Both variants into ``store`` (replaced), a one-line summary each, then the diagnosis."""
     torch.set_num_threads(1)  # tiny model: threads only add overhead
-    if os.path.exists(store):
-        os.remove(store)
     for amsgrad in (False, True):
-        loss = fit(amsgrad, store)
+        loss, history = fit(amsgrad, store)
         label = "Adam amsgrad=True" if amsgrad else "Adam (Keras defaults)"
+        eff = max(history["stablestep/eff_step_max"])
         print(f"{label:22s} final loss {loss[-1]:.2e}, spikes (>3x recent median): "
-              f"{spikes(loss)}")
+              f"{spikes(loss)}, largest effective step (History) {eff:.2e}")
     print(f"\n$ stablestep diagnose {store}")
     if not sys.stdout.isatty():  # piped: rich would assume 80 columns
         os.environ.setdefault("COLUMNS", "120")

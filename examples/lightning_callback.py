@@ -24,6 +24,7 @@ import torch
 from stablestep.cli import main as stablestep_cli
 from stablestep.guard import GuardPolicy
 from stablestep.integrations.lightning import StablestepCallback
+from stablestep.telemetry.config import MonitorConfig
 
 STEPS, N, DIM, WIDTH = 4000, 128, 4, 256
 
@@ -65,7 +66,8 @@ def fit(name: str, store: str, *, amsgrad: bool = False, guard=None) -> Stablest
     """2. one callback gives the Trainer stablestep's Monitor (and Guard when asked)."""
     data = FullBatch()
     cb = StablestepCallback(  # curvature on the full batch every 25 steps: lam_max(P^-1 H)
-        store=store, run=name, state_every=10, guard=guard, curvature_every=25,
+        store=store, run=name, guard=guard, overwrite=True,  # again: replace the old run
+        config=MonitorConfig(state_every=10), curvature_every=25,
         curvature_loss=lambda m: torch.mean((m.net(data.x) - data.y) ** 2),
     )
     trainer = L.Trainer(max_steps=STEPS, callbacks=[cb], logger=False, accelerator="cpu",
@@ -85,8 +87,6 @@ def run(store: str) -> None:
     """3. the three runs into ``store`` (replaced), a line each, then the diagnosis."""
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    if os.path.exists(store):
-        os.remove(store)
     for name, kw in (("adam", {}), ("adam+guard", {"guard": GuardPolicy()}),
                      ("amsgrad", {"amsgrad": True})):
         cb = fit(name, store, **kw)

@@ -16,6 +16,7 @@ _LAZY = {
     "AdamAtan2": "stablestep.optim",
     "schedules": "stablestep.optim.schedules",
     "Monitor": "stablestep.telemetry",
+    "MonitorConfig": "stablestep.telemetry",
     "open_run": "stablestep.telemetry",
     "list_runs": "stablestep.telemetry",
     "curvature": "stablestep.curvature",

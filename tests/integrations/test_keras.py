@@ -263,8 +263,10 @@ def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
     cb = StablestepCallback(store=tmp_path / "k.db", run="sgd", state_every=1)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    cb.close()  # closes the store; a later fit reopens the same run
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
     run = cb.read()
-    assert run.series(N.LOSS)[0].tolist() == [0, 1, 2, 3]
+    assert run.series(N.LOSS)[0].tolist() == [0, 1, 2, 3, 4, 5]
     assert run.config["hyper"]["kind"] == "sgd" and run.config["hyper"]["momentum"] == 0.9
     assert N.UPDATE_NORM in run.names() and N.EFF_STEP_MAX not in run.names()
 
@@ -275,9 +277,161 @@ def test_several_fits_continue_one_run_and_sgd_gets_update_stats(tmp_path):
         ({"every": 0}, "Invalid every: 0 (a positive int)"),
         ({"state_every": 1.5}, "Invalid state_every: 1.5 (a positive int)"),
         ({"top_k": -1}, "Invalid top_k: -1 (an int >= 0)"),
-        ({"config": {"hyper": 1}}, "config key 'hyper' is reserved for the callback"),
+        ({"config": {"hyper": 1}}, "config key 'hyper' is reserved for the Monitor"),
     ],
 )
 def test_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
         StablestepCallback(**kwargs)
+
+
+def test_settings_are_monitor_config_fields():
+    from stablestep.telemetry.config import MonitorConfig
+
+    with pytest.raises(TypeError, match="^unknown setting 'evry'; MonitorConfig fields are: every"):
+        StablestepCallback(evry=2)
+    with pytest.raises(ValueError, match="curvature probe needs a torch optimizer"):
+        StablestepCallback(curvature_every=5, curvature_loss=lambda: 0.0)
+    cb = StablestepCallback(config=MonitorConfig(state_every=5, top_k=1), top_k=0)
+    assert (cb.config.state_every, cb.config.top_k) == (5, 0)  # keywords win
+
+
+def test_import_sets_no_backend_and_says_how_when_keras_cannot_load(tmp_path):
+    # a keras.json naming a backend that is not installed: importing the callback must not
+    # switch Keras to another backend behind the user's back, and must say what to set
+    import subprocess
+    import sys
+
+    (tmp_path / "keras.json").write_text(json.dumps({"backend": "jax"}))
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)
+    code = (
+        "import os, importlib.util, sys\n"
+        "if importlib.util.find_spec('jax'): sys.exit(3)\n"
+        "try:\n"
+        "    import stablestep.integrations.keras\n"
+        "except ImportError as e:\n"
+        "    print('ERR', e)\n"
+        "print('ENV', os.environ.get('KERAS_BACKEND'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if out.returncode == 3:
+        pytest.skip("jax is installed here: the missing-backend case cannot be made")
+    assert out.returncode == 0, out.stderr
+    assert "ENV None" in out.stdout
+    assert "ERR" in out.stdout and "KERAS_BACKEND" in out.stdout
+
+
+def test_validation_metrics_are_recorded_and_statistics_reach_history(tmp_path):
+    x, y = _data(n=64)
+    xv, yv = _data(n=32, seed=1)
+    model = _model(keras.optimizers.Adam(1e-2))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
+    cb = StablestepCallback(store=tmp_path / "k.db", run="val", state_every=2, top_k=0)
+    hist = model.fit(x, y, batch_size=16, epochs=3, validation_data=(xv, yv), callbacks=[cb],
+                     verbose=0, shuffle=False)
+    run = cb.read()
+    for key in ("val_loss", "val_mae"):
+        steps, vals = run.series(key)
+        assert steps.tolist() == [3, 7, 11]  # each epoch's last step (4 batches an epoch)
+        np.testing.assert_allclose(vals, hist.history[key], rtol=1e-6)
+    # History holds each epoch's largest recorded value, next to Keras' own keys
+    for name in (N.EFF_STEP_MAX, N.G2V_RMS, N.GRAD_NORM):
+        steps, vals = run.series(name)
+        per_epoch = [vals[(steps >= 4 * e) & (steps < 4 * e + 4)].max() for e in range(3)]
+        np.testing.assert_allclose(hist.history[f"stablestep/{name}"], per_epoch, rtol=1e-12)
+    assert len(hist.history["stablestep/eps_share"]) == 3
+
+
+def test_steps_per_execution_records_the_state_and_warns_once(tmp_path, caplog):
+    # JAX/TensorFlow with steps_per_execution=2 call the batch hooks once per 2 batches
+    # (begin_step, end_step); the torch backend refuses k > 1, so drive the hooks as they do
+    x, y = _data(n=64)
+    model = _model(keras.optimizers.Adam(3e-2, amsgrad=True))
+    opt = model.optimizer
+    cb = StablestepCallback(store=tmp_path / "k.db", run="spe", state_every=2, top_k=0)
+    cb.set_model(model)
+    cb.on_train_begin()
+    refs = []
+    with pytest.warns(RuntimeWarning, match="steps_per_execution=2") as caught:
+        for execution in range(3):
+            cb.on_train_batch_begin(2 * execution)
+            for b in range(2):
+                i = 4 * execution + 2 * b
+                model.train_on_batch(x[16 * (i % 4) : 16 * (i % 4) + 16],
+                                     y[16 * (i % 4) : 16 * (i % 4) + 16])
+            var = model.trainable_variables
+            vh = [_np(opt._velocity_hats[opt._get_variable_index(v)]) for v in var]
+            refs.append({"t": int(_np(opt.iterations)), "vh": vh,
+                         "lr": float(_np(opt.learning_rate))})
+            cb.on_train_batch_end(2 * execution + 1, {})
+    cb.on_train_end()
+    assert sum("steps_per_execution" in str(w.message) for w in caught) == 1
+    run = cb.read()
+    steps, eff = run.series(N.EFF_STEP_MAX)
+    assert steps.tolist() == [1, 3, 5]  # stored at each execution's last step
+    for e, r in zip(eff, refs, strict=True):
+        ref = _reference_eff(opt, {**r, "v": None})
+        assert e == pytest.approx(max(a.max() for a in ref), rel=1e-5)
+    assert N.AMSGRAD_GAP in run.names() and N.EPS_SHARE in run.names()
+    for missing in (N.GRAD_NORM, N.G2V_RMS, N.G2V_MAX, N.UPDATE_NORM):
+        assert missing not in run.names()
+
+
+def test_store_defaults_to_keras_log_dir_and_sinks_get_the_records(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    class ListSink:
+        def __init__(self):
+            self.rows, self.events, self.closed = [], [], False
+
+        def write(self, step, metrics):
+            self.rows.append((step, dict(metrics)))
+
+        def event(self, step, kind, data):
+            self.events.append((step, kind))
+
+        def close(self):
+            self.closed = True
+
+    x, y = _data(n=32)
+    model = _model(keras.optimizers.Adam(1e-2))
+    sink = ListSink()
+    cb = StablestepCallback(run="default-dir", state_every=None, sinks=[sink])
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+    cb.close()
+    assert cb.store == os.path.join("logs", "stablestep.db")
+    assert (tmp_path / "logs" / "stablestep.db").exists()
+    assert [s for s, _ in sink.rows] == [0, 1] and sink.closed
+    stored = cb.read().series(N.LOSS)[1].tolist()
+    assert [m[N.LOSS] for _, m in sink.rows] == stored
+    # a directory as store= holds stablestep.db
+    assert StablestepCallback(store=tmp_path / "logs").store == str(
+        tmp_path / "logs" / "stablestep.db"
+    )
+
+
+def _writer_can_suffix():
+    import inspect as _inspect
+
+    from stablestep.telemetry.store import RunWriter
+
+    return "overwrite" in _inspect.signature(RunWriter).parameters
+
+
+@pytest.mark.skipif(not _writer_can_suffix(), reason="RunWriter(overwrite=) not merged yet")
+def test_fixed_run_name_twice_starts_a_suffixed_run_or_overwrites(tmp_path):
+    from stablestep.telemetry.store import list_runs
+
+    x, y = _data(n=32)
+    names = []
+    for overwrite in (False, False, True):
+        model = _model(keras.optimizers.Adam(1e-2))
+        cb = StablestepCallback(store=tmp_path / "k.db", run="fixed", overwrite=overwrite,
+                                state_every=None)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[cb], verbose=0)
+        names.append(cb.run_name)
+        assert cb.read().name == cb.run_name
+    assert names[0] == "fixed" and names[1] != "fixed" and names[1].startswith("fixed")
+    assert names[2] == "fixed"
+    assert sorted(list_runs(tmp_path / "k.db")) == sorted({"fixed", names[1]})

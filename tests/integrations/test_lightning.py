@@ -196,3 +196,106 @@ def test_invalid_arguments(kwargs, message):
     with pytest.raises((ValueError, TypeError)) as err:
         StablestepCallback(**kwargs)
     assert str(err.value) == message
+    with pytest.raises(TypeError, match="^unknown setting 'top'; MonitorConfig fields"):
+        StablestepCallback(top=1)
+
+
+def test_store_in_log_dir_guard_actions_in_lightning_logs_and_resume_keeps_the_store(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    def trainer(cb, steps):
+        return L.Trainer(max_steps=steps, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", callbacks=[cb], log_every_n_steps=1)
+
+    cb = StablestepCallback(run="lit", guard=True, state_every=None)
+    t = trainer(cb, 4)
+    t.fit(Inf(), _loader())
+    assert cb.store == str(tmp_path / "lightning_logs" / "version_0" / "stablestep.db")
+    assert cb.read().series(N.LOSS)[0].tolist() == [0, 1, 3]  # step 2: inf, an event
+    # the guard's skip at step 2 went through pl_module.log into the logger's metrics
+    assert float(t.callback_metrics["stablestep/guard_skip"]) == 1.0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
+    skips = [(int(r["step"]), float(r["stablestep/guard_skip"])) for r in rows
+             if r.get("stablestep/guard_skip")]
+    assert skips[0] == (0, 0.0) and (2, 1.0) in skips and all(v <= 1 for _, v in skips)
+    assert float(rows[0]["stablestep/guard_lr_scale"]) == 1.0
+    ckpt = tmp_path / "four.ckpt"
+    t.save_checkpoint(ckpt)
+    # a new Trainer has a new version directory; the resumed run stays in its own store
+    again = StablestepCallback(run="ignored", guard=True, state_every=None)
+    trainer(again, 6).fit(Inf(), _loader(), ckpt_path=ckpt)
+    assert again.store == cb.store and again.run_name == "lit"
+    assert again.read().series(N.LOSS)[0].tolist() == [0, 1, 3, 4, 5]
+    assert again.guard.counts["skip"] == 1
+
+
+class RankInf(Tiny):
+    """A non-finite loss on rank 1 only, at step 2; rank r trains on rows r, r+2, r+4, ..."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        bad = self.global_step == 2 and self.global_rank == 1
+        return loss * math.inf if bad else loss
+
+    def train_dataloader(self):
+        ds = _loader(n=128).dataset
+        sampler = torch.utils.data.DistributedSampler(
+            ds, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+        )
+        return torch.utils.data.DataLoader(ds, batch_size=16, sampler=sampler)
+
+
+def test_ddp_two_processes_store_one_run_with_the_global_numbers(tmp_path):
+    # Lightning forks 2 gloo processes on the CPU; rank 0 trains on rows 0,2,4.., rank 1 on
+    # 1,3,5.., so each step's global batch is the single process's batch of 32 rows: same
+    # loss (the mean over ranks) and gradient (DDP's average)
+    from stablestep.telemetry.store import list_runs, open_run
+
+    store = tmp_path / "ddp.db"
+    cb = StablestepCallback(store=store, run="ddp", state_every=2, guard=True)
+    _trainer(cb, 4, devices=2, strategy="ddp_fork", use_distributed_sampler=False).fit(RankInf())
+    one = StablestepCallback(store=store, run="one", state_every=2)
+    _trainer(one, 4).fit(Tiny(), _loader(n=128, batch=32))
+    assert list_runs(store) == ["ddp", "one"]  # rank 1 wrote nothing
+    ddp, ref = open_run(store, "ddp"), one.read()
+    assert ddp.config["world_size"] == 2
+    # step 2: rank 1's inf, skipped by the guard on both ranks (its decision is all-reduced)
+    nonfinite = [e for e in ddp.events if e.kind == N.EVENT_NONFINITE]
+    assert [e.step for e in nonfinite] == [2] and nonfinite[0].data["ranks"] == [1]
+    assert [(e.step, e.data["action"]) for e in ddp.events if e.kind == N.EVENT_GUARD] == [
+        (2, "skip")
+    ]
+    # steps 0 and 1 are the single process's; after the skip the runs part ways
+    for name in (N.LOSS, N.GRAD_NORM, N.EFF_STEP_MAX, N.UPDATE_NORM):
+        sd, vd = ddp.series(name)
+        sr, vr = ref.series(name)
+        assert sd[0] == sr[0] == 0
+        np.testing.assert_allclose(vd[sd < 2], vr[sr < 2], rtol=1e-5, err_msg=name)
+    assert N.LOSS_SPREAD in ddp.names()
+
+
+def _writer_can_suffix():
+    import inspect
+
+    from stablestep.telemetry.store import RunWriter
+
+    return "overwrite" in inspect.signature(RunWriter).parameters
+
+
+@pytest.mark.skipif(not _writer_can_suffix(), reason="RunWriter(overwrite=) not merged yet")
+def test_fixed_run_name_twice_starts_a_suffixed_run_or_overwrites(tmp_path):
+    from stablestep.telemetry.store import list_runs
+
+    store = tmp_path / "l.db"
+    names = []
+    for overwrite in (False, False, True):
+        cb = StablestepCallback(store=store, run="fixed", overwrite=overwrite, state_every=None)
+        _trainer(cb, 2).fit(Tiny(), _loader())
+        names.append(cb.run_name)
+        assert cb.read().name == cb.run_name
+        assert cb.state_dict()["monitor"]["run"] == cb.run_name  # what a checkpoint resumes
+    assert names[0] == "fixed" and names[1] != "fixed" and names[1].startswith("fixed")
+    assert names[2] == "fixed" and sorted(list_runs(store)) == sorted({"fixed", names[1]})

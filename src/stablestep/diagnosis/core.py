@@ -169,10 +169,10 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         kind = inc.kind
         findings.append(Finding(step=inc.onset, kind=kind, mechanism=mech, confidence=conf,
                                 evidence=ev, remedies=remedies(trace, mech, inc, ev)))
-    _attach_guard_actions(trace, findings)
     from stablestep.diagnosis.transformer import warnings  # model probes, no loss incident
 
     findings.extend(warnings(trace, {f.mechanism for f in findings}))
+    _attach_guard_actions(trace, findings)
     for f in findings:
         if trace.name:
             f.evidence["run"] = trace.name

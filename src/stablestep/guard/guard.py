@@ -33,6 +33,7 @@ from stablestep.guard import snapshot as S
 from stablestep.guard.policy import GuardError, GuardPolicy, GuardRecord
 from stablestep.telemetry import names
 from stablestep.telemetry.probes import stack_scalars
+from stablestep.telemetry.recorder import is_sharded, local
 
 log = logging.getLogger("stablestep.guard")
 
@@ -395,38 +396,47 @@ class Guard:
     def _signals(self, loss: torch.Tensor | float,
                  check_state: bool) -> tuple[float, float, float]:
         """(loss, gradient norm, norm of parameters and optimizer state or 0.0 when not
-        checked) in one host sync, all-reduced (mean over ranks) under torch.distributed.
+        checked) in one host sync, all-reduced under torch.distributed (loss and replicated
+        gradients: mean over ranks; FSDP2 shards: squared norms summed over ranks).
         With a Monitor that just read this step's loss and gradient norm, those are reused."""
         reused = None if _dist() is not None else _monitor_reading(self.monitor)
         tensors: list[torch.Tensor] = []
         if check_state:
-            tensors = [q.detach() for q in self._params]
+            tensors = [local(q.detach()) for q in self._params]
             for q in self._params:
                 st = self.optimizer.state.get(q) or {}
-                tensors += [v for k, v in st.items() if isinstance(v, torch.Tensor)
+                tensors += [local(v) for k, v in st.items() if isinstance(v, torch.Tensor)
                             and k != "step" and v.is_floating_point() and v.dim() > 0]
         dev = self._device()
         parts: list[torch.Tensor] = []
         if reused is None:
             grads = [q.grad.detach() for q in self._params if q.grad is not None]
-            dev = grads[0].device if grads else dev
+            # FSDP2 gradients are DTensor shards: this rank's part, squared norms summed
+            shard = [local(g) for g in grads if is_sharded(g)]
+            grads = [local(g) for g in grads if not is_sharded(g)]
+            dev = (grads or shard)[0].device if grads or shard else dev
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
             gn = (stack_scalars([n.to(dev) for n in torch._foreach_norm(grads)]).square()
-                  .sum().sqrt() if grads else torch.zeros((), dtype=torch.float64, device=dev))
+                  .sum().sqrt() if grads else zero)
+            gs = (stack_scalars([n.to(dev) for n in torch._foreach_norm(shard)]).square().sum()
+                  if shard else zero)
             lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
                   else torch.tensor(float(loss), dtype=torch.float64, device=dev))
-            parts += [lt, gn.double()]
+            parts += [lt, gn, gs]
         if tensors:
             parts.append(stack_scalars([n.to(dev) for n in torch._foreach_norm(tensors)])
                          .double().sum())
         vals = torch.stack(parts) if parts else None
         d = _dist()
-        if d is not None and vals is not None:
+        if d is not None and vals is not None:  # then reused is None: parts start [lt, gn, gs]
             d.all_reduce(vals)  # NaN/Inf on any rank reaches every rank
-            vals /= d.get_world_size()
+            vals[:2] /= d.get_world_size()
+            vals[3:] /= d.get_world_size()
         host = vals.tolist() if vals is not None else []  # the one host sync
         if reused is None:
-            loss_v, gnorm = host[0], host[1]
-            host = host[2:]
+            loss_v, gnorm, shard_sq = host[:3]
+            gnorm = math.sqrt(gnorm * gnorm + shard_sq)
+            host = host[3:]
         else:
             loss_v, gnorm = reused
         state_v = host[0] if tensors else 0.0

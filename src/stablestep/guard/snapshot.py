@@ -6,6 +6,12 @@ statistics) and the optimizer's per-parameter state (``exp_avg``, ``exp_avg_sq``
 (lr, eps, amsgrad): those carry the user's schedule and the guard's adaptations, which a
 rollback must keep. Restoring copies into the existing tensors, so the optimizer's
 references to the parameters stay valid.
+
+Sharded state (FSDP2 ``fully_shard``: DTensor parameters, buffers and optimizer state) is
+captured as this rank's local shard only, ``{"local_shard": tensor}``, and copied back
+into the live DTensor's local shard, so each rank holds and restores its own part and a
+rollback is bit for bit. A snapshot is plain tensors and dicts (``torch.save`` /
+``torch.load(weights_only=True)`` work).
 """
 
 from __future__ import annotations
@@ -15,11 +21,65 @@ from typing import Any
 
 import torch
 
+LOCAL = "local_shard"
+
+
+def _dtensor_cls() -> Any:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4
+        return None
+    return DTensor
+
+
+def _is_dtensor(x: Any) -> bool:
+    dt = _dtensor_cls()
+    return dt is not None and isinstance(x, dt)
+
 
 def _cpu(x: Any) -> Any:
+    if _is_dtensor(x):
+        return {LOCAL: x.to_local().detach().to("cpu", copy=True)}
     if isinstance(x, torch.Tensor):
         return x.detach().to("cpu", copy=True)
     return x
+
+
+def _tensor_of(v: Any) -> torch.Tensor | None:
+    """The saved tensor of a snapshot entry (a tensor or a local shard), else ``None``."""
+    if isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, dict) and isinstance(v.get(LOCAL), torch.Tensor):
+        return v[LOCAL]
+    return None
+
+
+def _copy_into(cur: Any, v: Any) -> bool:
+    """Copy saved ``v`` into the live tensor ``cur`` in place; False if shapes differ."""
+    src = _tensor_of(v)
+    dst = cur.to_local() if _is_dtensor(cur) else cur
+    if not isinstance(dst, torch.Tensor) or src is None or dst.shape != src.shape:
+        return False
+    dst.copy_(src)
+    return True
+
+
+def _rebuild(v: Any, p: torch.Tensor) -> Any:
+    """A new state entry from saved ``v``, placed like parameter ``p`` (a DTensor with
+    ``p``'s mesh and placements for a saved local shard)."""
+    src = _tensor_of(v)
+    if src is None:
+        return v
+    if isinstance(v, dict):  # a local shard: state tensors of a DTensor are laid out like it
+        from torch.distributed.tensor import DTensor
+
+        loc = src.to(p.to_local().device, copy=True)
+        return DTensor.from_local(loc, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    dev = p.device if src.dim() > 0 else src.device
+    return src.to(dev, copy=True)
 
 
 @dataclass
@@ -33,10 +93,10 @@ class Snapshot:
 
     def nbytes(self) -> int:
         """Memory held by the snapshot's tensors."""
-        ts = list(self.model.values()) + [
-            v for s in self.optim for v in s.values() if isinstance(v, torch.Tensor)
+        ts = [_tensor_of(v) for v in self.model.values()] + [
+            _tensor_of(v) for s in self.optim for v in s.values()
         ]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -59,7 +119,8 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
     with torch.no_grad():
         live = model.state_dict(keep_vars=True)
         for k, v in snap.model.items():
-            live[k].copy_(v)
+            if not _copy_into(live[k], v):
+                raise RuntimeError(f"snapshot entry {k!r} does not fit the model any more")
         for p, saved in zip(_params(optimizer), snap.optim, strict=True):
             if not saved:
                 optimizer.state.pop(p, None)
@@ -68,15 +129,10 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
             for k in [k for k in state if k not in saved]:
                 del state[k]
             for k, v in saved.items():
-                cur = state.get(k)
-                if isinstance(v, torch.Tensor):
-                    if isinstance(cur, torch.Tensor) and cur.shape == v.shape:
-                        cur.copy_(v)
-                    else:
-                        dev = p.device if v.dim() > 0 else v.device
-                        state[k] = v.to(dev, copy=True)
-                else:
+                if _tensor_of(v) is None:
                     state[k] = v
+                elif not (k in state and _copy_into(state[k], v)):
+                    state[k] = _rebuild(v, p)
 
 
 def to_state(snap: Snapshot) -> dict[str, Any]:

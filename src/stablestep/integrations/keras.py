@@ -14,10 +14,12 @@ raw first moment ``m``) is
         = \frac{\mathrm{lr}/(1-\beta_1^t)}{\sqrt{\hat v_i} + \hat\epsilon/\sqrt{1-\beta_2^t}},
 
 the PyTorch-convention formula with :math:`\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}`
-(``eps_mode="tf"`` in :mod:`stablestep.optim.inspect`). :class:`StablestepCallback` feeds
-Keras' ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations`` to the very same
-statistics code as :class:`stablestep.Monitor` (:mod:`stablestep.telemetry.probes`), under
-the same metric names, into the same run store.
+(``eps_mode="tf"`` in :mod:`stablestep.optim.inspect`). :class:`StablestepCallback` hands
+Keras' ``momentums``, ``velocities``, ``velocity_hats`` and ``iterations``, as torch tensors
+(:class:`~stablestep.telemetry.probes.StepTensors`, one
+:class:`~stablestep.telemetry.probes.AdamTensor` per variable), to the Monitor's own
+:class:`~stablestep.telemetry.recorder.Recorder`: the same statistics, metric names, store
+rules, sinks and non-finite events as :class:`stablestep.Monitor`, with no optimizer object.
 
 Keras does not hand gradients to callbacks; on detailed steps the gradient Adam used is
 recovered exactly from two consecutive first moments,
@@ -28,46 +30,45 @@ weight decay), and the update from the weights before and after the step.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
+import logging
 import math
 import os
-import sys
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from stablestep.integrations._common import check_every, default_run_name, utc_now
+from stablestep.integrations._common import (
+    LOG_PREFIX,
+    make_parent,
+    monitor_config,
+    resolve_store,
+)
 from stablestep.optim.inspect import GroupHyper
 from stablestep.telemetry import names as N
-from stablestep.telemetry.probes import CoordinateSample, Scratch, adam_state_stats, update_stats
-from stablestep.telemetry.store import Run, RunWriter, open_run
+from stablestep.telemetry._common import default_run_name, utc_now
+from stablestep.telemetry.config import UNSET, MonitorConfig
+from stablestep.telemetry.probes import AdamTensor, StepTensors, step_stats
+from stablestep.telemetry.recorder import Recorder
+from stablestep.telemetry.store import Run, open_run
 
+try:  # Keras picks its backend itself (KERAS_BACKEND, ~/.keras/keras.json); we never set it
+    import keras
+except ImportError as exc:  # e.g. the configured backend (default: tensorflow) is missing
+    raise ImportError(
+        f"stablestep.integrations.keras needs Keras 3 with an installed backend ({exc}); "
+        "set KERAS_BACKEND=torch (or jax, tensorflow) before importing keras"
+    ) from exc
 
-def _default_backend() -> None:
-    """Keras defaults to TensorFlow; where ``KERAS_BACKEND`` is unset and the backend named in
-    ``~/.keras/keras.json`` (default ``tensorflow``) is not installed, use torch (which
-    stablestep has anyway) instead of failing at ``import keras``."""
-    if "keras" in sys.modules or "KERAS_BACKEND" in os.environ:
-        return
-    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    backend = "tensorflow"
-    try:
-        with open(os.path.join(home, "keras.json")) as f:
-            backend = str(json.load(f).get("backend", backend))
-    except (OSError, ValueError):
-        pass
-    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(backend)
-    if module is not None and importlib.util.find_spec(module) is None:
-        os.environ["KERAS_BACKEND"] = "torch"
+log = logging.getLogger("stablestep.integrations.keras")
 
+DEFAULT_LOG_DIR = "logs"
+"""Where the store goes by default: ``keras.callbacks.TensorBoard``'s default ``log_dir``."""
 
-_default_backend()
-
-import keras  # noqa: E402  (after choosing the backend)
-
-_RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
+LOGGED = (N.EFF_STEP_MAX, N.G2V_RMS, N.EPS_SHARE, N.GRAD_NORM)
+"""Statistics written into Keras' epoch ``logs`` (and so ``History``) by default."""
 
 
 def _host(x: Any) -> float:
@@ -125,44 +126,36 @@ def keras_hyper(optimizer: Any, lr: float) -> GroupHyper:
     return GroupHyper(kind="other", lr=lr)
 
 
-class _Param:
-    """Stand-in for a torch parameter in :func:`adam_state_stats` (numel, grad, identity)."""
+class _EpochMax:
+    """A sink inside the callback: the epoch's largest value of each ``log_metrics`` name,
+    seen as the recorder writes the steps (it flushes at every epoch's end)."""
 
-    __slots__ = ("grad", "n")
+    def __init__(self, cb: StablestepCallback):
+        self.cb = cb
 
-    def __init__(self, n: int, grad: torch.Tensor):
-        self.n, self.grad = n, grad
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Keep the maxima of this epoch."""
+        epoch = self.cb._epoch
+        for name in self.cb.log_metrics:
+            if name in metrics:
+                epoch[name] = max(epoch.get(name, -math.inf), metrics[name])
 
-    def numel(self) -> int:
-        return self.n
+    def event(self, step: int, kind: str, data: dict) -> None:
+        """Events do not go into ``logs``."""
 
-
-class _AdamView:
-    """Keras Adam state in torch.optim's layout (``step``, ``exp_avg``, ``exp_avg_sq``,
-    ``max_exp_avg_sq``; group with ``betas``, ``eps``, ``eps_mode="tf"``), read-only."""
-
-    def __init__(self, hyper: GroupHyper):
-        self.param_groups = [
-            {
-                "params": [],
-                "lr": hyper.lr,
-                "betas": (hyper.beta1, hyper.beta2),
-                "eps": hyper.eps,
-                "eps_mode": "tf",
-                "amsgrad": hyper.amsgrad,
-                "weight_decay": hyper.weight_decay,
-                "decoupled_weight_decay": hyper.decoupled_weight_decay,
-            }
-        ]
-        self.state: dict[Any, dict] = {}
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class StablestepCallback(keras.callbacks.Callback):
     """Record what Keras' Adam does, step by step, in a stablestep run store.
 
-    Set ``KERAS_BACKEND`` before importing keras (any backend works; torch avoids a copy)::
+    Works on whatever backend Keras is configured with (``KERAS_BACKEND`` or
+    ``~/.keras/keras.json``; importing this module never sets it). On torch the optimizer's
+    variables are read in place; on JAX and TensorFlow each detailed step copies them to the
+    host once::
 
-        import os; os.environ.setdefault("KERAS_BACKEND", "torch")
+        import os; os.environ.setdefault("KERAS_BACKEND", "torch")  # your choice, before keras
         import keras, numpy as np
         from stablestep.integrations.keras import StablestepCallback
 
@@ -170,12 +163,13 @@ class StablestepCallback(keras.callbacks.Callback):
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, "tanh"),
                                   keras.layers.Dense(1)])
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-        cb = StablestepCallback(store="runs.db", run="keras-adam")
-        model.fit(x, y, batch_size=32, epochs=5, callbacks=[cb], verbose=0)
-        # then: stablestep diagnose runs.db   /   stablestep report runs.db -o r.html
+        cb = StablestepCallback(run="keras-adam")          # store: logs/stablestep.db
+        hist = model.fit(x, y, batch_size=32, epochs=5, callbacks=[cb], verbose=0)
+        hist.history["stablestep/eff_step_max"]            # per epoch, next to "loss"
+        # then: stablestep diagnose logs/stablestep.db  /  stablestep report logs/stablestep.db
 
-    Steps are counted from 0 by train batches (one record per ``on_train_batch_end``;
-    with ``steps_per_execution > 1`` a record covers that many batches). Recorded:
+    Steps are counted from 0 by train batches (one record per ``on_train_batch_end``).
+    Recorded:
 
     * every ``every`` steps: ``loss`` (this batch's loss: the sample-weighted batch mean
       Keras optimised, read from Keras' running mean ``model._loss_tracker``, see below;
@@ -187,7 +181,21 @@ class StablestepCallback(keras.callbacks.Callback):
       ``eff_step_p50/p90/p99/max``, ``eps_share``, ``g2v_rms``, ``g2v_max``,
       ``amsgrad_gap`` and the ``top_k`` worst tensors, exactly as the Monitor computes
       them (module docstring for the epsilon-hat math). These steps copy the weights and
-      first moments once before the batch.
+      first moments once before the batch;
+    * at each epoch's end, the validation metrics Keras computed (``val_loss``, ``val_<metric>``)
+      at the epoch's last step.
+
+    Into Keras' epoch ``logs`` (hence ``History``, and ``keras.callbacks.TensorBoard`` when it
+    comes after this callback) go ``stablestep/<name>`` for each name in ``log_metrics``: the
+    largest value recorded during the epoch (NaN in an epoch that recorded none).
+
+    ``steps_per_execution = k > 1`` (JAX and TensorFlow; the torch backend refuses it): Keras
+    calls callbacks once per ``k`` batches, so one record covers ``k`` steps and is stored at
+    the last of them. Its loss is the mean over the ``k`` batches; the effective-step
+    quantiles, ``eps_share`` and ``amsgrad_gap`` are exact (they read only the second moment);
+    the gradient cannot be recovered from moments ``k`` steps apart, so ``grad_norm``,
+    ``g2v_rms``/``g2v_max`` and the update statistics are not recorded (a warning says so
+    once). Use ``steps_per_execution=1`` to see them.
 
     The batch loss: Keras keeps only a float32 running sum of the epoch's losses, whose
     differences lose the digits of small losses late in a long epoch. So on the torch and
@@ -206,70 +214,88 @@ class StablestepCallback(keras.callbacks.Callback):
     ``Run.config`` holds ``optimizer`` (``keras.Adam`` ...), ``hyper``
     (``eps_mode="tf"``, Keras' epsilon), ``keras_version``, ``keras_backend``.
     Resume with ``cb.load_state_dict(sd)`` before ``fit``; several ``fit`` calls with
-    one callback continue one run.
+    one callback continue one run. Each ``fit`` ends with everything written; :meth:`close`
+    after the last one closes the store and the sinks. There is no seatbelt here: the Guard
+    acts on torch optimizers, and Keras' are not.
 
     Args:
-        store: path of the SQLite run store (created if needed).
-        run: the run's name (default ``run-<UTC time>-<random>``); must be new.
-        config: extra JSON-serialisable entries for ``Run.config``.
-        every, state_every: recording periods in steps (positive ints; ``state_every``
-            may be ``None``).
-        top_k: per-tensor metrics for the ``top_k`` tensors with the largest effective step.
-        quantile_sample: coordinates sampled for the effective-step quantiles.
-        flush_every: write to the store every this many recorded steps (and at the end
-            of ``fit``, on :meth:`state_dict` and on a non-finite event).
+        config: a :class:`~stablestep.telemetry.config.MonitorConfig` (or a dict of run
+            config extras), the settings the Monitor takes: ``every``, ``state_every``,
+            ``top_k``, ``quantile_sample``, ``flush_every``, ``flush_seconds``, ``sinks``,
+            ``overwrite``, ``extra``; ``settings`` (the same names as keywords) win over its
+            fields. ``curvature_every`` is refused: the curvature probe needs a torch
+            optimizer.
+        store: path of the SQLite run store, or a directory to hold ``stablestep.db``;
+            default ``logs/stablestep.db`` (``logs`` is ``keras.callbacks.TensorBoard``'s
+            default directory). Created when the first step is written.
+        run: the run's name (default ``run-<UTC time>-<random>``). A name already in the
+            store starts a new run under a suffixed name (:attr:`run_name` says which)
+            unless ``overwrite=True``, which replaces the old run.
+        overwrite: replace a stored run of the same name instead of suffixing.
+        log_metrics: names whose epoch maximum goes into Keras' ``logs`` (``()``: none).
     """
 
     def __init__(
         self,
         *,
-        store: str | os.PathLike = "stablestep.db",
+        config: MonitorConfig | dict[str, Any] | None = None,
+        store: str | os.PathLike | None = None,
         run: str | None = None,
-        config: dict[str, Any] | None = None,
-        every: int = 1,
-        state_every: int | None = 10,
-        top_k: int = 3,
-        quantile_sample: int = 65536,
-        flush_every: int = 100,
+        overwrite: bool = UNSET,
+        log_metrics: Sequence[str] = LOGGED,
+        **settings: Any,
     ):
         super().__init__()
-        check_every("every", every)
-        check_every("state_every", state_every, optional=True)
-        check_every("flush_every", flush_every)
-        check_every("quantile_sample", quantile_sample)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-            raise ValueError(f"Invalid top_k: {top_k!r} (an int >= 0)")
-        for key in config or {}:
-            if key in _RESERVED:
-                raise ValueError(f"config key {key!r} is reserved for the callback")
-        self.store = os.fspath(store)
-        self.run_name = run or default_run_name()
-        self.every, self.state_every, self.top_k = every, state_every, top_k
-        self.quantile_sample, self.flush_every = quantile_sample, flush_every
-        self._extra = dict(config or {})
+        self.config = monitor_config(config, overwrite=overwrite, **settings)
+        if self.config.curvature_every is not None:
+            raise ValueError(
+                "curvature_every: the curvature probe needs a torch optimizer; Keras' is not one"
+            )
+        self.store = resolve_store(store, DEFAULT_LOG_DIR)
+        self._run_name = run or default_run_name()
+        self.log_metrics = tuple(log_metrics)
         self._step = 0
         self._resume_from: int | None = None
-        self._writer: RunWriter | None = None
+        self._rec: Recorder | None = None
         self._begin: tuple | None = None
-        self._sample: CoordinateSample | None = None
-        self._scratch = Scratch()
-        self._since_flush = 0
+        self._begin_batch: int | None = None
+        self._epoch: dict[str, float] = {}  # this epoch's maxima, for ``logs``
+        self._logged: set[str] = set()
+        self._warned_spe = False
 
     @property
     def step(self) -> int:
         """Index of the next train batch this callback will record."""
         return self._step
 
+    @property
+    def run_name(self) -> str:
+        """The run's name in the store (with the store's suffix when the name was taken)."""
+        return self._rec.run_name if self._rec is not None else self._run_name
+
+    @property
+    def sinks(self) -> list[Any]:
+        """The sinks records are written to (``config.sinks``)."""
+        return list(self.config.sinks)
+
     # ------------------------------------------------------------ keras hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
-        """Open (or reopen, when resuming) the run in the store."""
-        self._ensure_writer()
+        """Attach the recorder (the Monitor's) to this model's variables."""
+        self._recorder()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        """Start the epoch's maxima for ``logs``."""
+        self._epoch = {}
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         """Read the lr, Keras' running loss and (detailed steps) weights and moments."""
         s = self._step
-        detail = self.state_every is not None and s % self.state_every == 0
-        if not (s % self.every == 0 or detail):
+        k = max(int(getattr(self.model, "steps_per_execution", 1) or 1), 1)
+        cfg = self.config
+        se = cfg.state_every
+        detail = se is not None and (s % se == 0 or (s + k - 1) // se != s // se)
+        self._begin_batch = batch
+        if not (any((s + i) % cfg.every == 0 for i in range(k)) or detail):
             self._begin = None
             return
         opt = self.model.optimizer
@@ -277,31 +303,79 @@ class StablestepCallback(keras.callbacks.Callback):
         self._begin = (lr, self._tracker(), self._snapshot(opt) if detail else None)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        """Complete the record of this step and write it to the store."""
-        s = self._step
-        self._step += 1
+        """Complete the record of this step (or execution of ``k`` steps) and hand it to the
+        recorder."""
+        begin_batch = self._begin_batch if self._begin_batch is not None else batch
+        k = max(int(batch) - int(begin_batch) + 1, 1)
+        s = self._step + k - 1  # the record is stored at the execution's last step
+        self._step += k
         begin, self._begin = self._begin, None
         if begin is None:
             return
         lr, tracker, snap = begin
-        metrics: dict[str, float] = {}
         loss = self._batch_loss(tracker, logs)
-        if loss is not None:
-            metrics[N.LOSS] = loss
-        metrics[N.LR] = lr
-        bad: dict[str, int] = {}
+        rec = self._recorder()
+        host = {N.LR: lr}
+        st = StepTensors(loss, [])  # Keras hands out no gradient: none on cheap steps
         if snap is not None:
-            metrics.update(self._state_stats(lr, snap, bad))
-        self._emit(s, metrics, bad)
+            st, partial = self._detail(st, snap, lr)
+            if partial is not None:  # host metrics only (k > 1 steps, or not Adam)
+                host.update(partial)
+        rec.record(s, st, host=host, per_tensor=st.neg_update is not None)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Record the validation metrics and write this epoch's statistics into ``logs``."""
+        rec = self._recorder()
+        rec.flush()  # one host transfer per epoch for the steps still on the device
+        if logs is None:
+            return
+        val = {}
+        for key, value in logs.items():
+            if key.startswith("val_"):
+                try:
+                    val[key] = _host(value)
+                except (TypeError, ValueError):
+                    continue
+        if val and self._step > 0:
+            rec.emit(self._step - 1, val)
+        for name in self.log_metrics:
+            if name in self._epoch or name in self._logged:  # same keys every epoch
+                self._logged.add(name)
+                logs[f"{LOG_PREFIX}{name}"] = self._epoch.get(name, math.nan)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        """Flush and close the store; a later ``fit`` continues the same run."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._resume_from = self._step
-        self._since_flush = 0
+        """Write everything recorded; a later ``fit`` continues the same run."""
+        if self._rec is not None:
+            self._rec.flush()
 
+    def close(self) -> None:
+        """Flush and close the store and the sinks (after the last ``fit``)."""
+        if self._rec is not None:
+            self._rec.close()
+            self._run_name = self._rec.run_name
+            self._resume_from = self._step
+            self._rec = None
+
+    # ---------------------------------------------------------------- recorder
+    def _recorder(self) -> Recorder:
+        if self._rec is None:
+            variables = self.model.trainable_variables
+            prefix = f"{self.model.name}/"
+            make_parent(self.store)
+            config = self.config.replace(sinks=(*self.config.sinks, _EpochMax(self)))
+            if self._resume_from is not None:  # continuing the run: nothing to overwrite
+                config = config.replace(overwrite=False)
+            self._rec = Recorder(
+                self.store,
+                self._run_name,
+                config,
+                [v.path.removeprefix(prefix) for v in variables],
+                [int(np.prod(v.shape)) for v in variables],
+                self._run_config,
+            )
+            self._rec.resume_from = self._resume_from
+            self._resume_from = None
+        return self._rec
     # ---------------------------------------------------------------- reading
     def _loss_tracker(self) -> Any:
         tr = getattr(self.model, "_loss_tracker", None)
@@ -348,59 +422,68 @@ class StablestepCallback(keras.callbacks.Callback):
             snap["t"] = int(_host(inner.iterations))
         return snap
 
-    def _state_stats(self, lr: float, snap: dict, bad: dict[str, int]) -> dict[str, float]:
+    def _detail(
+        self, st: StepTensors, snap: dict, lr: float
+    ) -> tuple[StepTensors, dict[str, float] | None]:
+        """The tensors of a detailed step for the recorder: the gradient recovered from two
+        first moments, the update, Adam's state. ``(st, None)``, or ``(st, metrics)`` when
+        only host metrics can be given (``k > 1`` optimizer steps since the snapshot; not
+        Adam: the update and parameter norms)."""
         inner = _inner(self.model.optimizer)
         variables = self.model.trainable_variables
-        prefix = f"{self.model.name}/"
-        names = [v.path.removeprefix(prefix) for v in variables]
         w_prev = snap["w"]
         neg = [wp - _tensor(v) for wp, v in zip(w_prev, variables, strict=True)]
-        p_norms = torch._foreach_norm(w_prev) if w_prev else []
+        p_sq = [x.double().square() for x in torch._foreach_norm(w_prev)] if w_prev else []
         adam = isinstance(inner, keras.optimizers.Adam) and inner.built
         t = int(_host(inner.iterations)) if adam else 0
-        if not adam or t != snap["t"] + 1 or not variables:
-            # no gradient to recover (not Adam, or not exactly one optimizer step)
-            out: dict[str, float] = {}
-            if variables:
-                u = math.sqrt(sum(float(x) ** 2 for x in torch._foreach_norm(neg)))
-                p = math.sqrt(sum(float(x) ** 2 for x in p_norms))
-                out = {N.PARAM_NORM: p, N.UPDATE_NORM: u}
-                if p > 0:
-                    out[N.UPDATE_RATIO] = u / p
-            return out
+        k = t - snap["t"]
+        if not adam or k < 1 or not variables:  # not Adam, or no step: norms only
+            if not variables:
+                return st, {}
+            p = math.sqrt(float(sum(p_sq)))
+            u = math.sqrt(sum(float(x) ** 2 for x in torch._foreach_norm(neg)))
+            out = {N.PARAM_NORM: p, N.UPDATE_NORM: u}
+            if p > 0:
+                out[N.UPDATE_RATIO] = u / p
+            return st, out
         h = keras_hyper(inner, lr)
         idx = [inner._get_variable_index(v) for v in variables]
         m = [_tensor(inner._momentums[i]) for i in idx]
-        m_prev = snap["m"] or [torch.zeros_like(x) for x in m]
-        grads = [(mt - h.beta1 * mp) / (1.0 - h.beta1) for mt, mp in zip(m, m_prev, strict=True)]
-        g_norms = torch._foreach_norm(grads)
-        host = torch.stack([x.double() for x in g_norms]).tolist()
-        out = {N.GRAD_NORM: math.sqrt(sum(x * x for x in host))}
-        for name, g, nrm in zip(names, grads, host, strict=True):
-            out[f"{N.GRAD_NORM}/{name}"] = nrm
-            if not math.isfinite(nrm):
-                cnt = g.numel() - int(torch.count_nonzero(torch.isfinite(g)))
-                if cnt:
-                    bad[name] = cnt
-        out[N.GRAD_NONFINITE] = float(sum(bad.values()))
-        out.update(update_stats(names, neg, p_norms, g_norms, grads, top_k=self.top_k))
-        view = _AdamView(h)
-        group = view.param_groups[0]
-        params = []
-        for name, i, mt, g in zip(names, idx, m, grads, strict=True):
-            p = _Param(g.numel(), g)
-            st = {"step": t, "exp_avg": mt, "exp_avg_sq": _tensor(inner._velocities[i])}
-            if h.amsgrad:
-                st["max_exp_avg_sq"] = _tensor(inner._velocity_hats[i])
-            view.state[p] = st
-            group["params"].append(p)
-            params.append((name, p, group))
-        if self._sample is None:
-            self._sample = CoordinateSample([p.numel() for _, p, _ in params], self.quantile_sample)
-        out.update(
-            adam_state_stats(view, params, self._sample, top_k=self.top_k, scratch=self._scratch)
+        vel = [_tensor(inner._velocities[i]) for i in idx]
+        vh = [_tensor(inner._velocity_hats[i]) for i in idx] if h.amsgrad else None
+        if k == 1:  # g_t from two consecutive first moments
+            m_prev = snap["m"] or [torch.zeros_like(x) for x in m]
+            grads = [(a - h.beta1 * b) / (1.0 - h.beta1) for a, b in zip(m, m_prev, strict=True)]
+        else:  # no gradient from moments k steps apart: a stand-in, its g2v_* dropped below
+            self._warn_steps_per_execution(k)
+            grads = [torch.zeros_like(x) for x in m]
+        adam_t = [
+            AdamTensor(g, vh[j] if vh is not None else v, t, h, v if vh is not None else None)
+            for j, (g, v) in enumerate(zip(grads, vel, strict=True))
+        ]
+        if k == 1:
+            return StepTensors(st.loss, grads, p_sq, neg, adam_t), None
+        rec = self._recorder()
+        stats = step_stats(
+            StepTensors(None, [], adam=adam_t), rec.names, sample=rec.sample,
+            top_k=self.config.top_k, scratch=rec.scratch,
         )
-        return out
+        out = {n: v for n, v in stats.items() if not n.startswith((N.G2V_RMS, N.G2V_MAX))}
+        out[N.PARAM_NORM] = math.sqrt(float(sum(p_sq)))
+        return st, out
+
+    def _warn_steps_per_execution(self, k: int) -> None:
+        if self._warned_spe:
+            return
+        self._warned_spe = True
+        msg = (
+            f"steps_per_execution={k}: Keras calls callbacks once per {k} batches, so stablestep "
+            f"records one step in {k} and cannot recover the gradient: grad_norm, g2v_rms, "
+            "g2v_max and the update statistics are not recorded (the effective step, eps_share "
+            "and amsgrad_gap are); use steps_per_execution=1 to see them"
+        )
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ store
     def _run_config(self) -> dict[str, Any]:
@@ -415,47 +498,24 @@ class StablestepCallback(keras.callbacks.Callback):
             "keras_backend": keras.backend.backend(),
             "started_at": utc_now(),
             "monitor": {
+                **self.config.summary(),
                 "source": "keras",
-                "every": self.every,
-                "state_every": self.state_every,
-                "top_k": self.top_k,
                 "loss": "loss_tracker" if self._loss_tracker() is not None else "logs",
             },
         }
-        cfg.update(self._extra)
+        cfg.update(self.config.extra)
         return cfg
 
-    def _ensure_writer(self) -> RunWriter:
-        if self._writer is None:
-            self._writer = RunWriter(
-                self.store, self.run_name, config=self._run_config(), resume_from=self._resume_from
-            )
-            self._resume_from = None
-        return self._writer
-
-    def _emit(self, step: int, metrics: dict[str, float], bad: dict[str, int]) -> None:
-        what = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            what.insert(0, "grad")
-        writer = self._ensure_writer()
-        writer.add(step, metrics)  # drops non-finite values
-        if what:
-            writer.event(step, N.EVENT_NONFINITE, {"what": what, "tensors": bad})
-            writer.flush()
-        self._since_flush += 1
-        if self._since_flush >= self.flush_every:
-            writer.flush()
-            self._since_flush = 0
-
     def flush(self) -> None:
-        """Write buffered records to the store now."""
-        if self._writer is not None:
-            self._writer.flush()
-        self._since_flush = 0
+        """Write buffered records to the store (and the sinks) now."""
+        if self._rec is not None:
+            self._rec.flush()
 
     def read(self) -> Run:
         """Flush and return this run as a :class:`~stablestep.telemetry.store.Run`."""
         self.flush()
+        if self._rec is not None:
+            self._rec.ensure_writer()
         return open_run(self.store, self.run_name)
 
     def state_dict(self) -> dict[str, Any]:
@@ -466,10 +526,10 @@ class StablestepCallback(keras.callbacks.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` (call before ``fit``): steps
         recorded at or after the saved step (an abandoned continuation) are replaced."""
-        if self._writer is not None or self._step != 0:
+        if self._rec is not None or self._step != 0:
             raise RuntimeError("load_state_dict() must be called before the callback records")
         if state.get("version") != 1:
             raise ValueError(f"unsupported callback state version: {state.get('version')!r}")
         self._step = int(state["step"])
         self._resume_from = self._step
-        self.run_name = state["run"]
+        self._run_name = state["run"]

@@ -15,7 +15,7 @@ without a gradient untouched, moments and step count included.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +25,15 @@ try:
 except ImportError:  # pragma: no cover - the standalone package
     from pytorch_lightning import Callback, LightningModule, Trainer
 
-from stablestep.integrations._common import check_every, default_run_name, guard_policy
+from stablestep.integrations._common import (
+    GuardReport,
+    default_run_name,
+    guard_policy,
+    make_parent,
+    monitor_config,
+    resolve_store,
+)
+from stablestep.telemetry.config import UNSET, MonitorConfig
 from stablestep.telemetry.monitor import Monitor
 from stablestep.telemetry.store import Run
 
@@ -37,34 +45,55 @@ class StablestepCallback(Callback):
 
         import lightning as L
         from stablestep.integrations.lightning import StablestepCallback
+        from stablestep.telemetry.config import MonitorConfig
 
-        cb = StablestepCallback(store="runs.db", run="lit-adam")
+        cb = StablestepCallback(run="lit-adam", config=MonitorConfig(state_every=20))
         trainer = L.Trainer(max_steps=1000, callbacks=[cb])
         trainer.fit(model, train_loader)
-        # then: stablestep diagnose runs.db   /   stablestep report runs.db -o r.html
+        # the store: <trainer.log_dir>/stablestep.db, e.g. lightning_logs/version_0/
+        # then: stablestep diagnose lightning_logs/version_0/stablestep.db
 
-    The seatbelt: ``StablestepCallback(..., guard=GuardPolicy(...))`` (or ``guard=True`` for
-    the default policy) adds a :class:`stablestep.guard.Guard`; its actions are events of
-    the run and :attr:`guard` ``.records``.
+    Where the store goes: ``store=`` if given (a file, or a directory to hold
+    ``stablestep.db``); else ``<trainer.log_dir>/stablestep.db``, Lightning's own directory
+    for the run (the logger's versioned directory, or ``default_root_dir`` without a
+    logger); a run resumed from a checkpoint keeps the store it started in.
+
+    The seatbelt: ``guard=GuardPolicy(...)`` (or ``guard=True`` for the default policy) adds
+    a :class:`stablestep.guard.Guard`. Each action is an event of the run, a ``logging``
+    line (the Guard's, or this callback's on ``stablestep.integrations``), and values
+    logged through Lightning (``pl_module.log``: ``stablestep/guard_skip``, ``_clip``,
+    ``_rollback``, ``_adapt``, ``_restore`` (totals) and ``stablestep/guard_lr_scale``) at
+    the first step and whenever they change, so TensorBoard/CSV loggers show them next to
+    the loss.
 
     One record per optimizer step of the watched optimizer (``trainer.optimizers[optimizer]``),
-    steps counted from 0. The loss recorded for a step is the loss ``training_step``
-    returned, averaged over the micro-batches of an accumulated step (Lightning divides
-    each by ``accumulate_grad_batches`` before ``backward``; their sum is recorded). What
-    the Monitor records, and how non-finite values become events, is documented in
-    :class:`stablestep.Monitor`.
+    steps counted from 0 (``trainer.global_step`` before the step). The loss recorded for a
+    step is the loss ``training_step`` returned, averaged over the micro-batches of an
+    accumulated step (Lightning divides each by ``accumulate_grad_batches`` before
+    ``backward``; their sum is recorded). What the Monitor records, and how non-finite
+    values become events, is documented in :class:`stablestep.Monitor`.
+
+    Under DDP/FSDP (several processes) every rank builds the Monitor (its statistics are
+    reduced over ranks, collectives included); only rank 0 writes the store (its run name
+    and store path are the ones used, and it saves the checkpoints), and the Lightning
+    logging of guard actions is rank 0's (the guard's decisions are the same on every rank).
 
     The callback's :meth:`state_dict` goes into Lightning's checkpoints, so
     ``trainer.fit(model, ckpt_path=...)`` continues the same run with no duplicated or
     missing step; several ``fit`` calls with one callback also continue one run.
 
     Args:
-        store, run, config, every, state_every, top_k, quantile_sample, flush_every,
-            flush_seconds, sinks: as for :class:`stablestep.Monitor`.
-        curvature_every: probe the curvature every this many steps (needs
-            ``curvature_loss``).
-        curvature_loss: ``fn(pl_module) -> loss tensor`` on a fixed probe batch (also
-            given to the guard, which uses it to compute eps and lr remedies).
+        config: a :class:`~stablestep.telemetry.config.MonitorConfig` (or a dict of run
+            config extras); ``settings`` (its field names as keywords: ``every=``,
+            ``state_every=``, ``sinks=``...) win over its fields.
+        store: the run store (default: in ``trainer.log_dir``, above).
+        run: the run's name; a name already in the store starts a new run with a visible
+            suffix (:attr:`run_name` says which) unless ``overwrite=True``.
+        overwrite: replace a stored run of the same name.
+        curvature_loss: ``fn(pl_module) -> loss tensor`` on a fixed probe batch, with
+            ``curvature_every=`` given as a keyword next to it (a ``MonitorConfig`` with
+            ``curvature_every`` needs its own zero-argument ``curvature_loss``); also given
+            to the guard, which uses it to compute eps and lr remedies.
         optimizer: index into ``trainer.optimizers`` of the optimizer to watch.
         guard: ``None`` (off), ``True`` (default policy) or a ``GuardPolicy``.
     """
@@ -72,49 +101,36 @@ class StablestepCallback(Callback):
     def __init__(
         self,
         *,
-        store: str | os.PathLike = "stablestep.db",
+        config: MonitorConfig | dict[str, Any] | None = None,
+        store: str | os.PathLike | None = None,
         run: str | None = None,
-        config: dict[str, Any] | None = None,
-        every: int = 1,
-        state_every: int | None = 10,
-        top_k: int = 3,
-        quantile_sample: int = 65536,
-        flush_every: int = 100,
-        flush_seconds: float = 10.0,
-        curvature_every: int | None = None,
+        overwrite: bool = UNSET,
         curvature_loss: Callable[[LightningModule], torch.Tensor] | None = None,
-        sinks: Sequence[Any] = (),
         optimizer: int = 0,
         guard: Any = None,
+        **settings: Any,
     ):
-        check_every("every", every)
-        check_every("state_every", state_every, optional=True)
-        check_every("flush_every", flush_every)
-        check_every("curvature_every", curvature_every, optional=True)
-        if (curvature_every is None) != (curvature_loss is None):
-            raise ValueError("curvature_every and curvature_loss must be given together")
+        if curvature_loss is not None and not callable(curvature_loss):
+            raise ValueError("Invalid curvature_loss: not callable (fn(pl_module) -> loss)")
+        self._module: LightningModule | None = None
+        fn = curvature_loss
+        probe = None if fn is None else (lambda: fn(self._module))
+        if probe is not None:
+            settings["curvature_loss"] = probe
+        self.config = monitor_config(config, overwrite=overwrite, **settings)
         if not isinstance(optimizer, int) or isinstance(optimizer, bool) or optimizer < 0:
             raise ValueError(f"Invalid optimizer: {optimizer!r} (an index into trainer.optimizers)")
         self._policy = guard_policy(guard)
         self.guard: Any = None
-        self.store = os.fspath(store)
+        self._store_arg = store
+        self.store: str | None = None if store is None else resolve_store(store, ".")
         self.run_name = run or default_run_name()
         self.optimizer_index = optimizer
-        self._curvature_loss = curvature_loss
-        self._kwargs: dict[str, Any] = {
-            "config": config,
-            "every": every,
-            "state_every": state_every,
-            "top_k": top_k,
-            "quantile_sample": quantile_sample,
-            "flush_every": flush_every,
-            "flush_seconds": flush_seconds,
-            "curvature_every": curvature_every,
-            "sinks": sinks,
-        }
         self.monitor: Monitor | None = None
         self._state: dict[str, Any] | None = None  # to continue at the next fit
         self._loss: torch.Tensor | None = None
+        self._report = GuardReport()
+        self._logged: dict[str, float] | None = None
 
     # -------------------------------------------------------------- lightning hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -126,15 +142,18 @@ class StablestepCallback(Callback):
             )
         opt = trainer.optimizers[self.optimizer_index]
         opt = getattr(opt, "optimizer", opt)  # a LightningOptimizer wraps the torch one
-        fn = self._curvature_loss
-        self.monitor = Monitor(
-            pl_module,
-            opt,
-            store=self.store,
-            run=self.run_name,
-            curvature_loss=None if fn is None else (lambda: fn(pl_module)),
-            **self._kwargs,
-        )
+        self._module = pl_module
+        # log_dir is a collective (rank 0's answer on every rank); only rank 0 writes
+        if self._state is not None and self._store_arg is None:
+            self.store = self._state["monitor"].get("store") or self.store
+        if self.store is None:
+            self.store = resolve_store(None, trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            make_parent(self.store)
+        config = self.config
+        if self._state is not None:  # resuming continues the run: nothing to overwrite
+            config = config.replace(overwrite=False)
+        self.monitor = Monitor(pl_module, opt, store=self.store, run=self.run_name, config=config)
         if self._state is not None:
             self.monitor.load_state_dict(self._state["monitor"])
         if self._policy is not None:
@@ -145,11 +164,13 @@ class StablestepCallback(Callback):
                 opt,
                 policy=self._policy,
                 monitor=self.monitor,
-                curvature_loss=None if fn is None else (lambda: fn(pl_module)),
+                curvature_loss=self.config.curvature_loss,
             )
             if self._state is not None and self._state.get("guard") is not None:
                 self.guard.load_state_dict(self._state["guard"])
+            self._report.attach(self.guard)
         self._loss = None
+        self._logged = None
 
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
@@ -168,10 +189,20 @@ class StablestepCallback(Callback):
             return
         loss, self._loss = self._loss, None
         self.monitor.observe(loss)
-        if self.guard is not None and not self.guard.check(loss if loss is not None else 0.0):
+        if self.monitor.run_name != self.run_name:  # the store suffixed a taken name
+            self.run_name = self.monitor.run_name
+        if self.guard is None:
+            return
+        if not self.guard.check(loss if loss is not None else 0.0):
             for group in self.monitor.optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # skipped: torch.optim leaves p and its state alone
+        self._report.new(self.guard)
+        values = self._report.values(self.guard)
+        if values != self._logged:  # first step and every change: a step plot per action
+            self._logged = values
+            for key, value in values.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Flush and detach; a later ``fit`` continues the same run."""
@@ -187,13 +218,15 @@ class StablestepCallback(Callback):
         if self.monitor is not None:
             self._state = self.state_dict()
             self.monitor.close()
+            self.run_name = self.monitor.run_name
             self.monitor = None
         if self.guard is not None:
+            self._report.detach()
             self.guard.close()
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The Monitor's state (next step, run name, curvature probe) and the guard's
+        """The Monitor's state (next step, run name, store, curvature probe) and the guard's
         (counters, detectors, snapshots): saved in Lightning's checkpoints."""
         if self.monitor is not None:
             guard = self.guard.state_dict() if self.guard is not None else None
@@ -215,6 +248,8 @@ class StablestepCallback(Callback):
         """Flush and return the run as a :class:`~stablestep.telemetry.store.Run`."""
         if self.monitor is not None:
             return self.monitor.read()
+        if self.store is None:
+            raise RuntimeError("nothing recorded yet: the store is chosen when fit() starts")
         from stablestep.telemetry.store import open_run
 
         return open_run(self.store, self.run_name)

@@ -1,6 +1,8 @@
 """Telemetry: see what the optimizer is doing, step by step, in an embedded run store.
 
-Public names: :class:`Monitor` (attach to any torch optimizer), :func:`open_run` /
+Public names: :class:`Monitor` (attach to any torch optimizer) and its settings
+:class:`MonitorConfig`, :class:`ModelProbes` (attention logits, log Z, activation RMS),
+:class:`Recorder` (the Monitor's reducing writer, reused by the Keras callback), :func:`open_run` /
 :func:`list_runs` and :class:`Run` / :class:`Event` (read a store), sinks
 (:class:`TensorBoardSink`, :func:`export_csv`). Metric names live in
 :mod:`stablestep.telemetry.names`.
@@ -13,6 +15,9 @@ from stablestep._lazy import attach
 _LAZY = {
     "names": "stablestep.telemetry.names",
     "Monitor": "stablestep.telemetry.monitor",
+    "MonitorConfig": "stablestep.telemetry.config",
+    "ModelProbes": "stablestep.telemetry.model_probes",
+    "Recorder": "stablestep.telemetry.recorder",
     "TensorBoardSink": "stablestep.telemetry.sinks",
     "export_csv": "stablestep.telemetry.sinks",
     "SCHEMA_VERSION": "stablestep.telemetry.store",

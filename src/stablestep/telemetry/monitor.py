@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,16 +12,17 @@ import torch
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
 from stablestep.telemetry._common import check_every, default_run_name, utc_now
+from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
 from stablestep.telemetry.probes import (
-    CoordinateSample,
-    Scratch,
-    adam_state_stats,
-    stack_scalars,
-    update_stats,
+    AdamTensor,
+    StepTensors,
+    adam_partials,
+    host_steps,
+    partials,
+    update_partials,
 )
-from stablestep.telemetry.store import Run, RunWriter, open_run
-
-_RESERVED = ("optimizer", "hyper", "n_params", "torch_version", "started_at", "monitor")
+from stablestep.telemetry.recorder import Recorder, is_sharded, local
+from stablestep.telemetry.store import Run, open_run
 
 
 class Monitor:
@@ -45,8 +44,8 @@ class Monitor:
     What is recorded (names from :mod:`stablestep.telemetry.names`; the math is in
     :mod:`stablestep.telemetry.probes`):
 
-    * every ``every`` steps (default 1, cheap: one fused norm over the gradients and one
-      host sync): ``loss``, ``lr`` (group 0), ``grad_norm``, ``grad_nonfinite``;
+    * every ``every`` steps (default 1, cheap: one fused norm over the gradients, no host
+      sync): ``loss``, ``lr`` (group 0), ``grad_norm``, ``grad_nonfinite``;
     * every ``state_every`` steps (default 10; ``None`` turns it off): ``param_norm``,
       ``update_norm``, ``update_ratio``, ``update_cos``, ``grad_norm/<tensor>`` for every
       tensor and, for the Adam family, ``eff_step_p50/p90/p99/max``, ``eps_share``,
@@ -58,18 +57,33 @@ class Monitor:
       ``secant_curvature``, the free curvature along the update
       (:mod:`stablestep.telemetry.secant`, no Hessian-vector product; one extra copy of the
       parameters; every step costs ~1.7x on an optimizer-bound toy MLP, every 10 steps is
-      within noise: ``benchmarks/secant.py``);
+      within noise: ``benchmarks/secant.py``); not under ``torch.distributed``;
     * every ``curvature_every`` steps when ``curvature_loss`` (a closure returning the loss
       on a fixed probe batch) is given: the metrics of
       ``stablestep.curvature.CurvatureProbe(params, optimizer)(curvature_loss)``.
 
-    A NaN/Inf loss, gradient or statistic is never stored as a number: the value is
-    missing and an event of kind ``non-finite`` says what was non-finite (``what``:
-    ``"loss"``, ``"grad"`` and/or metric names; ``tensors``: non-finite gradient entries
-    per tensor). Such an event is flushed to the store at once.
+    A NaN/Inf loss, gradient or statistic (also one caused by a NaN optimizer step count)
+    is never stored as a number: the value is missing and an event of kind ``non-finite``
+    says what was non-finite (``what``: ``"loss"``, ``"grad"`` and/or metric names;
+    ``tensors``: non-finite gradient entries per tensor; ``ranks`` under
+    ``torch.distributed``: the ranks whose own loss was non-finite). Such an event is
+    written as soon as the step is read back (see below).
 
-    Writes are buffered and flushed every ``flush_every`` recorded steps, every
-    ``flush_seconds`` seconds, on :meth:`state_dict` and on :meth:`close`. Steps are
+    Statistics stay on the device between writes (:mod:`stablestep.telemetry.recorder`):
+    no host sync on a step, one device-to-host transfer per write (plus, on detailed steps
+    of a ``fused=True``/``capturable=True`` optimizer, which keeps its step counts on the
+    device, one read of those counts). Writes happen every
+    ``flush_every`` recorded steps, every ``flush_seconds`` seconds, on :meth:`read`,
+    :meth:`state_dict` and :meth:`close`.
+
+    Under ``torch.distributed`` (DDP, FSDP2 ``fully_shard``) run the same Monitor line on
+    every rank: the stored numbers are global (loss averaged over ranks, norms and counts
+    over all shards, maxima over ranks, quantiles from every rank's sample) and only rank
+    0 writes; ``loss_spread`` is the range of the per-rank losses. Hyperparameters are read
+    from ``optimizer.param_groups`` at every step, so ``optimizer.load_state_dict()``
+    (which replaces the group dicts) is followed. Every rank must build the Monitor and
+    call :meth:`observe` for every step (a recorded step is one collective); to watch a
+    single process of a distributed job, pass ``MonitorConfig(distributed=False)``. Steps are
     counted by :meth:`observe` calls from 0. Resume a run with
     ``monitor.load_state_dict(sd)`` before the first ``observe``: the run continues
     under the same name, and anything stored at or after the checkpoint's step (an
@@ -81,9 +95,18 @@ class Monitor:
         optimizer: the ``torch.optim.Optimizer`` to watch.
         store: path of the SQLite run store (created if needed; several runs per file).
         run: the run's name in the store (default: ``run-<UTC time>-<random>``).
-        config: extra JSON-serialisable entries for ``Run.config`` (e.g. ``scenario``).
-        sinks: objects with ``write(step, metrics)``, ``event(step, kind, data)``,
-            ``close()`` (e.g. :class:`stablestep.telemetry.TensorBoardSink`).
+        config: a :class:`~stablestep.telemetry.config.MonitorConfig` (cadence, sinks,
+            ``overwrite``, run config extras, ...); a plain dict is still accepted and means
+            ``MonitorConfig(extra=config)``: extra JSON-serialisable entries for
+            ``Run.config`` (e.g. ``scenario``).
+        every, state_every, top_k, quantile_sample, flush_every, flush_seconds,
+        curvature_every, curvature_loss, sinks, overwrite: the fields of
+            :class:`~stablestep.telemetry.config.MonitorConfig`, as keywords; a keyword given
+            here wins over the same field of ``config``.
+
+    When ``run`` already exists in the store (and the Monitor is not resuming it), the run
+    is recorded under a new name with a visible suffix, logged at INFO and kept in
+    :attr:`run_name`; ``overwrite=True`` replaces the old run instead.
     """
 
     def __init__(
@@ -93,67 +116,76 @@ class Monitor:
         *,
         store: str | os.PathLike = "stablestep.db",
         run: str | None = None,
-        config: dict[str, Any] | None = None,
-        every: int = 1,
-        state_every: int | None = 10,
-        top_k: int = 3,
-        quantile_sample: int = 65536,
-        flush_every: int = 100,
-        flush_seconds: float = 10.0,
-        curvature_every: int | None = None,
-        curvature_loss: Callable[[], torch.Tensor] | None = None,
-        secant_every: int | None = 10,
-        sinks: Sequence[Any] = (),
+        config: MonitorConfig | dict[str, Any] | None = None,
+        every: int = UNSET,
+        state_every: int | None = UNSET,
+        top_k: int = UNSET,
+        quantile_sample: int = UNSET,
+        flush_every: int = UNSET,
+        flush_seconds: float = UNSET,
+        curvature_every: int | None = UNSET,
+        curvature_loss: Callable[[], torch.Tensor] | None = UNSET,
+        sinks: Sequence[Any] = UNSET,
+        overwrite: bool = UNSET,
         model_probes: Any = None,
+        secant_every: int | None = 10,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        check_every("every", every)
-        check_every("state_every", state_every, optional=True)
-        check_every("flush_every", flush_every)
-        check_every("curvature_every", curvature_every, optional=True)
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"Invalid top_k: {top_k!r} (an int >= 0)")
-        if not flush_seconds > 0:
-            raise ValueError(f"Invalid flush_seconds: {flush_seconds!r} (> 0)")
-        if (curvature_every is None) != (curvature_loss is None):
-            raise ValueError("curvature_every and curvature_loss must be given together")
-        for key in config or {}:
-            if key in _RESERVED:
-                raise ValueError(f"config key {key!r} is reserved for the Monitor")
+        cfg = resolve_config(
+            config,
+            every=every,
+            state_every=state_every,
+            top_k=top_k,
+            quantile_sample=quantile_sample,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            curvature_every=curvature_every,
+            curvature_loss=curvature_loss,
+            sinks=sinks,
+            overwrite=overwrite,
+        )
+        self.config = cfg
         self.model = model
         self.optimizer = optimizer
         self.store = os.fspath(store)
-        self.run_name = run or default_run_name()
-        self.every, self.state_every, self.top_k = every, state_every, top_k
-        self.flush_every, self.flush_seconds = flush_every, float(flush_seconds)
-        self.curvature_every, self.curvature_loss = curvature_every, curvature_loss
-        self.sinks = list(sinks)
-        self._extra = dict(config or {})
-        by_id = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        self._params: list[tuple[str, torch.Tensor, dict]] = []
+        self.every, self.state_every, self.top_k = cfg.every, cfg.state_every, cfg.top_k
+        self.flush_every, self.flush_seconds = cfg.flush_every, float(cfg.flush_seconds)
+        self.curvature_every, self.curvature_loss = cfg.curvature_every, cfg.curvature_loss
+        named = model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            named = model.module  # names without DDP's "module." prefix
+        by_id = {id(p): n for n, p in named.named_parameters()} if named is not None else {}
+        # the parameters (and their names) are fixed; their param groups are read live
+        self._params: list[tuple[str, torch.Tensor]] = []
         for group in optimizer.param_groups:
             for p in group["params"]:
-                name = by_id.get(id(p), f"param{len(self._params)}")
-                self._params.append((name, p, group))
-        self._sample = CoordinateSample([p.numel() for _, p, _ in self._params], quantile_sample)
+                self._params.append((by_id.get(id(p), f"param{len(self._params)}"), p))
+        self._index = {id(p): i for i, (_, p) in enumerate(self._params)}
+        self._rec = Recorder(
+            self.store,
+            run or default_run_name(),
+            cfg,
+            [n for n, _ in self._params],
+            [local(p).numel() for _, p in self._params],
+            self._run_config,
+            sharded=[is_sharded(p) for _, p in self._params],
+            global_numels=[p.numel() for _, p in self._params],
+        )
+        self.sinks = self._rec.sinks
         self._step = 0
-        self._resume_from: int | None = None
-        self._writer: RunWriter | None = None
         self._pending: dict | None = None
-        self._since_flush = 0
-        self._last_flush = time.monotonic()
         self._snaps: dict[int, torch.Tensor] = {}
-        self._scratch = Scratch()
         self._probe: Any = None
         self._probe_state: dict | None = None
         self._closed = False
         from stablestep.telemetry.secant import SecantTracker  # free curvature (#11)
 
         check_every("secant_every", secant_every, optional=True)
-        self._secant = SecantTracker(secant_every)
+        # local dot products: not under torch.distributed (they would need a reduction)
+        self._secant = SecantTracker(secant_every if self._rec.world == 1 else None)
         self._handle = optimizer.register_step_post_hook(self._post_step)
         self.model_probes = None
         if model_probes is not None:
@@ -165,6 +197,16 @@ class Monitor:
         self.model_probes = probes
         probes.bind(self.state_every or self.every)
 
+    @property
+    def run_name(self) -> str:
+        """The run's name in the store (the store may have added a suffix; see ``overwrite``)."""
+        return self._rec.run_name
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the reduction (0 when not distributed); rank 0 writes."""
+        return self._rec.rank
+
     # ----------------------------------------------------------------- the loop
     @property
     def step(self) -> int:
@@ -174,11 +216,12 @@ class Monitor:
     def observe(self, loss: torch.Tensor | float | None = None) -> None:
         """Record step ``self.step``: call after ``loss.backward()``, before ``optimizer.step()``.
 
-        Reads the loss and the gradients now, snapshots the parameters on detailed
-        steps, and completes the record in the optimizer's step post-hook. A step the
-        optimizer then skips (e.g. ``GradScaler`` on inf) is recorded without update
-        statistics at the next ``observe``. With ``torch.amp.GradScaler``, call
-        ``scaler.unscale_(optimizer)`` first so the gradients are in true units.
+        Reads the loss and the gradients now (on the device, no host sync), snapshots the
+        parameters on detailed steps, and completes the record in the optimizer's step
+        post-hook. A step the optimizer then skips (e.g. ``GradScaler`` on inf) is recorded
+        without update statistics at the next ``observe``. With ``torch.amp.GradScaler``,
+        call ``scaler.unscale_(optimizer)`` first so the gradients are in true units. Under
+        ``torch.distributed`` every rank calls it (a recorded step is one collective).
         """
         if self._closed:
             raise RuntimeError("Monitor.observe() after close()")
@@ -191,46 +234,36 @@ class Monitor:
         extra = self.model_probes.collect(s) if self.model_probes is not None else {}
         if not (cheap or detail or curv or extra):
             return
-        self._ensure_writer()
-        live = [(n, p) for n, p, _ in self._params if p.grad is not None]
-        grads = [p.grad.detach() for _, p in live]
-        norms = torch._foreach_norm(grads) if grads else []
-        total = stack_scalars(norms).square().sum().sqrt() if norms else None
-        loss_t = loss.detach().double().reshape(()) if isinstance(loss, torch.Tensor) else None
-        if loss_t is not None and total is not None:
-            loss_t = loss_t.to(total.device)
-        scalars = [x for x in (loss_t, total) if x is not None]
-        host = iter(torch.stack(scalars).tolist() if scalars else [])  # the one host sync
-        metrics: dict[str, float] = dict(extra)
-        if loss_t is not None:
-            metrics[N.LOSS] = next(host)
-        elif loss is not None:
-            metrics[N.LOSS] = float(loss)
-        g_norm = next(host) if total is not None else None
-        bad: dict[str, int] = {}
-        if g_norm is not None and not math.isfinite(g_norm):
-            for (name, _), g, nrm in zip(live, grads, norms, strict=True):
-                if not math.isfinite(float(nrm)):
-                    cnt = g.numel() - int(torch.count_nonzero(torch.isfinite(g)))
-                    if cnt:
-                        bad[name] = cnt
-        if cheap:
-            metrics[N.LR] = inspect._as_float(self.optimizer.param_groups[0]["lr"])
-            if g_norm is not None:
-                metrics[N.GRAD_NORM] = g_norm
-                metrics[N.GRAD_NONFINITE] = float(sum(bad.values()))
-        sec = self._secant.observe(s, [p.detach() for _, p in live], grads)
+        grads = [local(p.grad.detach()) if p.grad is not None else None for _, p in self._params]
+        dev = next((g.device for g in grads if g is not None), None)
+        if dev is None:
+            dev = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            loss = float(loss)
+        part = partials(StepTensors(loss, grads), self._rec.weights, dev)
+        host = {N.LR: inspect._as_float(self.optimizer.param_groups[0]["lr"])} if cheap else {}
+        host.update(extra)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        sec = self._secant.observe(s, [local(self._params[i][1].detach()) for i in live],
+                                   [grads[i] for i in live], as_tensors=True)
         if sec is not None:  # curvature along the previous step's update (telemetry.secant)
-            metrics[N.SECANT], metrics[N.SECANT_COS] = sec["q"], sec["cos"]
-        pending = {"step": s, "metrics": metrics, "bad": bad, "curv": curv, "detail": None}
-        if detail and grads:
-            tnames = [n for n, _ in live]
-            for name, nrm in zip(tnames, torch.stack(norms).tolist(), strict=True):
-                metrics[f"{N.GRAD_NORM}/{name}"] = nrm
-            params = [p.detach() for _, p in live]
-            snaps = [self._snapshot(p) for _, p in live]
-            torch._foreach_copy_(snaps, params)
-            pending["detail"] = (tnames, params, snaps, torch._foreach_norm(snaps), norms, grads)
+            part.maxs["secant"] = torch.stack([sec["q"], sec["cos"]])
+        pending = {"step": s, "part": part, "dev": dev, "host": host, "grads": grads,
+                   "curv": curv, "detail": None}
+        if detail:  # a replica another rank counts (DDP) is not copied here
+            w = self._rec.weights
+            live = [i for i, (_, p) in enumerate(self._params) if w[i]]
+            params = [local(self._params[i][1].detach()) for i in live]
+            snaps = [self._snapshot(p) for p in params]
+            if snaps:
+                torch._foreach_copy_(snaps, params)
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            param_sq: list = [zero] * len(w)
+            neg: list = [None] * len(w)
+            for j, (i, n) in enumerate(zip(live, torch._foreach_norm(snaps) if snaps else [],
+                                           strict=True)):
+                param_sq[i], neg[i] = n.double().square(), snaps[j]
+            pending["detail"] = (params, snaps, param_sq, neg)
         self._pending = pending
 
     def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
@@ -243,38 +276,71 @@ class Monitor:
             )
         return buf
 
+    def _adam_tensors(self, grads: list) -> list[AdamTensor | None]:
+        """Adam's state per tensor, with the hyperparameters of the param groups as they are
+        *now* (``load_state_dict`` replaces the group dicts)."""
+        opt = self.optimizer
+        own = callable(getattr(opt, "effective_step", None))
+        out: list[AdamTensor | None] = [None] * len(self._params)
+        for group in opt.param_groups:
+            h = inspect.group_hyper(opt, group)
+            if h.kind != "adam":
+                continue
+            for p in group["params"]:
+                i = self._index.get(id(p))
+                if i is None or grads[i] is None:
+                    continue
+                state = opt.state.get(p, {})
+                v = inspect.second_moment(opt, p, h.amsgrad)
+                if v is None or "step" not in state:
+                    continue
+                raw = state.get("exp_avg_sq") if h.amsgrad and "max_exp_avg_sq" in state else None
+                eff = None
+                if own:
+                    try:
+                        eff = local(inspect.effective_step(opt, p, group))
+                    except (ValueError, OverflowError):  # e.g. a NaN step count: the
+                        eff = None  # formula below turns it into NaN statistics, an event
+                out[i] = AdamTensor(
+                    grad=grads[i],
+                    v=local(v),
+                    step=state["step"],
+                    hyper=h,
+                    exp_avg_sq=local(raw) if raw is not None else None,
+                    eff=eff,
+                )
+        host_steps(out)  # fused/capturable optimizers: one read for all step counters
+        return out
+
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         pending = self._pending
         if pending is None:
             return
-        self._secant.after_step(optimizer, [p for _, p, _ in self._params if p.grad is not None])
-        metrics = pending["metrics"]
+        self._secant.after_step(optimizer, [local(p) for _, p in self._params
+                                            if p.grad is not None])
         if pending["detail"] is not None:
-            tnames, params, snaps, p_norms, g_norms, grads = pending["detail"]
+            params, snaps, param_sq, neg = pending["detail"]
+            part, dev, grads = pending["part"], pending["dev"], pending["grads"]
             with torch.no_grad():
-                torch._foreach_sub_(snaps, params)  # theta_t - theta_t+1, in place
-                metrics.update(
-                    update_stats(tnames, snaps, p_norms, g_norms, grads, top_k=self.top_k)
+                if snaps:
+                    torch._foreach_sub_(snaps, params)  # theta_t - theta_t+1, in place
+                update_partials(part, param_sq, neg, grads, self._rec.weights, dev)
+                adam_partials(
+                    part, self._adam_tensors(grads), self._rec.weights, self._rec.sample, dev,
+                    self._rec.scratch,
                 )
-                metrics.update(
-                    adam_state_stats(
-                        optimizer,
-                        self._params,
-                        self._sample,
-                        top_k=self.top_k,
-                        scratch=self._scratch,
-                    )
-                )
+            pending["per_tensor"] = True
             pending["detail"] = None
         if pending["curv"]:
-            metrics.update(self._curvature(pending["step"]))
+            pending["host"].update(self._curvature(pending["step"]))
+            pending["curv"] = False
         self._finish()
 
     def _curvature(self, step: int) -> dict[str, float]:
         if self._probe is None:
             from stablestep.curvature import CurvatureProbe
 
-            self._probe = CurvatureProbe([p for _, p, _ in self._params], self.optimizer)
+            self._probe = CurvatureProbe([p for _, p in self._params], self.optimizer)
             if self._probe_state is not None:
                 self._probe.load_state_dict(self._probe_state)
                 self._probe_state = None
@@ -284,36 +350,24 @@ class Monitor:
         return {k: float(v) for k, v in res.items()}
 
     def _finish(self) -> None:
-        """Emit the pending step (if any) to the store and sinks."""
+        """Hand the pending step (if any) to the recorder."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        step, metrics, bad = pending["step"], pending["metrics"], pending["bad"]
-        what = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if N.LOSS in what:
-            what[what.index(N.LOSS)] = "loss"
-        if bad:
-            what.insert(0, "grad")
-        writer = self._ensure_writer()
-        writer.add(step, metrics)
-        finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-        for sink in self.sinks:
-            sink.write(step, finite)
-        if what:
-            self.record_event(step, N.EVENT_NONFINITE, {"what": what, "tensors": bad})
-            self.flush()
-        self._since_flush += 1
-        if (
-            self._since_flush >= self.flush_every
-            or time.monotonic() - self._last_flush >= self.flush_seconds
-        ):
-            self.flush()
+        if pending["detail"] is not None:  # the optimizer skipped the step: no update stats
+            _, _, param_sq, _ = pending["detail"]
+            pending["part"].sums["param_sq"] = torch.stack(
+                [x * w for x, w in zip(param_sq, self._rec.weights, strict=True)]
+            )
+        self._rec.record_partials(
+            pending["step"], pending["part"], pending["dev"], host=pending["host"],
+            per_tensor=pending.get("per_tensor", False) or pending["detail"] is not None,
+        )
 
     def record_event(self, step: int, kind: str, data: dict | None = None) -> None:
-        """Record an event (e.g. the guard's ``EVENT_GUARD`` actions) in the run and sinks."""
-        self._ensure_writer().event(step, kind, data)
-        for sink in self.sinks:
-            sink.event(step, kind, data or {})
+        """Record an event (e.g. the guard's ``EVENT_GUARD`` actions) in the run and sinks
+        (on rank 0; a no-op on other ranks)."""
+        self._rec.event(step, kind, data)
 
     # ------------------------------------------------------------ store & state
     def _run_config(self) -> dict[str, Any]:
@@ -321,50 +375,33 @@ class Monitor:
         cfg: dict[str, Any] = {
             "optimizer": type(self.optimizer).__name__,
             "hyper": dataclasses.asdict(inspect.group_hyper(self.optimizer, groups[0])),
-            "n_params": sum(p.numel() for _, p, _ in self._params),
-            "dtypes": sorted({str(p.dtype).replace("torch.", "") for _, p, _ in self._params}),
+            "n_params": sum(p.numel() for _, p in self._params),
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for _, p in self._params}),
             "torch_version": torch.__version__,
             "started_at": utc_now(),
             "monitor": {
-                "every": self.every,
-                "state_every": self.state_every,
-                "curvature_every": self.curvature_every,
+                **self.config.summary(),
+                "quantile_sample": None if self._rec.sample.exact else self.config.quantile_sample,
                 "secant_every": self._secant.every,
-                "top_k": self.top_k,
-                "quantile_sample": None
-                if self._sample.exact
-                else len(torch.cat([i for i in self._sample.index if i is not None])),
             },
         }
+        if self._rec.world > 1:
+            cfg["world_size"] = self._rec.world
         if len(groups) > 1:
             cfg["group_hypers"] = [
                 dataclasses.asdict(inspect.group_hyper(self.optimizer, g)) for g in groups
             ]
-        cfg.update(self._extra)
+        cfg.update(self.config.extra)
         return cfg
 
-    def _ensure_writer(self) -> RunWriter:
-        if self._writer is None:
-            self._writer = RunWriter(
-                self.store, self.run_name, config=self._run_config(), resume_from=self._resume_from
-            )
-        return self._writer
-
     def flush(self) -> None:
-        """Write buffered metrics and events to the store now."""
-        if self._writer is not None:
-            self._writer.flush()
-        for sink in self.sinks:
-            flush = getattr(sink, "flush", None)
-            if callable(flush):
-                flush()
-        self._since_flush = 0
-        self._last_flush = time.monotonic()
+        """Read the buffered steps back (one host transfer) and write them to the store."""
+        self._rec.flush()
 
     def read(self) -> Run:
-        """Flush and return this run as a :class:`~stablestep.telemetry.store.Run`."""
+        """Flush and return this run as a :class:`~stablestep.telemetry.store.Run` (rank 0)."""
         self._finish()
-        self._ensure_writer()
+        self._rec.ensure_writer()
         self.flush()
         return open_run(self.store, self.run_name)
 
@@ -387,15 +424,15 @@ class Monitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` (call before the first ``observe``)."""
-        if self._writer is not None or self._step != 0:
+        if self._rec.writer is not None or self._step != 0:
             raise RuntimeError(
                 "Monitor.load_state_dict() must be called before the first observe()"
             )
         if state.get("version") != 1:
             raise ValueError(f"unsupported Monitor state version: {state.get('version')!r}")
         self._step = int(state["step"])
-        self._resume_from = self._step
-        self.run_name = state["run"]
+        self._rec.resume_from = self._step
+        self._rec.run_name = state["run"]
         self._probe_state = state.get("curvature")
         if state.get("secant") is not None:
             self._secant.load_state_dict(state["secant"])
@@ -408,10 +445,7 @@ class Monitor:
         self._handle.remove()
         if self.model_probes is not None:
             self.model_probes.remove()
-        if self._writer is not None:
-            self._writer.close()
-        for sink in self.sinks:
-            sink.close()
+        self._rec.close()
         self._closed = True
 
     def __enter__(self) -> Monitor:

@@ -6,6 +6,7 @@ to a base name (e.g. ``grad_norm/encoder.weight``).
 """
 
 LOSS = "loss"
+LOSS_SPREAD = "loss_spread"  # max - min over ranks of the per-rank loss (torch.distributed)
 LR = "lr"  # lr of param group 0 used by this step
 GRAD_NORM = "grad_norm"  # global L2 norm of the gradients
 GRAD_NONFINITE = "grad_nonfinite"  # number of NaN/Inf gradient entries

@@ -60,32 +60,37 @@ class SecantTracker:
         tracker.after_step(optimizer, params)    # optimizer step post-hook
 
     ``observe`` returns the measurement opened at the previous step (``None`` when there
-    is none) as ``{"q": ..., "cos": ...}`` and opens a new one when ``t % every == 0``.
-    ``every=None`` disables it.
+    is none) as ``{"q": ..., "cos": ...}`` (floats; 0-dim float64 tensors on the parameters'
+    device with ``as_tensors=True``, so that nothing waits for the device) and opens a new
+    one when ``t % every == 0``. ``every=None`` disables it. No host read in ``after_step``.
     """
 
     def __init__(self, every: int | None = 1):
         self.every = every
         self._buf: list[torch.Tensor] | None = None  # theta_t, then -u after the step
-        self._ug = self._den = self._g2 = self._uu = 0.0  # u.g_t, u^T P u, |g_t|^2, |u|^2
+        self._s: torch.Tensor | None = None  # [u^T P u, u.g_t, |g_t|^2, |u|^2] (float64)
         self._grads: list[torch.Tensor] | None = None
         self._open_step: int | None = None
         self._ready = False
 
     def observe(self, step: int, params: Sequence[torch.Tensor],
-                grads: Sequence[torch.Tensor]) -> dict[str, float] | None:
+                grads: Sequence[torch.Tensor], *, as_tensors: bool = False) -> dict | None:
         """Close the measurement opened at ``step - 1`` with ``grads`` = :math:`g_{t+1}`,
         and snapshot ``params`` if ``step`` is a recording step."""
         out = None
         if self._ready and self._open_step == step - 1 and len(grads) == len(self._buf):
             with torch.no_grad():
-                vals = torch.stack([_dot(self._buf, grads), _dot(grads, grads)]).tolist()
-            num = -vals[0] - self._ug  # u . (g_{t+1} - g_t), buf holding -u
-            q = num / self._den if self._den > 0 else math.nan
-            # |dg| <= |g_t| + |g_{t+1}|: a lower bound on the cosine, without keeping g_t
-            gmag = math.sqrt(vals[1]) + math.sqrt(self._g2)
-            cos = abs(num) / (math.sqrt(self._uu) * gmag) if self._uu > 0 and gmag > 0 else 0.0
-            out = {"q": q, "cos": cos}
+                den, ug, g2, uu = self._s.unbind()
+                num = -_dot(self._buf, grads) - ug  # u . (g_{t+1} - g_t), buf holding -u
+                q = torch.where(den > 0, num / den, torch.full_like(den, math.nan))
+                # |dg| <= |g_t| + |g_{t+1}|: a lower bound on the cosine, without keeping g_t
+                gmag = (_dot(grads, grads).sqrt() + g2.sqrt()) * uu.sqrt()
+                cos = torch.where(gmag > 0, num.abs() / gmag, torch.zeros_like(gmag))
+            if as_tensors:
+                out = {"q": q, "cos": cos}
+            else:
+                qf, cf = torch.stack([q, cos]).tolist()
+                out = {"q": qf, "cos": cf}
         self._ready = False
         self._open_step = None
         if self.every is not None and step % self.every == 0 and len(params):
@@ -117,14 +122,14 @@ class SecantTracker:
                     self._open_step = None
                     return
                 if d.dim() == 0:  # SGD: one lr for the tensor
-                    den.append(torch.dot(u.reshape(-1), u.reshape(-1)).double() / d.double()
-                               if float(d) > 0 else u.new_zeros((), dtype=torch.float64))
+                    uu = torch.dot(u.reshape(-1), u.reshape(-1)).double()
+                    d = d.double()
+                    den.append(torch.where(d > 0, uu / d, torch.zeros_like(uu)))
                 else:  # u^T P u over the coordinates that moved (d > 0)
                     q = u.square().div_(d)
                     den.append(q.where(d > 0, q.new_zeros(())).sum(dtype=torch.float64))
-            vals = torch.stack([torch.stack(den).sum(), _dot(self._buf, grads),
-                                _dot(grads, grads), _dot(self._buf, self._buf)]).tolist()
-        self._den, self._ug, self._g2, self._uu = vals[0], -vals[1], vals[2], vals[3]
+            self._s = torch.stack([torch.stack(den).sum(), -_dot(self._buf, grads),
+                                   _dot(grads, grads), _dot(self._buf, self._buf)])
         self._ready = True
 
     # ------------------------------------------------------------------ state
@@ -135,7 +140,7 @@ class SecantTracker:
             return {"version": 1, "every": self.every, "open": None}
         return {"version": 1, "every": self.every,
                 "open": {"step": self._open_step, "u": [b.clone() for b in self._buf],
-                         "ug": self._ug, "den": self._den, "g2": self._g2, "uu": self._uu}}
+                         "scalars": self._s.tolist()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
@@ -147,5 +152,5 @@ class SecantTracker:
         self._open_step = None if o is None else int(o["step"])
         if o is not None:
             self._buf = [u.clone() for u in o["u"]]
-            self._ug, self._den = float(o["ug"]), float(o["den"])
-            self._g2, self._uu = float(o["g2"]), float(o["uu"])
+            self._s = torch.tensor(o["scalars"], dtype=torch.float64,
+                                   device=self._buf[0].device if self._buf else None)

@@ -19,11 +19,15 @@ from stablestep.telemetry.store import Run, open_run
 class TensorBoardSink:
     """Write the Monitor's metrics as TensorBoard scalars (``pip install tensorboard``).
 
-    ``SummaryWriter`` is imported on construction, not with stablestep. Events are
-    written as text under the tag ``events/<kind>``.
+    ``SummaryWriter`` is imported on construction, not with stablestep. Every tag starts
+    with ``prefix`` (default ``stablestep/``: ``stablestep/loss``, ``stablestep/eff_step_max``),
+    so the metrics group together beside a framework's own and never collide with its
+    ``loss``; events are text under ``<prefix>events/<kind>``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, **writer_kwargs: Any):
+    def __init__(
+        self, log_dir: str | os.PathLike, *, prefix: str = "stablestep/", **writer_kwargs: Any
+    ):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # pragma: no cover - tensorboard is in the dev extra
@@ -31,15 +35,18 @@ class TensorBoardSink:
                 "TensorBoardSink needs tensorboard: pip install tensorboard"
             ) from None
         self.writer = SummaryWriter(log_dir=os.fspath(log_dir), **writer_kwargs)
+        self.prefix = prefix
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         """Add one scalar per metric at ``step``."""
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, global_step=step)
+            self.writer.add_scalar(self.prefix + name, value, global_step=step)
 
     def event(self, step: int, kind: str, data: dict) -> None:
         """Add the event as text."""
-        self.writer.add_text(f"events/{kind}", json.dumps(data, default=str), global_step=step)
+        self.writer.add_text(
+            f"{self.prefix}events/{kind}", json.dumps(data, default=str), global_step=step
+        )
 
     def flush(self) -> None:
         """Flush the event file."""

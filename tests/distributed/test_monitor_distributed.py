@@ -1,0 +1,83 @@
+"""The Monitor under torch.distributed (2 gloo processes on CPU): DDP and FSDP2 store the
+numbers one process stores on the concatenated batch, in one run, written by rank 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stablestep.telemetry import Monitor, list_runs, open_run
+
+from ._launch import data, launch, tiny_model, wrap
+
+STEPS = 6
+
+
+def _train(model, opt, mon, x, y, *, stop_at=None, nan=False):
+    for t in range(STEPS):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if nan and t == stop_at:
+            loss = loss * float("nan")
+        loss.backward()
+        mon.observe(loss)
+        if t == stop_at:
+            break
+        opt.step()
+    mon.close()
+
+
+def _worker(rank, world, mode, store, nan=None):
+    model = wrap(tiny_model(), mode, world)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    x, y = data()
+    half = len(x) // world
+    xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+    mon = Monitor(model, opt, store=store, run=mode, state_every=2, flush_every=4)
+    stop_at = nan[1] if nan is not None else None  # every rank stops there
+    _train(model, opt, mon, xl, yl, stop_at=stop_at, nan=nan is not None and nan[0] == rank)
+
+
+def _reference(store):
+    model = tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    x, y = data()
+    _train(model, opt, Monitor(model, opt, store=store, run="one", state_every=2), x, y)
+    return open_run(store, "one")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_store_the_numbers_of_one_process_on_the_whole_batch(tmp_path, mode):
+    store = tmp_path / "dist.db"
+    launch(_worker, mode, str(store))
+    assert list_runs(store) == [mode]  # one run, rank 0 wrote it
+    run = open_run(store, mode)
+    ref = _reference(tmp_path / "one.db")
+    assert run.config["world_size"] == 2
+    names = set(run.names())
+    want = set(ref.names())
+    assert want <= names, want - names  # same names: DDP's "module." prefix is not added
+    assert "loss_spread" in names
+    for name in sorted(want):
+        steps, values = run.series(name)
+        rsteps, rvalues = ref.series(name)
+        assert steps.tolist() == rsteps.tolist(), name
+        assert values.tolist() == pytest.approx(rvalues.tolist(), rel=1e-4, abs=1e-9), name
+    # the per-rank losses differ (different halves of the batch): their range is stored
+    _, spread = run.series("loss_spread")
+    assert len(spread) == STEPS and (spread > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_nan_on_one_rank_is_an_event_naming_that_rank(tmp_path, mode):
+    store = tmp_path / "dist.db"
+    launch(_worker, mode, str(store), (1, 3))
+    run = open_run(store, mode)
+    events = [e for e in run.events if e.kind == "non-finite"]
+    assert events, "no non-finite event"
+    first = events[0]
+    assert first.step == 3 and first.data["ranks"] == [1] and "loss" in first.data["what"]
+    steps, values = run.series("loss")
+    assert 3 not in steps.tolist() and all(math.isfinite(v) for v in values.tolist())
