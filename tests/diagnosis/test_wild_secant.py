@@ -177,3 +177,22 @@ def test_monitor_records_secant_and_dtypes(tmp_path):
             mon.observe(loss)
             opt.step()
     assert list(open_run(store, "default").series(names.SECANT)[0]) == [1, 11, 21]
+
+
+def test_no_update_records_no_secant_and_no_nonfinite_event(tmp_path):
+    """u = 0 (lr 0, a dead network) leaves q undefined: nothing is stored, no NaN event."""
+    from stablestep import Monitor, open_run
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    with Monitor(model, opt, store=str(tmp_path / "z.db"), run="z", secant_every=1) as mon:
+        for _ in range(4):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            mon.observe(loss)
+            opt.step()
+    run = open_run(str(tmp_path / "z.db"), "z")
+    assert names.SECANT not in run.names()
+    assert not [e for e in run.events if e.kind == names.EVENT_NONFINITE]

@@ -262,7 +262,7 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
             seg = seg[np.isfinite(seg) & (seg > 0)]
             if seg.size >= 2:
                 ev["grad_norm_change_before"] = float(seg[-1] / seg[0])
-        lrj = infer.lr_jump(trace, inc.onset)
+        lrj = infer.lr_jump(trace, inc.onset, detected=inc.detected)
         if lrj is not None:
             ev["lr_jump"] = lrj
         half = infer.half_precision(trace)
@@ -327,7 +327,7 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         ev[names.EPS_SHARE] = share
     # Inference from what the default Monitor records (diagnosis.infer): an lr jump, the
     # free secant curvature against the bound, the loss's growth rate.
-    lrj = infer.lr_jump(trace, inc.onset)
+    lrj = infer.lr_jump(trace, inc.onset, detected=inc.detected)
     if lrj is not None:
         ev["lr_jump"] = lrj
     sec = infer.secant(trace, inc.onset, inc.detected)

@@ -54,15 +54,17 @@ def bound(trace: Trace) -> float | None:
     return None
 
 
-def lr_jump(trace: Trace, onset: int, *, lead: int = 5, min_factor: float = 2.0
-            ) -> dict[str, Any] | None:
+def lr_jump(trace: Trace, onset: int, *, lead: int = 5, min_factor: float = 2.0,
+            detected: int | None = None) -> dict[str, Any] | None:
     """``{"step", "from", "to", "factor"}`` when the lr rose ``min_factor`` x or more within
-    ``lead`` records up to ``onset`` (against the median of the 20 records before), else None."""
+    ``lead`` records before ``onset`` and up to ``detected`` (the alarm; default the onset),
+    against the median of the 20 records before, else None."""
     lr = trace.metric(names.LR)
     if lr is None:
         return None
     i = _index(trace, onset)
-    for k in range(max(1, i - lead), min(i + 1, len(trace))):
+    j = _index(trace, max(onset, detected if detected is not None else onset))
+    for k in range(max(1, i - lead), min(j + 1, len(trace))):
         prev = lr[max(0, k - 20): k]
         prev = prev[np.isfinite(prev) & (prev > 0)]
         if prev.size and math.isfinite(lr[k]) and lr[k] >= min_factor * float(np.median(prev)):
