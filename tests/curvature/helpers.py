@@ -71,3 +71,18 @@ def dense_for(kind: str, model, xy) -> torch.Tensor:
     """Dense Hessian for the cross-entropy problems of :func:`make_problem`."""
     x, y = xy
     return dense_hessian(model, lambda out: F.cross_entropy(out, y), x)
+
+
+def textbook_threshold(info, group: dict) -> float:
+    """The bound on lr * lam(P^-1 H) for a row of tests/optim_table.py, written from the
+    literature for its kind: GD 2, heavy ball 2 + 2 mu (Polyak 1964), Nesterov
+    (2 + 2 mu) / (1 + 2 mu), Adam (2 + 2 b1) / (1 - b1) for a frozen preconditioner
+    (Cohen et al. 2022). No dampening in the rows."""
+    if info.kind == "adam":
+        b1 = group["betas"][0]
+        return (2 + 2 * b1) / (1 - b1)
+    mu = group["momentum"]
+    assert group["dampening"] == 0
+    if mu == 0:
+        return 2.0
+    return (2 + 2 * mu) / (1 + 2 * mu) if group["nesterov"] else 2 + 2 * mu

@@ -17,6 +17,7 @@ from stablestep.curvature import (
 )
 from stablestep.curvature.lanczos import LanczosConfig
 from tests.curvature.helpers import dense_for, make_problem
+from tests.optim_table import OPTIMIZERS as OPTIMIZER_TABLE
 
 KINDS = ["mlp", "cnn", "attention"]
 
@@ -72,82 +73,73 @@ def _torch_adam_D(opt, group, p, *, tf_eps=False):
     return group["lr"] / (1 - b1**t) / ((v / (1 - b2**t)).sqrt() + eps)
 
 
-OPTIMIZERS = {
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    "amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
-    "big-eps": lambda ps: torch.optim.Adam(ps, lr=1e-2, eps=1e-3),
+# Cases beyond the table's rows (tests/optim_table.py): decoupled weight decay, and the TF
+# convention declared through a torch param group (a Keras-trained state read by torch).
+EXTRA = {
+    "adamw-decay": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
     "tf-group": lambda ps: torch.optim.Adam([{"params": ps, "eps_mode": "tf"}], lr=1e-2, eps=1e-3),
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9),
 }
 
 
-@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("opt_name", sorted(EXTRA))
 def test_preconditioned_sharpness_within_half_percent(opt_name):
     model, loss_fn, xy = make_problem("cnn", seed=1)
-    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    opt = EXTRA[opt_name](list(model.parameters()))
     _adam_state(model, loss_fn, opt)
     H = dense_for("cnn", model, xy)
     group = opt.param_groups[0]
-    if opt_name == "sgd":
-        D = torch.full((H.shape[0],), group["lr"], dtype=H.dtype)
-    else:
-        D = torch.cat([_torch_adam_D(opt, group, p, tf_eps=opt_name == "tf-group").reshape(-1)
-                       for p in model.parameters()])
+    D = torch.cat([_torch_adam_D(opt, group, p, tf_eps=opt_name == "tf-group").reshape(-1)
+                   for p in model.parameters()])
     # reference: eigenvalues of the non-symmetric P^-1 H = D H directly
     exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
     est = preconditioned_sharpness(loss_fn, opt)
     assert abs(est - exact) <= 5e-3 * abs(exact)
 
 
-def _stablestep_tf_adam(ps):
-    from stablestep import Adam
+def _actual_D(info, model, loss_fn, opt):
+    """One more step; D = -(theta_t - theta_{t-1}) / direction: the diagonal preconditioner
+    read off the step the optimizer took (the rows have no weight decay)."""
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt.zero_grad()
+    loss_fn().backward()
+    opt.step()
+    out = []
+    for p, b in zip(params, before, strict=True):
+        d = info.direction(opt, p, p.grad)
+        assert bool((d != 0).all())
+        out.append((-(p.detach() - b) / d).reshape(-1))
+    return torch.cat(out)
 
-    return Adam(ps, lr=1e-2, eps=1e-3, eps_mode="tf")
+
+@pytest.mark.parametrize("info", OPTIMIZER_TABLE, ids=repr)
+def test_preconditioned_sharpness_of_every_row_is_the_dense_eigenvalue(info):
+    """lam_max(P^-1 H) = lam_max(D^1/2 H D^1/2) (eigvalsh of the exact dense Hessian), with D
+    read off the optimizer's actual step: torch's and stablestep's Adam/AdamW, the TF
+    convention on the optimizer that runs it, AMSGrad, StableAdamW, AdamAtan2, SGD."""
+    model, loss_fn, xy = make_problem("cnn", seed=1)
+    opt = info(list(model.parameters()))
+    _adam_state(model, loss_fn, opt, steps=4)
+    D = _actual_D(info, model, loss_fn, opt)
+    assert bool((D > 0).all())
+    H = dense_for("cnn", model, xy)
+    r = D.sqrt()
+    exact = torch.linalg.eigvalsh(r[:, None] * H * r[None, :])[-1].item()
+    assert preconditioned_sharpness(loss_fn, opt) == pytest.approx(exact, rel=5e-3)
 
 
-@pytest.mark.parametrize("opt_name", ["adam", "adamw", "amsgrad", "stablestep-tf"])
-def test_preconditioner_is_the_optimizers_own_step(opt_name):
-    """D * exp_avg equals the step the optimizer actually takes (decoupled decay removed):
-    torch.optim's, and stablestep.Adam's in the TensorFlow epsilon convention."""
+@pytest.mark.parametrize("info", OPTIMIZER_TABLE, ids=repr)
+def test_preconditioner_is_the_optimizers_own_step(info):
+    """preconditioner_diag(opt) * direction equals the step the optimizer actually takes,
+    for every row (its D is the one lam_max(P^-1 H) uses)."""
     model, loss_fn, _ = make_problem("mlp", seed=2)
-    make = _stablestep_tf_adam if opt_name == "stablestep-tf" else OPTIMIZERS[opt_name]
-    opt = make(list(model.parameters()))
+    opt = info(list(model.parameters()))
     _adam_state(model, loss_fn, opt, steps=3)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     loss_fn().backward()
     opt.step()
     D = preconditioner_diag(opt, list(model.parameters()))
-    group = opt.param_groups[0]
     for p, p0, d in zip(model.parameters(), before, D, strict=True):
-        step = p.detach() - p0
-        if opt_name == "adamw":
-            step = step + group["lr"] * group["weight_decay"] * p0
-        torch.testing.assert_close(-d * opt.state[p]["exp_avg"], step, rtol=1e-7, atol=1e-12)
-
-
-def test_stablestep_adam_tf_mode():
-    from stablestep import Adam
-
-    model, loss_fn, xy = make_problem("cnn", seed=1)
-    opt = Adam(model.parameters(), lr=1e-2, eps=1e-3, eps_mode="tf")
-    _adam_state(model, loss_fn, opt)
-    H = dense_for("cnn", model, xy)
-    group = opt.param_groups[0]
-    D = torch.cat([_torch_adam_D(opt, group, p, tf_eps=True).reshape(-1)
-                   for p in model.parameters()])
-    exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
-    assert preconditioned_sharpness(loss_fn, opt) == pytest.approx(exact, rel=5e-3)
-
-
-def test_adam_atan2_uses_its_own_effective_step():
-    from stablestep.optim import AdamAtan2
-
-    model, loss_fn, xy = make_problem("mlp", seed=1)
-    opt = AdamAtan2(model.parameters(), lr=1e-2)
-    _adam_state(model, loss_fn, opt)
-    H = dense_for("mlp", model, xy)
-    D = torch.cat([opt.effective_step(p).reshape(-1) for p in model.parameters()])
-    exact = torch.linalg.eigvals(D[:, None] * H).real.max().item()
-    assert preconditioned_sharpness(loss_fn, opt) == pytest.approx(exact, rel=5e-3)
+        torch.testing.assert_close(-d * info.direction(opt, p, p.grad), p.detach() - p0,
+                                   rtol=1e-7, atol=1e-12)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from stablestep.curvature import CurvatureProbe, LanczosConfig, ProbeConfig, hvp
 from stablestep.telemetry import names
-from tests.curvature.helpers import dense_for, make_problem
+from tests.curvature.helpers import dense_for, make_problem, textbook_threshold
+from tests.optim_table import OPTIMIZERS as OPTIMIZER_TABLE
 
 COST = {names.CURV_SECONDS, names.CURV_HVPS, names.CURV_SHARE}
 
@@ -148,6 +149,32 @@ def test_probe_has_no_side_effects_and_keeps_mode():
             assert torch.equal(p.grad, g) and torch.equal(p.detach(), q)
         for k, v in opt.state[model[0].weight].items():
             assert torch.equal(v, state[k])
+
+
+@pytest.mark.parametrize("info", OPTIMIZER_TABLE, ids=repr)
+def test_every_row_probe_keys_threshold_and_no_side_effect_on_training(info):
+    """For every optimizer of the table: the probe reports the preconditioned sharpness
+    against the row's textbook threshold, and training with the probe called after every
+    step is bitwise the training without it (parameters and optimizer state)."""
+    runs = []
+    for with_probe in (False, True):
+        model, loss_fn, _ = make_problem("mlp", seed=3)
+        opt = info(model.parameters())
+        probe = CurvatureProbe(model.parameters(), opt, config=ProbeConfig(tol=1e-3))
+        for _ in range(3):
+            _step(opt, loss_fn)
+            if with_probe:
+                out = probe(loss_fn)
+                assert out[names.PRECOND_THRESHOLD] == pytest.approx(
+                    textbook_threshold(info, opt.param_groups[0]))
+                assert out[names.PRECOND_SHARPNESS] > 0
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    for p0, p1 in zip(m0.parameters(), m1.parameters(), strict=True):
+        assert torch.equal(p0, p1)
+        for key, value in o0.state[p0].items():
+            other = o1.state[p1][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other
 
 
 def test_nonfinite_loss_gives_nan_and_keeps_warm_start():

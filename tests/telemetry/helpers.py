@@ -43,13 +43,14 @@ def reference_stats(opt, model, before, grads, *, eps_mode="torch"):
     group = opt.param_groups[0]
     if "betas" not in group:
         return out
-    lr, (b1, b2), eps, ams = group["lr"], group["betas"], group["eps"], group["amsgrad"]
+    (b1, b2), eps, ams = group["betas"], group["eps"], group["amsgrad"]
     effs, gov, r, gap_num, gap_den = [], 0, [], 0.0, 0.0
     for p, gi in zip(params, g, strict=True):
         st = opt.state[p]
         t = int(st["step"])
         v = (st["max_exp_avg_sq"] if ams else st["exp_avg_sq"]).double()
         bc1, bc2 = 1 - b1**t, 1 - b2**t
+        lr = group["lr"] * float(st.get("update_scale", 1.0))  # StableAdamW's clipping
         if eps_mode == "tf":  # lr_t = lr sqrt(bc2)/bc1; step = lr_t m / (sqrt(v) + eps_hat)
             eff = lr * math.sqrt(bc2) / bc1 / (v.sqrt() + eps)
             gov += int((v.sqrt() < eps).sum())

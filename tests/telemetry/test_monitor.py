@@ -13,6 +13,7 @@ import torch
 import stablestep
 from stablestep.cli import main as cli_main
 from stablestep.telemetry import Monitor, TensorBoardSink, export_csv, list_runs, names, open_run
+from tests.optim_table import OPTIMIZERS as OPTIMIZER_TABLE
 
 from .helpers import loss_of, tiny_problem
 
@@ -57,20 +58,27 @@ def test_nan_loss_is_an_event_not_a_number(tmp_path):
     assert 4 not in run.series("update_norm")[0] and 6 in run.series("update_norm")[0]
 
 
-def _fresh(seed=0):
+def _fresh(info=None, seed=0):
+    """The tiny problem with a row of the table at lr 2e-2 (torch Adam with AMSGrad when
+    ``info`` is None)."""
     model, x, y = tiny_problem(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2, amsgrad=True)
+    if info is None:
+        opt = torch.optim.Adam(model.parameters(), lr=2e-2, amsgrad=True)
+    else:
+        opt = info(model.parameters(), lr=2e-2)
     return model, opt, x, y
 
 
-def test_resume_continues_identically_without_gaps_or_duplicates(tmp_path):
+@pytest.mark.parametrize("info", OPTIMIZER_TABLE, ids=repr)
+def test_resume_continues_identically_without_gaps_or_duplicates(tmp_path, info):
+    """For every optimizer of the table (tests/optim_table.py)."""
     store = tmp_path / "s.db"
     # reference: one uninterrupted run of 12 steps
-    model, opt, x, y = _fresh()
+    model, opt, x, y = _fresh(info)
     with Monitor(model, opt, store=store, run="ref", state_every=3) as mon:
         train(mon, model, opt, x, y, 12)
     # interrupted: checkpoint after 7 steps, run on to 10, "crash", resume from 7
-    model, opt, x, y = _fresh()
+    model, opt, x, y = _fresh(info)
     mon = Monitor(model, opt, store=store, run="job", state_every=3, flush_every=1)
     train(mon, model, opt, x, y, 7)
     ckpt = copy.deepcopy(
@@ -81,7 +89,7 @@ def test_resume_continues_identically_without_gaps_or_duplicates(tmp_path):
     mon.flush()  # the abandoned steps 7..9 are on disk; the process dies without close()
     mon._handle.remove()
 
-    model, opt, _, _ = _fresh(seed=1)  # different init: everything comes from the checkpoint
+    model, opt, _, _ = _fresh(info, seed=1)  # different init: everything comes from the checkpoint
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     with Monitor(model, opt, store=store, state_every=3) as mon2:
