@@ -15,8 +15,10 @@ construction (``kind``):
 - ``aeos``: full-batch Adam at the adaptive edge of stability: adaptive-edge-of-stability;
 - ``outlier``: one minibatch at step ``at`` with inputs scaled ``factor`` x: gradient-outlier.
 
-Scoring: a labelled incident (onset ``at``; for ``aeos`` any onset) is found by the first
-finding whose step lies in ``[at - 2, at + 20]``; any other finding is a false alarm, except
+Scoring: a labelled incident (onset ``at``; for ``aeos`` and ``sgd-high``, which have no
+onset by construction, any step) is found by the first finding whose alarm
+(``evidence["detected_at"]``, as in ``benchmarks/detection.py``) lies in
+``[at - 2, at + 20]``; any other finding is a false alarm, except
 further findings naming the adaptive edge of stability in an ``aeos`` run (its later spike
 episodes; counted in ``aeos_extra_episodes``).
 Delay = ``evidence["detected_at"] - at``. Mechanism right = the matched finding names the
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* 
 
 from benchmarks import wild_heldout, wild_tuning  # noqa: E402
 
+ANY_ONSET = ("aeos", "sgd-high")  # no onset by construction (label_holds: anywhere after 5)
 MECH = {"healthy": None, "blowup0": "lr-too-high", "jump": "lr-too-high",
         "plateau": "lr-too-high", "sgd-high": "lr-too-high",
         "aeos": "adaptive-edge-of-stability", "outlier": "gradient-outlier"}
@@ -258,7 +261,9 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
             match = None
             if want is not None:
                 for f in fs:
-                    ok = spec.kind == "aeos" or spec.at - 2 <= f["step"] <= spec.at + 20
+                    alarm = int(f["evidence"].get("detected_at", f["step"]))
+                    ok = (spec.kind in ANY_ONSET
+                          or spec.at - 2 <= alarm <= spec.at + 20)
                     if ok:
                         match = f
                         break
@@ -274,7 +279,7 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
                 else:
                     tp += 1
                     found += 1
-                    if spec.kind != "aeos":
+                    if spec.kind not in ANY_ONSET:
                         delays.append(int(match["evidence"].get("detected_at", match["step"]))
                                       - spec.at)
                     right += match["mechanism"] == want

@@ -358,6 +358,8 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         fresh_v = inc.onset < 1.0 / (1.0 - float(trace.hyper.get("beta2", 0.999) or 0.999))
         if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v):
             return "lr-too-high", 0.8, ev
+        if early or young:  # crossed within the first steps: m, v_hat hold a few gradients,
+            return "lr-too-high", 0.75, ev  # no edge to drift to (same rule as the secant)
         return "adaptive-edge-of-stability", 0.9 if ps >= pthr else 0.75, ev
     if ps is None and lrs is None:  # no HVP curvature: the free curvature and the loss
         if sec is not None and sec["trusted"]:
