@@ -18,7 +18,21 @@ Decision, in order (DESIGN.md's vocabulary):
    50 steps before the onset) at/above 90% of :math:`(2+2\beta_1)/(1-\beta_1)`; or the
    effective step or :math:`g^2/\hat v` surging (3x its running median) just before the
    onset, with the preconditioned sharpness unknown or above 75% of the threshold.
-5. ``unknown``: otherwise, naming the signals that were missing.
+5. Without HVP curvature (the default Monitor; :mod:`stablestep.diagnosis.infer`): an lr
+   jump at or just before the onset (up to the alarm) is ``lr-too-high``, before anything
+   else but the outlier test; a trusted secant curvature (``secant_curvature`` at half the
+   bound or more and out of its healthy noise) is ``lr-too-high`` for SGD or within the
+   first :math:`2/(1-\beta_1)` steps, else ``adaptive-edge-of-stability``; a blow-up from
+   the first steps is ``lr-too-high``; an SGD divergence, or any SGD spike in full-batch
+   training, is ``lr-too-high``; a self-recovering spike of full-batch Adam with no lr
+   change is ``adaptive-edge-of-stability``. A NaN that ends a blow-up (loss x3 or gradient
+   norm x10 just before, or an lr jump) in a run that is not fp16/bf16 is ``lr-too-high``.
+6. ``unknown``: otherwise, naming the signals that were missing.
+
+Remedies are kept only where they fit the run (:func:`fits`): nothing already set, nothing
+Adam-only for SGD, no batch advice for full-batch training, precision advice only for
+fp16/bf16 runs; each says its expected effect, and an lr bound from Adam's state says how
+reliable it is that early.
 
 Remedies (computed for this run):
 
