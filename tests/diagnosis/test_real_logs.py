@@ -10,7 +10,9 @@ import pytest
 from stablestep.cli import main
 from stablestep.diagnosis import diagnose, load
 
-ROOT = Path(__file__).resolve().parents[2] / ".." / "shared" / "real_logs"
+# ../shared/real_logs next to the checkout; STABLESTEP_REAL_LOGS points elsewhere (a worktree)
+ROOT = Path(os.environ.get("STABLESTEP_REAL_LOGS") or
+            Path(__file__).resolve().parents[2] / ".." / "shared" / "real_logs")
 pytestmark = pytest.mark.skipif(not ROOT.is_dir(), reason="../shared/real_logs not present")
 
 
@@ -23,6 +25,21 @@ def test_every_file_is_readable():
     assert len(files) >= 8
     for f in files:
         assert all(len(t) >= 3 for t in load(_p(f))), f
+
+
+@pytest.mark.parametrize("name,loss,step", [
+    ("KellerJordan_modded-nanogpt__2024-10-13_llmc_main.log", "trl", "s"),
+    ("karpathy_nanoGPT_issue215__gpt2_124M_fp16_nan.csv", "train_loss", "iter"),
+    ("Mabdel-03_9.520-The-Geometry-of-Grok__07_slingshot_adam__training_history.json",
+     "train_loss", "epoch"),
+    ("bigscience-workshop_bigscience__chronicles_spike_iterations.csv", "lm_loss", "iteration"),
+])
+def test_the_reader_says_which_columns_it_read(name, loss, step):
+    infos = []
+    traces = load(_p(name), infos=infos)
+    assert [(i.loss_column, i.step_column) for i in infos] == [(loss, step)] * len(traces)
+    assert [i.points for i in infos] == [len(t) for t in traces]
+    assert not any(i.coarse for i in infos)  # every 100th full-batch epoch is not coarse
 
 
 @pytest.mark.parametrize("name,steps", [

@@ -71,8 +71,8 @@ def test_remedy_values_are_formatted():
     assert remedy_value("set-eps", 0.0017123) == "0.00171"
     assert remedy_value("record", ["sharpness", "g2v_rms"]) == "sharpness, g2v_rms"
     block = incident_html(1, "run", _periodic())
-    assert "<code>exponential-decay = decay_rate 0.9 every 16 steps</code> &mdash;" in block
-    assert "{&#x27;decay_rate" not in block and "{'decay_rate" not in block
+    assert "<code>exponential-decay = decay_rate 0.9 every 16 steps</code>\n&mdash;" in block
+    assert "{&#39;decay_rate" not in block and "{'decay_rate" not in block
 
 
 def test_incident_block_escapes_every_finding_string():
@@ -82,7 +82,7 @@ def test_incident_block_escapes_every_finding_string():
     f["evidence"][HOSTILE] = [HOSTILE]
     block = incident_html(2, HOSTILE, f, color='red"><script>')
     assert "<script" not in block and "<img" not in block
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in block
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in block
 
 
 def test_numbers_match_loss_panel_markers():

@@ -271,8 +271,8 @@ def test_csv_export_and_cli(tmp_path, capsys):
     assert capsys.readouterr().out == out.read_text()
     assert cli_main(["export", str(tmp_path / "s.db"), "--list"]) == 0
     assert capsys.readouterr().out == "r\n"
-    assert cli_main(["export", str(tmp_path / "s.db")]) == 2
-    assert "export needs a format: --csv" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "s.db")]) == 0  # CSV is the default
+    assert capsys.readouterr().out == out.read_text()
     assert cli_main(["export", str(tmp_path / "nope.db"), "--csv"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli_main(["export", str(tmp_path / "s.db"), "--csv", "--run", "zz"]) == 2

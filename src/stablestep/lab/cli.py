@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,17 @@ _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 def add_parsers(subparsers: Any) -> None:
     """Register ``lab`` (with ``list`` and ``run``) and ``sweep``."""
     lab = subparsers.add_parser(
-        "lab", help="the four seed stories reproduced, explained and fixed",
+        "lab", help="the classic Adam failures (late explosion, periodic spikes, Adam with "
+        "lr decay, lr too high -> NaN) reproduced, explained and fixed",
         description="Reproduce a classic Adam failure on the CPU in seconds, compare the "
         "fixes side by side, diagnose each run and write an HTML report.")
     sub = lab.add_subparsers(dest="lab_command", metavar="COMMAND")
-    p = sub.add_parser("list", help="list the scenarios")
+    from stablestep.console import VERBOSITY
+
+    p = sub.add_parser("list", help="list the scenarios", parents=[VERBOSITY])
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("run", help="run a scenario (or all) and write its report")
+    p = sub.add_parser("run", help="run a scenario (or all) and write its report",
+                       parents=[VERBOSITY])
     p.add_argument("name", help="scenario name, or 'all'")
     p.add_argument("--out", default=None,
                    help="output directory (default runs/NAME; for 'all' runs/lab)")
@@ -29,6 +34,9 @@ def add_parsers(subparsers: Any) -> None:
                    help="probe curvature 4x less often (faster, same training)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for 'all' (default: CPU count, at most 4)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DIR/run.sqlite that other runs wrote (one this "
+                   "scenario wrote is always replaced)")
     p.set_defaults(func=cmd_run)
     lab.set_defaults(func=lambda args: (lab.print_help(), 2)[1])
 
@@ -44,17 +52,24 @@ def add_parsers(subparsers: Any) -> None:
     sw.add_argument("--steps", type=int, default=None,
                     help="steps per cell (default: the scenario's)")
     sw.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    sw.add_argument("--out", default=None, help="output directory (default runs/sweep-NAME)")
+    sw.add_argument("--out", default=None,
+                    help="output directory (default runs/sweep-NAME); sweep.json and "
+                    "sweep.html in it are replaced")
     sw.set_defaults(func=cmd_sweep)
 
 
+def printable(text) -> str:
+    """Paths and names from the user, shown with escapes for control characters."""
+    from stablestep.text import printable as _printable
+
+    return _printable(text)
+
+
 def _console():
-    """A rich console; 120 columns when not writing to a terminal (logs, pipes, tests)."""
-    import sys
+    """The CLI's console (terminal width, or ``COLUMNS``/80 when piped)."""
+    from stablestep.console import console
 
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=120)
+    return console()
 
 
 def _usage(msg: str) -> Exception:
@@ -66,8 +81,9 @@ def _usage(msg: str) -> Exception:
 def _need_matplotlib() -> None:
     import importlib.util
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise _usage("the report needs matplotlib: pip install 'stablestep[plot]'")
+    missing = [m for m in ("matplotlib", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _usage(f"the report needs {' and '.join(missing)}: pip install 'stablestep[plot]'")
 
 
 def _scenario(name: str):
@@ -80,17 +96,18 @@ def _scenario(name: str):
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """Print the scenarios with their seed, question and variants."""
+    """Print the scenarios with their story, question and variants."""
     from rich.table import Table
 
     from stablestep.lab import scenarios
+    from stablestep.lab.runner import story_words
 
     t = Table(title="stablestep lab scenarios")
-    for col in ("name", "seed", "story", "variants"):
+    for col in ("name", "story", "question", "variants"):
         t.add_column(col)
     for n in scenarios.names():
         sc = scenarios.get(n)
-        t.add_row(sc.name, sc.seed, sc.title, ", ".join(v.name for v in sc.variants))
+        t.add_row(sc.name, story_words(sc), sc.title, ", ".join(v.name for v in sc.variants))
     _console().print(t)
     print("run one:  stablestep lab run NAME --out DIR   (or 'all')")
     return 0
@@ -101,11 +118,12 @@ def _print_outcome(console, outcome) -> None:
     from rich.table import Table
 
     from stablestep.lab import scenarios
-    from stablestep.lab.runner import fmt_loss
+    from stablestep.lab.runner import fmt_loss, story_words
     from stablestep.report.build import fmt_spikes
 
     sc = scenarios.get(outcome.name)
-    t = Table(title=f"seed {sc.seed} · {sc.name}: {escape(sc.title)} ({outcome.seconds:.0f} s)")
+    t = Table(title=f"{escape(story_words(sc))} ({sc.name}): {escape(sc.title)} "
+              f"({outcome.seconds:.0f} s)")
     for col in ("variant", "role", "final loss", "spikes", "diverged", "diagnosis", "remedy"):
         t.add_column(col, overflow="fold")
     for v in outcome.variants:
@@ -117,12 +135,13 @@ def _print_outcome(console, outcome) -> None:
                   escape(mech), escape(str(remedy)))
     console.print(t)
     if outcome.report:
-        console.print(f"report: {escape(outcome.report)}")
+        console.print(f"report: {escape(printable(outcome.report))}", highlight=False)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run one scenario or all, print the outcome tables and where the reports are."""
-
+    """Run one scenario or all (output directories checked before anything trains), with
+    a progress bar; print the outcome tables and where the reports are."""
+    from stablestep.console import progress
     from stablestep.lab import runner, scenarios
 
     console = _console()
@@ -131,14 +150,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     _need_matplotlib()
     if args.name == "all":
         out = Path(args.out or os.path.join("runs", "lab"))
-        console.print(f"running {len(scenarios.names())} scenarios into {out} ...")
-        outcomes = runner.run_all(out=out, quick=args.quick, workers=args.workers,
-                                  progress=lambda o: _print_outcome(console, o))
-        console.print(f"index of all reports: {out / 'index.html'}")
+        names = scenarios.names()
+        done = []
+
+        with progress(f"{len(names)} stories", len(names)) as update:
+            def finished(outcome):
+                done.append(outcome)
+                update(len(done), len(names))
+                _print_outcome(console, outcome)
+
+            outcomes = runner.run_all(out=out, quick=args.quick, workers=args.workers,
+                                      overwrite=args.overwrite, progress=finished)
+        from rich.markup import escape
+
+        console.print(f"index of all reports: {escape(printable(out / 'index.html'))}",
+                      highlight=False)
         return 0 if outcomes else 1
     sc = _scenario(args.name)
     out = Path(args.out or os.path.join("runs", sc.name))
-    outcome = runner.run_scenario(sc, out=out, quick=args.quick)
+    runner.check_out(out, sc.name, overwrite=args.overwrite)  # before the bar appears
+    with progress(f"{runner.story_words(sc)}: variants", len(sc.variants)) as update:
+        outcome = runner.run_scenario(sc, out=out, quick=args.quick,
+                                      overwrite=args.overwrite, progress=update)
     _print_outcome(console, outcome)
     return 0
 
@@ -153,8 +186,8 @@ def _floats(values: list[str] | None, flag: str) -> list[float]:
                 x = float(item)
             except ValueError:
                 raise _usage(f"{flag}: not a number: {item!r}") from None
-            if not x >= 0:
-                raise _usage(f"{flag}: values must be >= 0; got {item}")
+            if not math.isfinite(x) or x < 0:
+                raise _usage(f"{flag}: values must be finite and >= 0; got {item.strip()}")
             out.append(x)
     return out
 
@@ -169,10 +202,23 @@ def _bools(values: list[str]) -> list[bool]:
     return out
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run the sweep with a progress bar, write sweep.json and sweep.html, print the map."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+def _sweep_out(out: Path) -> None:
+    """Make ``out`` ready for sweep.json and sweep.html before any cell trains."""
+    if out.exists() and not out.is_dir():
+        raise _usage(f"--out: {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("sweep.json", "sweep.html"):
+        p = out / name
+        if p.is_dir():
+            raise _usage(f"--out: {p} is a directory")
+        if not os.access(out, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise _usage(f"--out: cannot write {p}")
 
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Check every argument and the output directory, run the sweep with a progress bar,
+    write sweep.json (standard JSON: no NaN/Infinity) and sweep.html, print the map."""
+    from stablestep.console import progress
     from stablestep.lab.runner import fmt_loss
     from stablestep.lab.sweep import sweep
 
@@ -185,20 +231,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise _usage("--lr: give at least one learning rate")
     if any(x == 0 for x in lrs):
         raise _usage("--lr: learning rates must be > 0")
+    if not epss:
+        raise _usage("--eps: give at least one epsilon")
     if args.steps is not None and args.steps < 1:
         raise _usage(f"--steps must be >= 1; got {args.steps}")
     if args.workers is not None and args.workers < 1:
         raise _usage(f"--workers must be >= 1; got {args.workers}")
     out = Path(args.out or os.path.join("runs", f"sweep-{sc.name}"))
+    _sweep_out(out)
     console = _console()
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"sweep {sc.name}", total=len(lrs) * len(epss) * len(amsgrads))
+    with progress(f"sweep {sc.name}", len(lrs) * len(epss) * len(amsgrads)) as update:
         result = sweep(sc.name, lrs=lrs, epss=epss, amsgrads=amsgrads, steps=args.steps,
-                       workers=args.workers,
-                       progress=lambda done, total: bar.update(task, completed=done))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+                       workers=args.workers, progress=update)
+    (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False),
+                                    encoding="utf-8")
     from stablestep.report.sweepmap import write_sweep_report
 
     html = write_sweep_report(result, out / "sweep.html")
@@ -214,5 +260,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             t.add_row(f"{eps:g}", *[f"{fmt_loss(c.final_loss)} / "
                                     f"{'-' if c.spikes is None else c.spikes}" for c in cells])
         console.print(t)
-    console.print(f"stability map: {html}")
+    from rich.markup import escape
+
+    console.print(f"stability map: {escape(printable(html))}", highlight=False)
     return 0

@@ -12,6 +12,7 @@ scenarios run in parallel processes, one store each, so no two processes write o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -28,6 +29,69 @@ from stablestep.lab.train import train
 
 STORE_NAME = "run.sqlite"
 REPORT_NAME = "report.html"
+log = logging.getLogger("stablestep.lab")
+
+# The stories in the words users have for them (the README's and the reports' titles).
+STORY_WORDS = {
+    "late-explosion": "late explosion",
+    "periodic-spikes": "periodic spikes",
+    "adam-decay": "Adam with lr decay",
+    "lr-divergence": "lr too high -> NaN",
+}
+
+
+def story_words(scenario: str | Scenario) -> str:
+    """A scenario's story in a few words ("late explosion", "periodic spikes", ...);
+    scenarios without an entry read as their name with spaces."""
+    name = scenario if isinstance(scenario, str) else scenario.name
+    return STORY_WORDS.get(name, name.replace("-", " "))
+
+
+def _lab_store_of(store: Path, scenario: str) -> bool:
+    """Whether ``store`` holds only runs the lab wrote for ``scenario`` (so replacing it
+    loses nothing that ``lab run`` cannot write again)."""
+    try:
+        from stablestep.telemetry import list_runs, open_run
+
+        names = list_runs(store)
+        return bool(names) and all(
+            (open_run(store, n).config or {}).get("scenario") == scenario for n in names)
+    except Exception:  # unreadable, foreign, locked: not ours to delete
+        return False
+
+
+def check_out(out: str | os.PathLike, scenario: str, *, overwrite: bool = False) -> Path:
+    """Raise, changing nothing, unless ``out`` can take ``out/run.sqlite`` for
+    ``scenario``: ``NotADirectoryError`` when ``out`` is a file, ``FileExistsError`` when
+    ``out/run.sqlite`` holds runs other than this scenario's and not ``overwrite``.
+    Returns the store path."""
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
+    store = out_dir / STORE_NAME
+    if store.is_dir():
+        raise IsADirectoryError(f"{store} is a directory")
+    if (store.exists() or Path(f"{store}-wal").exists()) and not (
+            overwrite or _lab_store_of(store, scenario)):
+        raise FileExistsError(f"{store} exists and holds runs that are not from "
+                              f"'lab run {scenario}'; pass --overwrite to replace it, "
+                              "or choose another --out")
+    return store
+
+
+def prepare_out(out: str | os.PathLike, scenario: str, *, overwrite: bool = False) -> Path:
+    """:func:`check_out`, then create ``out`` and remove the old ``out/run.sqlite`` (a
+    store the lab wrote for the same scenario, or any with ``overwrite``). Returns the
+    store path."""
+    store = check_out(out, scenario, overwrite=overwrite)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    if store.exists():
+        log.info("replacing %s", store)
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(store) + suffix)
+        if p.exists():
+            p.unlink()
+    return store
 
 
 @dataclass
@@ -128,42 +192,40 @@ def run_scenario(
     quick: bool = False,
     variants: Sequence[str] | None = None,
     report: bool = True,
-    progress: Callable[[str, str], None] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ScenarioOutcome:
     """Run ``scenario`` (a name or a :class:`Scenario`) into ``out/run.sqlite``.
 
-    ``variants``: names to run (default all); an existing store in ``out`` is replaced.
-    ``report``: also write ``out/report.html``. ``progress(scenario, variant)`` is
-    called after each variant.
+    ``variants``: names to run (default all). An existing ``out/run.sqlite`` that this
+    scenario wrote is replaced; any other only with ``overwrite`` (else
+    ``FileExistsError``, before any training: :func:`prepare_out`). ``report``: also
+    write ``out/report.html``. ``progress(done, total)`` is called after each variant.
     """
     sc = scenarios.get(scenario) if isinstance(scenario, str) else scenario
     chosen = sc.variants if variants is None else tuple(sc.variant(v) for v in variants)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = out_dir / STORE_NAME
-    for suffix in ("", "-wal", "-shm"):
-        p = Path(str(store) + suffix)
-        if p.exists():
-            p.unlink()
+    store = prepare_out(out_dir, sc.name, overwrite=overwrite)
     t0 = time.perf_counter()
     outcome = ScenarioOutcome(name=sc.name, store=str(store), report=None)
-    for v in chosen:
+    for i, v in enumerate(chosen, 1):
         outcome.variants.append(run_variant(sc, v, store=str(store), quick=quick))
+        log.debug("%s: %s trained in %.1f s", sc.name, v.name, outcome.variants[-1].seconds)
         if progress is not None:
-            progress(sc.name, v.name)
+            progress(i, len(chosen))
     if report:
-        from stablestep.report import write_scenario_report
+        from stablestep.lab.pages import write_scenario_report
 
         outcome.report = str(write_scenario_report(sc, outcome, out_dir / REPORT_NAME))
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
 
-def _run_one(name: str, out: str, quick: bool) -> ScenarioOutcome:
+def _run_one(name: str, out: str, quick: bool, overwrite: bool = False) -> ScenarioOutcome:
     import torch
 
     torch.set_num_threads(1)
-    return run_scenario(name, out=os.path.join(out, name), quick=quick)
+    return run_scenario(name, out=os.path.join(out, name), quick=quick, overwrite=overwrite)
 
 
 def run_all(
@@ -172,20 +234,23 @@ def run_all(
     names: Sequence[str] | None = None,
     quick: bool = False,
     workers: int | None = None,
+    overwrite: bool = False,
     progress: Callable[[ScenarioOutcome], None] | None = None,
 ) -> list[ScenarioOutcome]:
     """Run several scenarios (default all) in ``workers`` processes (default: CPU count,
     at most 4), each into ``out/<name>/``; write ``out/index.html``. Returns outcomes in
-    seed order; ``progress(outcome)`` is called as each scenario finishes."""
+    the lab's order; ``progress(outcome)`` is called as each scenario finishes. Every
+    output directory is checked (:func:`prepare_out`) before anything trains."""
     names = list(names or scenarios.names())
     for n in names:
         scenarios.get(n)  # validate before starting processes
-    workers = workers or min(4, os.cpu_count() or 1, len(names))
+        check_out(Path(out) / n, n, overwrite=overwrite)
     Path(out).mkdir(parents=True, exist_ok=True)
+    workers = min(workers or min(4, os.cpu_count() or 1), len(names))
     results: dict[str, ScenarioOutcome] = {}
     if workers <= 1:
         for n in names:
-            results[n] = _run_one(n, os.fspath(out), quick)
+            results[n] = _run_one(n, os.fspath(out), quick, overwrite)
             if progress is not None:
                 progress(results[n])
     else:
@@ -193,7 +258,8 @@ def run_all(
 
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, n, os.fspath(out), quick): n for n in names}
+            futures = {pool.submit(_run_one, n, os.fspath(out), quick, overwrite): n
+                       for n in names}
             from concurrent.futures import as_completed
 
             for fut in as_completed(futures):
@@ -202,7 +268,7 @@ def run_all(
                 if progress is not None:
                     progress(res)
     ordered = [results[n] for n in names]
-    from stablestep.report import write_index
+    from stablestep.lab.pages import write_index
 
     write_index(ordered, Path(out) / "index.html")
     return ordered

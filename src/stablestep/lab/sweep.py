@@ -9,6 +9,7 @@ they run in parallel processes (``workers``) and need no shared store. The resul
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from stablestep.lab import scenarios
 from stablestep.lab.config import TrainConfig
 from stablestep.lab.spikes import count_spikes
 from stablestep.lab.train import train
+
+log = logging.getLogger("stablestep.lab")
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,18 @@ def sweep(
     """Train ``scenario``'s failing (base) setting at every (lr, eps, amsgrad).
 
     ``steps`` overrides the number of steps (default: the scenario's); ``workers``
-    processes (default: CPU count); ``progress(done, total)`` after each cell. Cells are
+    processes (default: CPU count, never more than cells); ``progress(done, total)`` after
+    each cell. Non-finite or negative lr/eps values raise ``ValueError``. Cells are
     returned in grid order (amsgrad, eps, lr) whatever order they finish in.
     """
     sc = scenarios.get(scenario)
     for name, values in (("lr", lrs), ("eps", epss), ("amsgrad", amsgrads)):
         if not values:
             raise ValueError(f"give at least one {name} value")
+    for name, values in (("lr", lrs), ("eps", epss)):
+        bad = [x for x in values if not (math.isfinite(float(x)) and float(x) >= 0)]
+        if bad:
+            raise ValueError(f"{name} values must be finite and >= 0; got {bad[0]}")
     base = replace(sc.base(), curvature_every=0)
     if steps is not None:
         base = replace(base, steps=steps)
@@ -101,7 +109,8 @@ def sweep(
     result = SweepResult(scenario=sc.name, lrs=[float(x) for x in lrs],
                          epss=[float(x) for x in epss], amsgrads=[bool(a) for a in amsgrads],
                          steps=base.steps)
-    workers = workers or min(os.cpu_count() or 1, len(grid))
+    workers = min(workers or os.cpu_count() or 1, len(grid))
+    log.debug("sweep %s: %d cells in %d process(es)", sc.name, len(grid), workers)
     done: dict[int, Cell] = {}
     if workers <= 1:
         for i, cfg in enumerate(grid):

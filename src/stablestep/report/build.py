@@ -9,28 +9,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stablestep.report import plots
 from stablestep.report.html import (
-    esc,
-    figure,
     fmt,
     incident_list,
     incidents_for,
+    missing_note,
     page,
     panels,
+    render,
     table,
 )
-from stablestep.report.incidents import remedy_value
-
-
-def _findings(store: str, run: str) -> list[dict] | None:
-    try:
-        from stablestep.diagnosis import diagnose
-    except ImportError:
-        return None
-    return [f.to_dict() for f in diagnose(store, run=run)]
+from stablestep.text import printable
 
 
 def _spike_findings(spikes: Sequence[int], diverged_at: int | None) -> list[dict]:
@@ -53,137 +43,100 @@ def _write(text: str, out: str | os.PathLike) -> Path:
     return path
 
 
-def _hyper_cell(config: dict) -> str:
-    h = config.get("hyper") or {}
+def _hyper_cell(hyper: dict) -> str:
+    h = hyper or {}
     keys = (("kind", "lr", "momentum", "nesterov") if h.get("kind") == "sgd"
             else ("kind", "lr", "eps", "eps_mode", "amsgrad", "beta1", "beta2"))
     return ", ".join(f"{k}={fmt(h[k])}" for k in keys if k in h)
 
 
-def write_report(store: str | os.PathLike, out: str | os.PathLike, *,
-                 title: str | None = None, runs: Sequence[str] | None = None) -> Path:
-    """Write the HTML report of the runs in ``store`` (default all, on shared axes) to
-    ``out``; the diagnosis (when available) numbers and explains the incidents."""
-    from stablestep.telemetry import list_runs, open_run
+def _is_store(path: str) -> bool:
+    """Whether ``path`` is a regular file starting with SQLite's header (a FIFO or a
+    device is never opened: reading one would block)."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return False
 
-    store = os.fspath(store)
-    names = list(runs) if runs is not None else list_runs(store)
+
+def load_runs(source: Any, runs: Sequence[str] | None = None
+              ) -> tuple[list[Any], list[tuple[str, str]], dict[str, dict]]:
+    """Read ``source`` (anything :func:`stablestep.diagnosis.sources.load` reads: a run
+    store, CSV, TensorBoard dir, Keras history, HF ``trainer_state.json``, ...) into
+    traces, one per run (``runs``: only these). A run of a store that cannot be read
+    (e.g. no metrics: a crash before the first flush) is left out with its reason instead
+    of blocking the others. Returns ``(traces, skipped, configs)``: ``skipped`` as
+    ``(run, reason)``, ``configs`` the stored run configs by name (stores only).
+    ``SourceError`` when nothing is readable."""
+    from stablestep.diagnosis.sources import SourceError, load
+
+    path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    traces, skipped, configs = [], [], {}
+    if path is not None and _is_store(path):
+        from stablestep.telemetry import list_runs, open_run
+
+        for name in (list(runs) if runs else list_runs(path)):
+            try:
+                traces.extend(load(path, run=name))
+            except SourceError as exc:
+                if runs:  # asked for by name: say why not
+                    raise
+                skipped.append((name, str(exc).split(": ", 1)[-1]))
+                continue
+            try:
+                configs[name] = dict(open_run(path, name).config or {})
+            except Exception:  # the config only adds labels
+                configs[name] = {}
+        if not traces:
+            why = f" ({skipped[0][1]})" if skipped else ""
+            raise SourceError(f"{path}: no run with metrics to report{why}")
+        return traces, skipped, configs
+    if runs:
+        for name in runs:
+            traces.extend(load(source, run=name))
+    else:
+        traces = list(load(source))
+    return traces, skipped, configs
+
+
+def write_report(source: Any, out: str | os.PathLike, *,
+                 title: str | None = None, runs: Sequence[str] | None = None) -> Path:
+    """Write the HTML report of the runs in ``source`` (a run store or any log
+    :func:`load_runs` reads; default all runs, on shared axes) to ``out``; the diagnosis
+    numbers and explains the incidents. Panels a log cannot fill (a CSV has no optimizer
+    state) are named, with how to record them."""
+    from stablestep.diagnosis.core import diagnose_trace
+
+    traces, skipped, configs = load_runs(source, runs)
     series, rows, number = [], [], 1
-    for name in names:
-        run = open_run(store, run=name)
-        found = _findings(store, name)
+    for trace in traces:
+        try:
+            found = [f.to_dict() for f in diagnose_trace(trace)]
+        except Exception:  # a report without a diagnosis beats no report
+            found = None
         incs = incidents_for(found or [], number)
         number += len(incs)
-        s = plots.from_run(run, label=str(run.config.get("label") or name), incidents=incs)
+        cfg = configs.get(trace.name, {})
+        name = trace.name or "run"
+        s = plots.from_trace(trace, label=printable(cfg.get("label") or name, limit=120),
+                             incidents=incs)
         series.append(s)
         steps, loss = s.get("loss")
-        rows.append([name, _hyper_cell(run.config), int(steps[-1]) + 1 if len(steps) else 0,
+        rows.append([printable(name, limit=120), _hyper_cell(trace.hyper),
+                     int(steps[-1]) if len(steps) else "-",
                      float(loss[-1]) if len(loss) else float("nan"),
                      "not available" if found is None else
                      (", ".join(sorted({f["mechanism"] for f in found})) or "none")])
-    title = title or f"stablestep report: {Path(store).name}"
-    body = [f"<h1>{esc(title)}</h1>", f"<p>Run store <code>{esc(store)}</code>, "
-            f"{len(names)} run(s) on shared axes.</p>",
-            table(["run", "optimizer", "steps", "last loss", "diagnosis"], rows),
-            "<h2>Panels</h2>", '<div class="grid">', *panels(series), "</div>",
-            "<h2>Incidents</h2>", incident_list(series)]
-    return _write(page(title, "".join(body)), out)
-
-
-def _role(role: str) -> str:
-    return f'<span class="{esc(role)}">{esc(role)}</span>'
-
-
-def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -> Path:
-    """Write the report of a lab scenario run (a :class:`stablestep.lab.Scenario` and the
-    :class:`stablestep.lab.runner.ScenarioOutcome` of running it)."""
-    from stablestep.telemetry import open_run
-
-    series, rows, number = [], [], 1
-    for v in outcome.variants:
-        run = open_run(outcome.store, run=v.name)
-        found = (v.findings if v.findings is not None
-                 else _spike_findings(v.spikes or [], v.diverged_at))
-        incs = incidents_for(found, number)
-        number += len(incs)
-        series.append(plots.from_run(run, label=v.label, incidents=incs))
-        mech = ("not available" if v.findings is None
-                else ", ".join(v.mechanisms) or "no finding")
-        remedy = ""
-        for f in v.findings or []:
-            for r in f.get("remedies") or []:
-                remedy = f"{r.get('action')} = {remedy_value(str(r.get('action')), r.get('value'))}"
-                break
-            if remedy:
-                break
-        diverged = "-" if v.diverged_at is None else f"NaN at step {v.diverged_at}"
-        rows.append([esc(v.label), _role(v.role), esc(fmt(v.final_loss)), esc(fmt_spikes(v.spikes)),
-                     esc(diverged), esc(mech), esc(remedy)])
-    extra = []
-    if "bias-correction" in scenario.panels:
-        from stablestep.lab.train import lr_factor
-
-        steps = scenario.base().steps
-        decays = {v.label: np.array([lr_factor(v.config)(t) for t in range(steps)])
-                  for v in scenario.variants if v.config.schedule != "constant"}
-        b1, b2 = scenario.base().betas
-        colors = {v.label: plots.TAB10[i % 10] for i, v in enumerate(outcome.variants)}
-        extra.append(figure(plots.bias_correction_panel(steps, decays, b1=b1, b2=b2,
-                                                        colors=colors),
-                            "Adam's bias-correction factor next to the lr decays compared "
-                            "here: it rises to 1 within a few thousand steps."))
-    if "period" in scenario.panels:
-        spikes = {v.label: v.spikes or [] for v in outcome.variants}
-        extra.append(figure(plots.interval_panel(spikes),
-                            "Spikes per run and the median number of steps between them: "
-                            "the spike alarms of the detector stack the diagnosis and the "
-                            "guard use, counting those that peak at least the story's "
-                            "factor above their baseline."))
-    adam = {v.name: str(v.config.optimizer).lower().startswith("adam")
-            for v in scenario.variants}  # eps and amsgrad mean nothing to SGD
-    cfg_rows = [[v.label, v.config.optimizer, v.config.lr,
-                 v.config.eps if adam[v.name] else "-",
-                 v.config.amsgrad if adam[v.name] else "-",
-                 v.config.schedule, v.config.n, v.config.steps] for v in scenario.variants
-                if v.name in {o.name for o in outcome.variants}]
-    title = f"seed {scenario.seed} · {scenario.name}: {scenario.title}"
-    body = [
-        f"<h1>{esc(title)}</h1>",
-        f'<p class="story">{esc(scenario.story)}</p>',
-        f"<p>{esc(scenario.explanation)}</p>",
-        "<h2>Outcome</h2>",
-        table(["variant", "role", "final loss", "spikes", "diverged", "diagnosis",
-               "computed remedy"], rows, raw=True),
-        "<h2>Panels (all variants on shared axes)</h2>",
-        '<div class="grid">',
-        *panels(series, smooth=50 if scenario.base().batch is not None else 0), *extra,
-        "</div>",
-        "<h2>Incidents</h2>", incident_list(series),
-        "<h2>Settings</h2>",
-        table(["variant", "optimizer", "lr", "eps", "amsgrad", "schedule", "data points",
-               "steps"], cfg_rows),
-        f"<p>Reproduce: <code>stablestep lab run {esc(scenario.name)} --out DIR</code>; "
-        f"runs are stored in <code>{esc(outcome.store)}</code>.</p>",
-    ]
-    return _write(page(title, "".join(body)), out)
-
-
-def write_index(outcomes: Sequence[Any], out: str | os.PathLike) -> Path:
-    """Write an index page linking each scenario's report with its outcome table."""
-    from stablestep.lab import scenarios
-
-    base = Path(out).parent
-    parts = ["<h1>stablestep lab: the four seed stories</h1>"]
-    for o in outcomes:
-        sc = scenarios.get(o.name)
-        link = os.path.relpath(o.report, base) if o.report else None
-        head = esc(f"seed {sc.seed} · {sc.name}: {sc.title}")
-        parts.append(f'<h2><a href="{esc(link)}">{head}</a></h2>' if link else f"<h2>{head}</h2>")
-        parts.append(f"<p>{esc(sc.explanation)}</p>")
-        parts.append(table(
-            ["variant", "role", "final loss", "spikes", "diverged at", "diagnosis"],
-            [[v.label, v.role, v.final_loss, fmt_spikes(v.spikes),
-              "-" if v.diverged_at is None else v.diverged_at,
-              "not available" if v.findings is None else ", ".join(v.mechanisms) or "none"]
-             for v in o.variants]))
-    return _write(page("stablestep lab", "".join(parts)), out)
+    src = (os.fspath(source) if isinstance(source, (str, os.PathLike))
+           else str(getattr(source, "source", "") or type(source).__name__))
+    kind = "Run store" if isinstance(source, (str, os.PathLike)) and _is_store(src) else "Log"
+    title = title or f"stablestep report: {Path(src).name}"
+    body = render("store_report", title=title, what=kind, source=src, n_runs=len(traces),
+                  skipped=skipped, summary=table(["run", "optimizer", "last step",
+                                                  "last loss", "diagnosis"], rows),
+                  figures=panels(series), missing=missing_note(series),
+                  incidents=incident_list(series))
+    return _write(page(title, body), out)

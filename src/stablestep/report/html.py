@@ -1,49 +1,66 @@
 """One self-contained HTML page: text, tables and PNG panels inlined as base64.
 
+Pages are Jinja2 templates (:mod:`stablestep.report.templates`) rendered with autoescape:
+every value a template prints is escaped unless it is :class:`markupsafe.Markup` (HTML
+this package built from another template). Every printed value also goes through
+:func:`stablestep.text.printable` first, so NUL, control and bidi-override
+characters from run names or logs show as visible escapes instead of being copied in.
+
 No network: every image is a ``data:`` URL, styles and the one script are inline, and a
-Content-Security-Policy forbids fetching anything else. Every string that comes from a
-user (run names, labels, config values, finding evidence) goes through :func:`esc`.
-The script marks ``<body data-images-ready="N">`` once all N images have decoded
-(``data-images-broken`` when one did not), which the browser test reads.
+Content-Security-Policy forbids fetching anything else. The script marks
+``<body data-images-ready="N">`` once all N images have decoded (``data-images-broken``
+when one did not), which the browser test reads.
+
+Layout: one column on a phone (390 px), panels two or more abreast from about 1150 px;
+wide tables scroll inside their own box, so the page itself never scrolls sideways.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stablestep.report import plots
+from stablestep.text import fmt, printable  # noqa: F401  (fmt re-exported)
 
 CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
        "script-src 'unsafe-inline'")
 
-_STYLE = """
+STYLE = """
+*{box-sizing:border-box}
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1500px;
-margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45}
+margin:1.5em auto;padding:0 1em;color:#222;line-height:1.45;overflow-wrap:anywhere}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;
 border-bottom:1px solid #ddd}p.story{font-style:italic;color:#444}
+.scroll{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:top}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:top;
+overflow-wrap:normal}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .failing{color:#b00020;font-weight:600}.fix{color:#00695c;font-weight:600}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(620px,1fr));gap:.8em}
-figure{margin:0;border:1px solid #e3e3e3;padding:.3em;background:#fff}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,540px),1fr));
+gap:.8em}
+figure{margin:0;border:1px solid #e3e3e3;padding:.3em;background:#fff;min-width:0}
+img{max-width:100%;height:auto}
 figure img{width:100%;height:auto;display:block}figcaption{font-size:.85em;color:#555}
 .badge{display:inline-block;border-radius:50%;width:1.5em;height:1.5em;text-align:center;
-color:#fff;font-size:.8em;line-height:1.5em;font-weight:700}code{background:#f5f5f5;padding:0 .2em}
+color:#fff;font-size:.8em;line-height:1.5em;font-weight:700}
+code{background:#f5f5f5;padding:0 .2em;overflow-wrap:anywhere}
 .incident{border:1px solid #e3e3e3;border-radius:4px;padding:.2em .9em .5em;margin:.8em 0}
 .incident p.headline{font-size:1.02em;margin:.5em 0}.incident .badge{margin-right:.3em}
 table.evidence td:nth-child(2),table.evidence td:nth-child(3){white-space:nowrap;
-font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555}
+font-variant-numeric:tabular-nums}table.evidence td:nth-child(4){color:#555;min-width:16em}
+table.evidence td:first-child{min-width:8em}
 p.remedy-head{margin:.4em 0 .1em;font-weight:600}ul.remedies{margin:.1em 0 .4em}
 ul.remedies li{margin:.15em 0}details{font-size:.85em;color:#555}
 ul.all-evidence{columns:2;margin:.2em 0}code.mech{font-size:.8em;color:#666}
+p.missing{background:#fff8e1;border:1px solid #f0dca0;padding:.5em .8em}
+@media (max-width:600px){body{padding:0 .5em;margin:.8em auto}ul.all-evidence{columns:1}
+h1{font-size:1.3em}}
 """
 
-_SCRIPT = """
+SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = Array.prototype.slice.call(document.images);
   var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
@@ -54,46 +71,57 @@ window.addEventListener('load', function () {
 
 
 def esc(value: Any) -> str:
-    """HTML-escape ``str(value)`` (quotes included), for text and attribute values."""
-    return html.escape(str(value), quote=True)
+    """``str(value)`` made safe for HTML text and attribute values: control and bidi
+    characters as visible escapes (:func:`~stablestep.text.printable`), then
+    ``& < > " '`` escaped (the same escaping the templates apply)."""
+    from markupsafe import escape
+
+    return str(escape(printable(value, newlines=True)))
 
 
-def fmt(x: Any) -> str:
-    """A number for tables (3 significant digits, ``NaN`` for non-finite); other values
-    as ``str``."""
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, (int, float)):
-        if isinstance(x, float) and not math.isfinite(x):
-            return "NaN"
-        return f"{x:.3g}" if isinstance(x, float) else str(x)
-    return str(x)
+
+def render(template: str, /, **context: Any) -> Any:
+    """Render ``template`` (a name in :mod:`stablestep.report.templates`) with
+    ``context``; returns :class:`markupsafe.Markup` (safe to embed in another template)."""
+    from markupsafe import Markup
+
+    from stablestep.report.templates import get
+
+    return Markup(get(template).render(**context))
 
 
-def img(png: bytes, alt: str) -> str:
+def safe(html: str) -> Any:
+    """Mark HTML that this package built as safe to embed (never user text)."""
+    from markupsafe import Markup
+
+    return Markup(html)
+
+
+def img(png: bytes, alt: str) -> Any:
     """An ``<img>`` with ``png`` inlined as a data URL."""
     data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+    return render("img", alt=alt, src=f"data:image/png;base64,{data}")
 
 
-def figure(png: bytes | None, caption: str) -> str:
+def figure(png: bytes | None, caption: str) -> Any:
     """A ``<figure>`` holding ``png`` (empty string when there is no panel)."""
     if png is None:
         return ""
-    return f"<figure>{img(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>"
+    data = base64.b64encode(png).decode("ascii")
+    return render("figure", caption=caption, src=f"data:image/png;base64,{data}")
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, raw: bool = False) -> str:
-    """A table; cells are escaped unless ``raw`` (cells already HTML)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, raw: bool = False) -> Any:
+    """A table in a box that scrolls sideways on narrow screens; cells are formatted with
+    :func:`fmt` and escaped, unless ``raw`` (cells are HTML this package built)."""
     body = []
     for row in rows:
         cells = []
         for c in row:
-            cls = ' class="num"' if isinstance(c, (int, float)) and not isinstance(c, bool) else ""
-            cells.append(f"<td{cls}>{c if raw else esc(fmt(c))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+            num = isinstance(c, (int, float)) and not isinstance(c, bool)
+            cells.append({"num": num, "text": safe(str(c)) if raw else fmt(c)})
+        body.append(cells)
+    return render("table", header=list(header), rows=body)
 
 
 def finding_text(f: dict) -> str:
@@ -112,15 +140,37 @@ def incidents_for(findings: Sequence[dict], start: int, *, limit: int = 6) -> li
             for i, f in enumerate(list(findings)[:limit])]
 
 
-def panels(series: Sequence[plots.Series], *, smooth: int = 0) -> list[str]:
+def _optimizer_state() -> dict[str, str]:
+    from stablestep.telemetry import names as N
+
+    return {"effective per-coordinate step": N.EFF_STEP_P50,
+            "share of coordinates eps governs": N.EPS_SHARE,
+            "preconditioned sharpness lam_max(P^-1 H)": N.PRECOND_SHARPNESS,
+            "gradient norm": N.GRAD_NORM}
+
+
+def missing_note(series: Sequence[plots.Series]) -> Any:
+    """A paragraph naming the panels no run could fill and how to record them (empty
+    when every panel has data): a CSV or TensorBoard log usually has only the loss."""
+    missing = [what for what, name in _optimizer_state().items()
+               if not any(s.has(name) for s in series)]
+    if not missing:
+        return ""
+    curvature = any("sharpness" in m for m in missing)
+    return render("missing", missing=missing, curvature=curvature)
+
+
+def panels(series: Sequence[plots.Series], *, smooth: int = 0) -> list[Any]:
     """The standard panels for runs on shared axes, as ``<figure>`` HTML (missing
-    quantities are skipped); ``smooth``: running mean for noisy losses."""
+    quantities are skipped; :func:`missing_note` says which); ``smooth``: running mean
+    for noisy losses."""
     from stablestep.telemetry import names as N
 
     figs = [
         figure(plots.loss_panel(series, smooth=smooth), "Loss (log axis); numbered circles "
-               "are the incidents explained below (same numbers, same colours), a cross marks "
-               "a run that stopped on a non-finite loss"
+               "are the incidents explained below (same numbers, same colours; circles "
+               "of runs at the same place are stacked), a cross marks where a run's loss "
+               "or gradients became non-finite (NaN/Inf)"
                + (f"; lines are running means of {smooth} steps, raw losses faint."
                   if smooth > 0 else ".")),
         figure(plots.eff_step_panel(series), "Effective per-coordinate step (diagonal of "
@@ -143,7 +193,7 @@ def panels(series: Sequence[plots.Series], *, smooth: int = 0) -> list[str]:
     return [f for f in figs if f]
 
 
-def incident_list(series: Sequence[plots.Series]) -> str:
+def incident_list(series: Sequence[plots.Series]) -> Any:
     """One block per numbered incident (the numbers of the loss panel's markers, badges
     in the run's colour): headline, evidence table, remedies."""
     from stablestep.report.incidents import incident_html, incidents_html
@@ -157,12 +207,9 @@ def incident_list(series: Sequence[plots.Series]) -> str:
     return incidents_html(blocks)
 
 
-def page(title: str, body: str) -> str:
-    """A complete HTML document with the style, the CSP and the image-check script."""
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{esc(title)}</title><style>{_STYLE}</style></head>"
-        f"<body>{body}<script>{_SCRIPT}</script></body></html>\n"
-    )
+def page(title: str, body: Any) -> str:
+    """A complete HTML document with the style, the CSP and the image-check script;
+    ``body`` is HTML built by this package (:class:`markupsafe.Markup` or a ``str`` of
+    it)."""
+    return str(render("page", title=title, body=safe(str(body)), csp=safe(CSP), style=safe(STYLE),
+                      script=safe(SCRIPT))) + "\n"

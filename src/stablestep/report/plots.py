@@ -22,12 +22,14 @@ or ``None`` when no run recorded the quantity. Panels:
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from stablestep.telemetry import names as N
+from stablestep.text import plot_label
 
 _EMPTY = (np.zeros(0, dtype=np.int64), np.zeros(0))
 
@@ -47,11 +49,13 @@ class Incident:
 @dataclass
 class Series:
     """What the panels need from one run: its ``label``, a ``get(name)`` of
-    ``(steps, values)`` and its ``incidents``."""
+    ``(steps, values)``, its ``incidents`` and the steps where a non-finite value
+    (NaN/Inf loss or gradients) was recorded (``nonfinite``)."""
 
     label: str
     metrics: dict[str, tuple[np.ndarray, np.ndarray]]
     incidents: list[Incident] = field(default_factory=list)
+    nonfinite: tuple[int, ...] = ()
 
     def get(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of metric ``name`` (empty arrays when not recorded)."""
@@ -69,7 +73,29 @@ def from_run(run, *, label: str | None = None, incidents: Sequence[Incident] = (
               N.SHARPNESS, N.LR_SHARPNESS, N.GD_THRESHOLD)
     have = set(run.names())
     metrics = {n: run.series(n) for n in wanted if n in have}
-    return Series(label=label or run.name, metrics=metrics, incidents=list(incidents))
+    nonfinite = tuple(sorted(int(e.step) for e in run.events if e.kind == N.EVENT_NONFINITE))
+    return Series(label=label or run.name, metrics=metrics, incidents=list(incidents),
+                  nonfinite=nonfinite)
+
+
+def from_trace(trace, *, label: str | None = None,
+               incidents: Sequence[Incident] = ()) -> Series:
+    """Bundle a :class:`stablestep.diagnosis.trace.Trace` (any readable log) for the
+    panels. A trace aligns every metric onto the union of steps with NaN where nothing was
+    recorded; those gaps are dropped here, and a NaN loss is kept only at the steps the
+    reader marked non-finite."""
+    steps = np.asarray(trace.steps, dtype=np.int64)
+    loss = np.asarray(trace.loss, dtype=np.float64)
+    nonfinite = tuple(sorted(int(x) for x in trace.nonfinite_steps))
+    keep = np.isfinite(loss) | np.isin(steps, np.asarray(nonfinite, dtype=np.int64))
+    metrics = {N.LOSS: (steps[keep], loss[keep])}
+    for name, values in trace.metrics.items():
+        v = np.asarray(values, dtype=np.float64)
+        ok = np.isfinite(v)
+        if ok.any():
+            metrics[name] = (steps[ok], v[ok])
+    return Series(label=label or trace.name or "run", metrics=metrics,
+                  incidents=list(incidents), nonfinite=nonfinite)
 
 
 def _plt():
@@ -158,54 +184,96 @@ def _rolling_mean(v: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _last_finite(v: np.ndarray) -> int | None:
-    ok = np.flatnonzero(np.isfinite(v) & (v > 0))
-    return int(ok[-1]) if ok.size else None
+def first_nonfinite(r: Series) -> int | None:
+    """The first step at which run ``r`` recorded a non-finite loss or gradient (from
+    ``r.nonfinite`` and the loss values), ``None`` when there is none: a run that simply
+    ended is not a run that blew up."""
+    s, v = r.get(N.LOSS)
+    bad = [int(x) for x in r.nonfinite]
+    if len(s):
+        nf = ~np.isfinite(v)
+        if nf.any():
+            bad.append(int(s[np.argmax(nf)]))
+    return min(bad) if bad else None
+
+
+# Where an incident's numbered circle may sit, in points from its data point: straight
+# above first, then beside, then a row higher; the first place no other circle covers.
+_SLOTS = [(dx, dy) for dy in (9, 24, 39) for dx in (0, 15, -15, 30, -30, 45, -45)]
+
+
+def _place_markers(ax, markers: list[tuple[float, float, str, int]]) -> None:
+    """Draw numbered circles ``(x, y, colour, number)`` so that none covers another:
+    each takes the first slot of :data:`_SLOTS` whose centre is at least a circle's width
+    from every circle placed before (compared in display pixels, after the layout)."""
+    fig = ax.figure
+    fig.tight_layout()
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before transforming
+    px_per_pt = fig.dpi / 72.0
+    min_gap = 15 * px_per_pt  # a two-digit circle at fontsize 8 is about 13 pt wide
+    placed: list[tuple[float, float]] = []
+    for x, y, color, number in sorted(markers, key=lambda m: (m[0], m[3])):
+        bx, by = ax.transData.transform((x, y))
+        slot = _SLOTS[0]
+        for dx, dy in _SLOTS:
+            cx, cy = bx + dx * px_per_pt, by + dy * px_per_pt
+            if all(math.hypot(cx - qx, cy - qy) >= min_gap for qx, qy in placed):
+                slot = (dx, dy)
+                break
+        placed.append((bx + slot[0] * px_per_pt, by + slot[1] * px_per_pt))
+        ax.annotate(str(number), (x, y), xytext=slot, textcoords="offset points",
+                    ha="center", va="center", fontsize=8, color="white", weight="bold",
+                    annotation_clip=False,
+                    arrowprops=None if slot == _SLOTS[0] else dict(arrowstyle="-", lw=0.5,
+                                                                   color=color),
+                    bbox=dict(boxstyle="circle,pad=0.2", fc=color, ec="black", lw=0.5))
 
 
 def loss_panel(runs: Sequence[Series], *, smooth: int = 0) -> bytes | None:
-    """Loss on a log axis; numbered circles at incidents, a cross where a run stops
-    (non-finite loss: the run's data end before the others, or its last values are
-    NaN/Inf) with the step it stopped at. ``smooth > 0`` (noisy minibatch losses): draw
-    the running mean over ``smooth`` steps, raw loss faint."""
+    """Loss on a log axis; numbered circles at incidents (circles of different runs at
+    the same place are set side by side, never on top of each other), and a cross only
+    where a run's loss or gradients became non-finite (:func:`first_nonfinite`), at the
+    last finite loss before it. ``smooth > 0`` (noisy minibatch losses): draw the running
+    mean over ``smooth`` steps, raw loss faint."""
     if not any(r.has(N.LOSS) for r in runs):
         return None
     title = "Training loss (log scale), incidents numbered"
     if smooth > 0:
         title += f"; lines: mean of {smooth} steps"
     fig, ax = _figure(title, "loss", logy=True)
-    last = max(int(r.get(N.LOSS)[0][-1]) for r in runs if r.has(N.LOSS))
     # a diverging run may reach 1e30: keep the others readable, clip it at the top
-    firsts = [r.get(N.LOSS)[1][0] for r in runs if r.has(N.LOSS)]
-    firsts = [x for x in firsts if np.isfinite(x) and x > 0]
+    firsts = [r.get(N.LOSS)[1][np.isfinite(r.get(N.LOSS)[1])][:1] for r in runs]
+    firsts = [float(x[0]) for x in firsts if len(x) and x[0] > 0]
     top = 1e4 * float(np.median(firsts)) if firsts else np.inf
-    stops = []
+    crosses, markers = [], []
     for r, c in zip(runs, _colors(len(runs)), strict=True):
         s, v = r.get(N.LOSS)
         if not len(s):
             continue
         if smooth > 0:
             ax.plot(s, _positive(v), color=c, lw=0.5, alpha=0.15)
-            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=r.label)
+            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=plot_label(r.label))
         else:
-            ax.plot(s, _positive(v), color=c, lw=1.0, label=r.label)
-        j = _last_finite(v)
-        if j is not None and (s[-1] < last or j < len(v) - 1):  # stopped early: diverged
-            stops.append((s[j], min(float(v[j]), top), c))
+            ax.plot(s, _positive(v), color=c, lw=1.0, label=plot_label(r.label))
+        good = np.isfinite(v) & (v > 0)
+        fallback = float(v[good].max()) if good.any() else 1.0
+        bad = first_nonfinite(r)
+        if bad is not None:
+            before = good & (s <= bad)
+            y = float(v[before][-1]) if before.any() else fallback
+            crosses.append((bad, min(y, top), c))
         for inc in r.incidents:
             i = int(np.clip(np.searchsorted(s, inc.step), 0, len(s) - 1))
-            y = v[i] if np.isfinite(v[i]) and v[i] > 0 else np.nanmax(_positive(v))
-            ax.annotate(str(inc.number), (s[i], min(float(y), top)), xytext=(0, 9),
-                        textcoords="offset points", ha="center", fontsize=8, color="white",
-                        weight="bold", annotation_clip=False,
-                        bbox=dict(boxstyle="circle,pad=0.2", fc=c, ec="black", lw=0.5))
+            y = float(v[i]) if good[i] else fallback
+            markers.append((float(s[i]), min(y, top), c, inc.number))
     if ax.get_ylim()[1] > top:
         ax.set_ylim(top=top)
-    for x, y, c in stops:
+    for x, y, c in crosses:
         ax.plot([x], [y], marker="X", ms=11, color=c, mec="black", ls="none", clip_on=False)
-        ax.annotate(f"stopped at step {x:g}", (x, y), xytext=(8, -12),
+        ax.annotate(f"NaN/Inf at step {x:g}", (x, y), xytext=(8, -12),
                     textcoords="offset points", fontsize=8, color=c, annotation_clip=False)
     _legend(ax, len(runs))
+    _place_markers(ax, markers)
     return _png(fig)
 
 
@@ -221,7 +289,7 @@ def eff_step_panel(runs: Sequence[Series]) -> bytes | None:
         if not len(s):
             continue
         s99, p99 = r.get(N.EFF_STEP_P99)
-        ax.plot(s, _positive(p50), color=c, lw=1.4, label=r.label)
+        ax.plot(s, _positive(p50), color=c, lw=1.4, label=plot_label(r.label))
         if len(s99) == len(s):  # band edge drawn too: overlapping bands stay tellable apart
             ax.fill_between(s, _positive(p50), _positive(p99), color=c, alpha=0.10, lw=0)
             ax.plot(s, _positive(p99), color=c, lw=0.6, ls=":")
@@ -244,7 +312,9 @@ def _bound_lines(ax, bounds: dict[float, list[str]], word: str) -> None:
     """Dashed bound lines; when runs have different bounds, each says whose it is."""
     for b, who in sorted(bounds.items()):
         ax.axhline(b, color="black", ls="--", lw=1.0)
-        whose = f" ({', '.join(who)})" if len(bounds) > 1 else ""
+        names = ", ".join(plot_label(w, limit=24) for w in who[:3]) + (", ..." if len(who) > 3
+                                                                        else "")
+        whose = f" ({names})" if len(bounds) > 1 else ""
         ax.annotate(f"{word} {b:g}{whose}", (0.01, b), xycoords=("axes fraction", "data"),
                     xytext=(0, 3), textcoords="offset points", fontsize=8,
                     bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
@@ -262,7 +332,7 @@ def precond_panel(runs: Sequence[Series]) -> bytes | None:
         s, v = r.get(N.PRECOND_SHARPNESS)
         if not len(s):
             continue
-        ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=r.label)
+        ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=plot_label(r.label))
         _, th = r.get(N.PRECOND_THRESHOLD)
         for t in np.unique(np.round(th[np.isfinite(th)], 6)).tolist():
             thresholds.setdefault(t, []).append(r.label)
@@ -288,7 +358,7 @@ def lr_sharpness_panel(runs: Sequence[Series]) -> bytes | None:
         if not any(r is x for x in shown):
             continue
         s, v = r.get(N.LR_SHARPNESS)
-        ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=r.label)
+        ax.plot(s, _positive(v), color=c, lw=1.2, marker=".", ms=3, label=plot_label(r.label))
         _, gd = r.get(N.GD_THRESHOLD)
         for b in np.unique(np.round(gd[np.isfinite(gd)], 6)).tolist() or [2.0]:
             bounds.setdefault(b, []).append(r.label)
@@ -327,9 +397,9 @@ def line_panel(
             top = max(top, float(np.nanmax(np.where(np.isfinite(v), v, np.nan))))
         if smooth > 0:
             ax.plot(s, y, color=c, lw=0.5, alpha=0.15)
-            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=r.label)
+            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=plot_label(r.label))
         else:
-            ax.plot(s, y, color=c, lw=1.0, label=r.label)
+            ax.plot(s, y, color=c, lw=1.0, label=plot_label(r.label))
     if ylim is not None:
         ax.set_ylim(*ylim)
     elif from_zero and not logy and top > 0:
@@ -354,7 +424,7 @@ def bias_correction_panel(steps: int, decays: dict[str, np.ndarray], *, b1: floa
     own = _colors(len(decays))
     for (label, d), c in zip(decays.items(), own, strict=True):
         ax.plot(t[: len(d)], d, color=(colors or {}).get(label, c), lw=1.0, ls="--",
-                label=label)
+                label=plot_label(label))
     ax.set_ylim(0, 1.1)
     _legend(ax, len(decays) + 1)
     return _png(fig)
@@ -377,7 +447,8 @@ def interval_panel(spikes: dict[str, Sequence[int]]) -> bytes:
         ax.annotate(text, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
                     va="bottom", xytext=(0, 3), textcoords="offset points", fontsize=8)
     ax.set_ylim(0, max(1, max(counts, default=0)) * 1.3)  # room for the labels
-    ax.set_xticks(range(len(labels)), [textwrap.fill(x, 22) for x in labels], fontsize=8)
+    ax.set_xticks(range(len(labels)), [textwrap.fill(plot_label(x, limit=44), 22)
+                                       for x in labels], fontsize=8)
     ax.set_ylabel("spikes (lab count)")
     ax.set_title("Spikes per run and their period", fontsize=11)
     ax.grid(True, axis="y", alpha=0.3)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from stablestep.report.html import esc, figure, fmt, page, table
+from stablestep.report.html import figure, fmt, page, render, table
 from stablestep.report.plots import _plt, _png
 
 
@@ -63,17 +63,14 @@ def write_sweep_report(result: Any, out: str | os.PathLike) -> Path:
     title = f"stablestep sweep: {result.scenario}"
     rows = [[c.lr, c.eps, c.amsgrad, c.final_loss, "-" if c.spikes is None else c.spikes,
              "-" if c.diverged_at is None else c.diverged_at] for c in result.cells]
-    body = [f"<h1>{esc(title)}</h1>",
-            f"<p>{len(result.cells)} cells of {esc(result.steps)} steps each. Colour: final "
-            "loss on the whole data (log scale); black cells turned NaN.</p>",
-            figure(stability_map(result), "Final loss and spike count per cell."),
-            "<h2>Cells</h2>",
-            table(["lr", "eps", "amsgrad", "final loss", "spikes", "NaN at step"], rows),
-            f"<p>Reproduce: <code>stablestep sweep {esc(result.scenario)} --lr "
-            f"{esc(' '.join(fmt(x) for x in result.lrs))} --eps "
-            f"{esc(' '.join(fmt(x) for x in result.epss))} --amsgrad "
-            f"{esc(' '.join(str(a).lower() for a in result.amsgrads))}</code></p>"]
+    command = (f"stablestep sweep {result.scenario} --lr {' '.join(fmt(x) for x in result.lrs)}"
+               f" --eps {' '.join(fmt(x) for x in result.epss)} --amsgrad "
+               f"{' '.join(str(a).lower() for a in result.amsgrads)}")
+    body = render("sweep", title=title, n_cells=len(result.cells), steps=result.steps,
+                  figure=figure(stability_map(result), "Final loss and spike count per cell."),
+                  cells=table(["lr", "eps", "amsgrad", "final loss", "spikes", "NaN at step"],
+                              rows), command=command)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page(title, "".join(body)), encoding="utf-8")
+    path.write_text(page(title, body), encoding="utf-8")
     return path

@@ -24,16 +24,22 @@ Reading (the contract other subsystems rely on, see ``docs/architecture.md``)::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import logging
 import math
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 SCHEMA_VERSION = 1
+_INT64 = 2 ** 63
+log = logging.getLogger("stablestep.telemetry.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -77,41 +83,166 @@ class Event:
     data: dict = field(default_factory=dict)
 
 
+def _one_line(text: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
+class StoreError(ValueError):
+    """A path that is not a readable stablestep run store (a directory, a foreign or
+    corrupt SQLite file, a newer schema); the message is one line."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(_one_line(message))
+
+
+class RunNotFoundError(KeyError):
+    """No run of that name in the store; the message lists the runs there are.
+
+    A ``KeyError`` (for code that caught the old error) whose ``str`` is the plain
+    message, the same for every command that names a run.
+    """
+
+    def __init__(self, path: str | os.PathLike, run: str, available: list[str]):
+        super().__init__(missing_run_message(os.fspath(path), run, available))
+        self.path, self.run, self.available = os.fspath(path), run, list(available)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def missing_run_message(where: str, run: str, available: list[str], *,
+                        unnamed: bool = False) -> str:
+    """The one message for a run name that is not there, whatever the command or source:
+    ``no run 'x' in PATH; runs: a, b`` (the first 20 names); ``unnamed``: the source
+    holds one run without a name (a plain CSV or TensorBoard directory)."""
+    names = [_one_line(n)[:80] for n in available]
+    shown = ", ".join(names[:20]) + (f" ... ({len(names)} in all)" if len(names) > 20 else "")
+    rest = (f"runs: {shown}" if names else
+            "it holds one run without a name (leave out the run name)" if unnamed else
+            "it holds no runs")
+    return _one_line(f"no run {str(run)[:200]!r} in {where}; {rest}")
+
+
+def _check_file(path: str) -> None:
+    if os.path.exists(path) and not os.path.isfile(path):
+        kind = "a directory" if os.path.isdir(path) else "not a regular file"
+        raise StoreError(f"{path} is {kind}, not a run store")
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``: the write lock is taken first (waiting up to the
+    connection's timeout), so a check and the write that depends on it are atomic."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _retry_locked(fn, timeout: float = 30.0):  # noqa: ANN001, ANN202 - tiny helper
+    """Retry ``fn`` while SQLite says the database is locked (``journal_mode`` changes do
+    not wait on the busy timeout)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def _connect(path: str | os.PathLike, *, create: bool) -> sqlite3.Connection:
+    """An autocommit connection to the store at ``path`` (created when ``create``).
+
+    Creation is safe when several processes start at once: the schema is written inside
+    one ``BEGIN IMMEDIATE`` transaction after re-reading the schema version under the
+    write lock, so exactly one process creates it and the others see it done.
+    """
     path = os.fspath(path)
+    _check_file(path)
     if not create and not os.path.exists(path):
         raise FileNotFoundError(f"no run store at {path}")
-    con = sqlite3.connect(path, timeout=30.0)
+    try:
+        con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the run store ({exc})") from None
     try:
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise ValueError(
+            raise StoreError(
                 f"run store {path} has schema version {version}, newer than this "
                 f"stablestep understands ({SCHEMA_VERSION})"
             )
-        if create and version < SCHEMA_VERSION:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            con.commit()
-        elif version == 0:
-            raise ValueError(f"{path} is not a stablestep run store")
+        if version == SCHEMA_VERSION:
+            return con
+        if not create:
+            raise StoreError(f"{path} is not a stablestep run store")
+        _retry_locked(lambda: con.execute("PRAGMA journal_mode=WAL").fetchone())
+        with _transaction(con):
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                foreign = con.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name NOT IN "
+                    "('runs', 'names', 'metrics', 'events', 'events_by_run')").fetchone()[0]
+                if foreign:
+                    raise StoreError(f"{path} is an SQLite database but not a stablestep "
+                                     "run store")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise StoreError(f"run store {path} has schema version {version}, not "
+                                 f"{SCHEMA_VERSION}")
     except sqlite3.DatabaseError as exc:
         con.close()
-        raise ValueError(f"{path} is not a stablestep run store ({exc})") from None
+        raise StoreError(f"{path} is not a stablestep run store ({exc})") from None
     except BaseException:
         con.close()
         raise
     return con
 
 
+def _guard(path: str):  # noqa: ANN202 - a context manager
+    """Turn SQLite's errors on a damaged file into one-line :class:`StoreError`."""
+    @contextlib.contextmanager
+    def cm() -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path}: unreadable run store ({exc})") from None
+    return cm()
+
+
 def list_runs(path: str | os.PathLike) -> list[str]:
     """Names of the runs in the store at ``path``, in creation order."""
     con = _connect(path, create=False)
     try:
-        return [r[0] for r in con.execute("SELECT name FROM runs ORDER BY id")]
+        with _guard(os.fspath(path)):
+            return [str(r[0]) for r in con.execute("SELECT name FROM runs ORDER BY id")]
     finally:
         con.close()
+
+
+def _json_dict(text: str, what: str, where: str) -> dict:
+    """A stored JSON object; damaged or non-object JSON becomes ``{}`` (logged), so a
+    hand-edited config or event never stops a reader."""
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        log.warning("%s: %s is not valid JSON; read as empty", where, what)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("%s: %s is a JSON %s, not an object; read as empty", where, what,
+                    type(data).__name__)
+        return {}
+    return data
 
 
 class Run:
@@ -124,7 +255,7 @@ class Run:
     def __init__(self, path: str | os.PathLike, run_id: int, name: str, config: dict):
         self.path = os.fspath(path)
         self.name = name
-        self.config = config
+        self.config = config if isinstance(config, dict) else {}
         self._id = run_id
 
     def __repr__(self) -> str:
@@ -133,34 +264,49 @@ class Run:
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         con = _connect(self.path, create=False)
         try:
-            return con.execute(sql, args).fetchall()
+            with _guard(self.path):
+                return con.execute(sql, args).fetchall()
         finally:
             con.close()
 
     def names(self) -> list[str]:
         """Sorted names of the metrics this run has at least one value for."""
         rows = self._query(
-            "SELECT DISTINCT n.name FROM metrics m JOIN names n ON n.id = m.name_id "
-            "WHERE m.run_id = ? ORDER BY n.name",
+            "SELECT n.name FROM names n WHERE EXISTS (SELECT 1 FROM metrics m WHERE "
+            "m.run_id = ? AND m.name_id = n.id) ORDER BY n.name",
             (self._id,),
         )
-        return [r[0] for r in rows]
+        return [str(r[0]) for r in rows]
 
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, values)`` of metric ``name``: int64 and float64 arrays sorted by step.
 
         Steps where the value was non-finite are absent (see :attr:`events`). Raises
-        ``KeyError`` when the run has no value at all for ``name``.
+        ``KeyError`` when the run has no value at all for ``name``. Streams the rows into
+        the arrays (16 bytes a step, no per-row Python objects kept).
         """
-        rows = self._query(
-            "SELECT m.step, m.value FROM metrics m JOIN names n ON n.id = m.name_id "
-            "WHERE m.run_id = ? AND n.name = ? ORDER BY m.step",
-            (self._id, name),
-        )
-        if not rows:
+        con = _connect(self.path, create=False)
+        try:
+            with _guard(self.path):
+                row = con.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()
+                steps = np.zeros(0, dtype=np.int64)
+                values = np.zeros(0)
+                if row is not None:
+                    sql = ("SELECT step, value FROM metrics WHERE run_id = ? AND name_id = ? "
+                           "ORDER BY step")
+                    try:  # the fast path: rows flattened in C
+                        flat = np.fromiter(itertools.chain.from_iterable(
+                            con.execute(sql, (self._id, row[0]))), dtype=np.float64)
+                    except (ValueError, TypeError):  # a hand-edited value that is text
+                        flat = np.fromiter(_numbers(con.execute(sql, (self._id, row[0]))),
+                                           dtype=np.float64)
+                    steps = flat[0::2].astype(np.int64)
+                    values = flat[1::2].copy()
+        finally:
+            con.close()
+        if steps.size == 0:
             raise KeyError(f"run {self.name!r} has no metric {name!r}")
-        arr = np.array(rows, dtype=np.float64)
-        return arr[:, 0].astype(np.int64), arr[:, 1]
+        return steps, values
 
     @property
     def events(self) -> list[Event]:
@@ -169,7 +315,8 @@ class Run:
             "SELECT step, kind, data FROM events WHERE run_id = ? ORDER BY step, id",
             (self._id,),
         )
-        return [Event(int(s), k, json.loads(d)) for s, k, d in rows]
+        return [Event(int(s), str(k), _json_dict(d, f"event {k!r} at step {s}", self.path))
+                for s, k, d in rows]
 
     def last_step(self) -> int | None:
         """The largest step with a metric or an event, ``None`` for an empty run."""
@@ -190,15 +337,23 @@ class Run:
             import pandas as pd
         except ImportError:  # pragma: no cover - pandas is in the dev extra
             raise ImportError("Run.to_dataframe() needs pandas: pip install pandas") from None
-        rows = self._query(
-            "SELECT m.step, n.name, m.value FROM metrics m JOIN names n ON n.id = m.name_id "
-            "WHERE m.run_id = ?",
-            (self._id,),
-        )
-        long = pd.DataFrame(rows, columns=["step", "name", "value"])
-        wide = long.pivot(index="step", columns="name", values="value").sort_index()
-        wide.columns.name = None
+        cols = {n: pd.Series(v, index=s) for n in self.names() for s, v in [self.series(n)]}
+        wide = pd.DataFrame(cols).sort_index() if cols else pd.DataFrame()
+        wide.index.name = "step"
         return wide
+
+
+def _numbers(cur: sqlite3.Cursor) -> Iterator[float]:
+    for step, value in cur:
+        yield step
+        yield value if isinstance(value, float) else _as_float(value)
+
+
+def _as_float(value: object) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def open_run(path: str | os.PathLike, run: str | None = None) -> Run:
@@ -206,35 +361,59 @@ def open_run(path: str | os.PathLike, run: str | None = None) -> Run:
 
     With ``run=None`` the store must hold exactly one run, or the most recently
     created one is returned when it holds several. Raises ``FileNotFoundError`` for
-    a missing file, ``ValueError`` for a file that is not a run store, and ``KeyError``
-    (listing the available runs) for an unknown run name.
+    a missing file, :class:`StoreError` (a ``ValueError``) for a file that is not a run
+    store, and :class:`RunNotFoundError` (a ``KeyError``, listing the available runs)
+    for an unknown run name.
     """
     con = _connect(path, create=False)
     try:
-        if run is None:
-            row = con.execute(
-                "SELECT id, name, config FROM runs ORDER BY id DESC LIMIT 1"
-            ).fetchone()
+        with _guard(os.fspath(path)):
+            if run is None:
+                row = con.execute(
+                    "SELECT id, name, config FROM runs ORDER BY id DESC LIMIT 1"
+                ).fetchone()
+            else:
+                row = con.execute("SELECT id, name, config FROM runs WHERE name = ?",
+                                  (run,)).fetchone()
             if row is None:
-                raise KeyError(f"run store {os.fspath(path)} holds no runs")
-        else:
-            row = con.execute("SELECT id, name, config FROM runs WHERE name = ?", (run,)).fetchone()
-            if row is None:
-                have = [r[0] for r in con.execute("SELECT name FROM runs ORDER BY id")]
-                raise KeyError(f"no run {run!r} in {os.fspath(path)}; runs: {have}")
+                have = [str(r[0]) for r in con.execute("SELECT name FROM runs ORDER BY id")]
+                raise RunNotFoundError(path, run if run is not None else "(latest)", have)
     finally:
         con.close()
-    return Run(path, int(row[0]), row[1], json.loads(row[2]))
+    name = str(row[1])
+    return Run(path, int(row[0]), name,
+               _json_dict(row[2], f"the config of run {name!r}", os.fspath(path)))
+
+
+def _free_name(con: sqlite3.Connection, run: str) -> str:
+    """``run`` if unused, else ``run-2``, ``run-3``... (the first free one)."""
+    taken = {str(r[0]) for r in con.execute(
+        "SELECT name FROM runs WHERE name = ? OR substr(name, 1, ?) = ?",
+        (run, len(run) + 1, run + "-"))}
+    if run not in taken:
+        return run
+    k = 2
+    while f"{run}-{k}" in taken:
+        k += 1
+    return f"{run}-{k}"
 
 
 class RunWriter:
     """Buffered writer of one run: the Monitor's side of the store.
 
     ``add``/``event`` only append to memory; :meth:`flush` writes the buffer in one
-    transaction. ``resume_from=step`` reopens an existing run and first deletes
-    everything recorded at ``step`` or later (the abandoned part of a run resumed
-    from an earlier checkpoint), so the stored run has neither duplicated nor
-    missing steps. Without ``resume_from`` an existing run name is an error.
+    transaction. What happens when run ``run`` already exists in the store:
+
+    - by default a *new* run is started under the first free name ``run-2``,
+      ``run-3``... (logged; :attr:`run` holds the name actually used), so running a
+      script twice never crashes and never mixes two runs;
+    - ``overwrite=True`` deletes the old run and starts it afresh under ``run``;
+    - ``resume_from=step`` reopens it and first deletes everything recorded at ``step``
+      or later (the abandoned part of a run resumed from an earlier checkpoint), so the
+      stored run has neither duplicated nor missing steps.
+
+    Several processes may create the same new store and claim names at once: each claim
+    is one ``BEGIN IMMEDIATE`` transaction.
     """
 
     def __init__(
@@ -244,37 +423,53 @@ class RunWriter:
         *,
         config: dict,
         resume_from: int | None = None,
+        overwrite: bool = False,
     ):
+        if resume_from is not None and overwrite:
+            raise ValueError("RunWriter: resume_from and overwrite=True exclude each other")
+        if resume_from is not None and not (-_INT64 <= int(resume_from) < _INT64):
+            raise ValueError(f"RunWriter: resume_from={resume_from} is beyond int64")
         self.path = os.fspath(path)
-        self.run = run
+        self.requested = run
         self._con = _connect(self.path, create=True)
         self._con.execute("PRAGMA synchronous=NORMAL")
         self._names: dict[str, int] = {}
-        self._metrics: list[tuple[int, int, int, float]] = []
+        self._metrics: list[tuple[int, str, int, float]] = []
         self._events: list[tuple[int, int, str, str]] = []
         self._closed = False
-        row = self._con.execute("SELECT id FROM runs WHERE name = ?", (run,)).fetchone()
-        if row is not None and resume_from is None:
-            self._con.close()
-            raise ValueError(
-                f"run {run!r} already exists in {self.path}; choose another run name "
-                "or resume it with Monitor.load_state_dict()"
-            )
-        with self._con:
-            if row is None:
+        self._skipped = 0
+        try:
+            config_text = json.dumps(config if isinstance(config, dict) else {"value": config},
+                                     default=str, allow_nan=False)
+        except ValueError:
+            config_text = json.dumps(json.loads(json.dumps(config, default=str)), default=str)
+        try:
+            with _transaction(self._con):
+                row = self._con.execute("SELECT id FROM runs WHERE name = ?", (run,)).fetchone()
+                if row is not None and resume_from is not None:
+                    self.run, self.run_id = run, int(row[0])
+                    for table in ("metrics", "events"):
+                        self._con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step >= ?",
+                                          (self.run_id, int(resume_from)))
+                    return
+                if row is not None and overwrite:
+                    for table in ("metrics", "events"):
+                        self._con.execute(f"DELETE FROM {table} WHERE run_id = ?", (row[0],))
+                    self._con.execute("DELETE FROM runs WHERE id = ?", (row[0],))
+                    log.info("run %r in %s overwritten", run, self.path)
+                self.run = run if row is None or overwrite else _free_name(self._con, run)
                 cur = self._con.execute(
                     "INSERT INTO runs (name, config, created_at) VALUES (?, ?, ?)",
-                    (run, json.dumps(config, default=str), time.time()),
+                    (self.run, config_text, time.time()),
                 )
                 self.run_id = int(cur.lastrowid)
-            else:
-                self.run_id = int(row[0])
-                self._con.execute(
-                    "DELETE FROM metrics WHERE run_id = ? AND step >= ?", (self.run_id, resume_from)
-                )
-                self._con.execute(
-                    "DELETE FROM events WHERE run_id = ? AND step >= ?", (self.run_id, resume_from)
-                )
+        except BaseException:
+            self._con.close()
+            raise
+        if self.run != run:
+            log.info("run %r already exists in %s; recording this one as %r "
+                        "(overwrite=True replaces it, resuming continues it)",
+                        run, self.path, self.run)
 
     def _name_id(self, name: str) -> int:
         nid = self._names.get(name)
@@ -286,16 +481,34 @@ class RunWriter:
             self._names[name] = nid
         return nid
 
+    @staticmethod
+    def _step(step: int) -> int:
+        s = int(step)
+        if not -_INT64 <= s < _INT64:
+            raise ValueError(f"step {step} is beyond int64, the store's step type")
+        return s
+
     def add(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer the metrics of one step; non-finite values are dropped (the caller
-        records the event explaining them)."""
+        records the event explaining them), and so are values that are not numbers
+        (logged once)."""
+        s = self._step(step)
         for name, value in metrics.items():
-            if math.isfinite(value):
-                self._metrics.append((self.run_id, name, int(step), float(value)))  # type: ignore[arg-type]
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                if not self._skipped:
+                    log.warning("run %r: metric %r at step %d is not a number (%.40r); "
+                                "not stored", self.run, name, s, value)
+                self._skipped += 1
+                continue
+            if math.isfinite(v):
+                self._metrics.append((self.run_id, str(name), s, v))
 
     def event(self, step: int, kind: str, data: dict | None = None) -> None:
         """Buffer an event."""
-        self._events.append((self.run_id, int(step), kind, json.dumps(data or {}, default=str)))
+        self._events.append((self.run_id, self._step(step), str(kind),
+                             json.dumps(data or {}, default=str)))
 
     @property
     def pending(self) -> int:
@@ -306,7 +519,16 @@ class RunWriter:
         """Write everything buffered in one transaction (visible to readers after it)."""
         if self._closed or not self.pending:
             return
-        with self._con:
+        try:
+            self._write()
+        except BaseException:
+            self._names.clear()  # ids inserted by the rolled-back transaction are gone
+            raise
+        self._metrics.clear()
+        self._events.clear()
+
+    def _write(self) -> None:
+        with _transaction(self._con):
             rows = [(r, self._name_id(n), s, v) for r, n, s, v in self._metrics]
             self._con.executemany(
                 "INSERT OR REPLACE INTO metrics (run_id, name_id, step, value) VALUES (?, ?, ?, ?)",
@@ -315,13 +537,13 @@ class RunWriter:
             self._con.executemany(
                 "INSERT INTO events (run_id, step, kind, data) VALUES (?, ?, ?, ?)", self._events
             )
-        self._metrics.clear()
-        self._events.clear()
 
     def close(self) -> None:
         """Flush and close the file; further calls do nothing."""
         if self._closed:
             return
-        self.flush()
-        self._closed = True
-        self._con.close()
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._con.close()
