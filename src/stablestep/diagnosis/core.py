@@ -146,8 +146,11 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         if s not in consumed_nf:
             incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,
                                       peak_step=s, baseline=math.nan, recovered=False))
+    from stablestep.diagnosis.infer import augment, fold  # blow-ups at step 0, jump-and-stay (#11)
+
+    incidents.extend(augment(trace, incidents, raised))
     incidents.sort(key=lambda i: i.onset)
-    explained = [(inc, *classify(trace, inc)) for inc in incidents]
+    explained = fold(trace, [(inc, *classify(trace, inc)) for inc in incidents])
     findings: list[Finding] = []
     recurring = [x for x in explained if x[0].kind == "spike"
                  and x[1] not in ("gradient-outlier", "non-finite")]
@@ -215,7 +218,8 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
     period = float(np.median(gaps)) if gaps.size else math.nan
     cv = _cv(onsets)
     mechs = [m for _, m, _, _ in spikes]
-    mech = statistics.mode(mechs)
+    named = [m for m in mechs if m != "unknown"]  # "unknown" is missing evidence, not a vote
+    mech = statistics.mode(named or mechs)
     ev_counts = {m: mechs.count(m) for m in sorted(set(mechs))}
     share = mechs.count(mech) / len(mechs)
     first = next(x for x in spikes if x[1] == mech)
@@ -228,7 +232,7 @@ def _periodic(trace: Trace, spikes: list[tuple[Incident, str, float, dict[str, A
                "peak_over_baseline_median": float(np.median(
                    [i.peak / i.baseline for i, *_ in spikes if i.baseline > 0]))})
     rem = remedies(trace, mech, inc, ev)
-    if mech == "unknown":
+    if mech == "unknown" and not trace.hyper.get("amsgrad") and trace.hyper.get("kind") != "sgd":
         ev["suspected"] = "adaptive-edge-of-stability"
         rem.append(Remedy(
             "amsgrad", True,

@@ -18,7 +18,21 @@ Decision, in order (DESIGN.md's vocabulary):
    50 steps before the onset) at/above 90% of :math:`(2+2\beta_1)/(1-\beta_1)`; or the
    effective step or :math:`g^2/\hat v` surging (3x its running median) just before the
    onset, with the preconditioned sharpness unknown or above 75% of the threshold.
-5. ``unknown``: otherwise, naming the signals that were missing.
+5. Without HVP curvature (the default Monitor; :mod:`stablestep.diagnosis.infer`): an lr
+   jump at or just before the onset (up to the alarm) is ``lr-too-high``, before anything
+   else but the outlier test; a trusted secant curvature (``secant_curvature`` at half the
+   bound or more and out of its healthy noise) is ``lr-too-high`` for SGD or within the
+   first :math:`2/(1-\beta_1)` steps, else ``adaptive-edge-of-stability``; a blow-up from
+   the first steps is ``lr-too-high``; an SGD divergence, or any SGD spike in full-batch
+   training, is ``lr-too-high``; a self-recovering spike of full-batch Adam with no lr
+   change is ``adaptive-edge-of-stability``. A NaN that ends a blow-up (loss x3 or gradient
+   norm x10 just before, or an lr jump) in a run that is not fp16/bf16 is ``lr-too-high``.
+6. ``unknown``: otherwise, naming the signals that were missing.
+
+Remedies are kept only where they fit the run (:func:`fits`): nothing already set, nothing
+Adam-only for SGD, no batch advice for full-batch training, precision advice only for
+fp16/bf16 runs; each says its expected effect, and an lr bound from Adam's state says how
+reliable it is that early.
 
 Remedies (computed for this run):
 
@@ -46,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from stablestep import formulas as F
+from stablestep.diagnosis import infer
 from stablestep.diagnosis.findings import Remedy
 from stablestep.diagnosis.trace import Trace
 from stablestep.telemetry import names
@@ -255,6 +270,27 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         g = trace.metric(names.GRAD_NONFINITE)
         if g is not None:
             ev["grad_nonfinite"] = float(np.nan_to_num(g[min(i, len(g) - 1)]))
+        gn = trace.metric(names.GRAD_NORM)
+        if gn is not None:
+            seg = gn[max(0, i - 5): i]
+            seg = seg[np.isfinite(seg) & (seg > 0)]
+            if seg.size >= 2:
+                ev["grad_norm_change_before"] = float(seg[-1] / seg[0])
+        lrj = infer.lr_jump(trace, inc.onset, detected=inc.detected)
+        if lrj is not None:
+            ev["lr_jump"] = lrj
+        half = infer.half_precision(trace)
+        ev["half_precision"] = half
+        # A NaN at the end of a blow-up (the loss or the gradient grew fast just before, or
+        # the lr had just jumped) in a run that is not fp16/bf16 is the end of a divergence:
+        # the lr, not the number format.
+        blowing = (ev.get("loss_change_before", 1.0) >= 3.0
+                   or ev.get("grad_norm_change_before", 1.0) >= 10.0 or lrj is not None
+                   or (i <= 2 and before.size >= 1))
+        if blowing and half is not True:
+            ev["reason"] = ("the loss/gradient was blowing up before the first NaN"
+                            + (" right after an lr jump" if lrj else ""))
+            return "lr-too-high", 0.7, ev
         return "non-finite", 0.95, ev
     gs = grad_stats(trace, inc.onset)
     curv = curvature(trace, inc)
@@ -303,8 +339,30 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     share = trace.value_at(names.EPS_SHARE, inc.onset)
     if share is not None:
         ev[names.EPS_SHARE] = share
-    if gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True:
+    # Inference from what the default Monitor records (diagnosis.infer): an lr jump, the
+    # free secant curvature against the bound, the loss's growth rate.
+    lrj = infer.lr_jump(trace, inc.onset, detected=inc.detected)
+    if lrj is not None:
+        ev["lr_jump"] = lrj
+    sec = infer.secant(trace, inc.onset, inc.detected)
+    if sec is not None:
+        ev["secant"] = sec
+    r = infer.growth(trace, inc.onset)
+    if r is not None:
+        ev["loss_growth_per_step"] = r
+        if adam is False:
+            ev["lr_sharpness_from_growth"] = infer.gd_curvature_from_growth(r)
+    fb = infer.full_batch(trace)
+    first = int(trace.steps[0]) if len(trace) else 0
+    early = inc.onset - first <= 2  # a blow-up from the first steps
+    b1 = float(trace.hyper.get("beta1", 0.9) or 0.9)
+    young = inc.onset - first < 2.0 / (1.0 - b1)  # m and v_hat hold a few gradients only
+    if (gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True
+            and fb is not True and lrj is None and not early):
         return "gradient-outlier", 0.9 if curv_high is False else 0.75, ev
+    if lrj is not None:
+        ev["reason"] = f"the lr jumped {lrj['factor']:.3g}x at step {lrj['step']}"
+        return "lr-too-high", 0.85, ev
     if adam is False and lrs is not None and gthr and lrs > gthr:
         return "lr-too-high", 0.9, ev
     if ps is not None and pthr and ps >= 0.9 * pthr:
@@ -314,7 +372,25 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         fresh_v = inc.onset < 1.0 / (1.0 - float(trace.hyper.get("beta2", 0.999) or 0.999))
         if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v):
             return "lr-too-high", 0.8, ev
+        if early or young:  # crossed within the first steps: m, v_hat hold a few gradients,
+            return "lr-too-high", 0.75, ev  # no edge to drift to (same rule as the secant)
         return "adaptive-edge-of-stability", 0.9 if ps >= pthr else 0.75, ev
+    if ps is None and lrs is None:  # no HVP curvature: the free curvature and the loss
+        if sec is not None and sec["trusted"]:
+            if adam is False or early or young:
+                return "lr-too-high", 0.75, ev
+            return "adaptive-edge-of-stability", 0.75, ev
+        if early:
+            ev["reason"] = "the loss blew up from the first steps, before any state built up"
+            return "lr-too-high", 0.65, ev
+        if adam is False and (inc.kind == "divergence" or fb):
+            # plain/momentum SGD has one instability besides bad batches (none in full batch)
+            return "lr-too-high", 0.6, ev
+        if adam and fb and inc.recovered and not young:
+            # full batch: no outlier batch; constant lr: a spike that recovers by itself
+            ev["reason"] = ("full-batch Adam, no lr change, the spike recovered by itself: "
+                            "the preconditioned curvature crossed the bound")
+            return "adaptive-edge-of-stability", 0.55, ev
     if adam and any(v >= 3 for v in surges.values()) and (
             ps is None or (pthr and ps >= 0.75 * pthr)):
         return "adaptive-edge-of-stability", 0.6 if ps is None else 0.7, ev
@@ -327,8 +403,49 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     return "unknown", 0.3, ev
 
 
+def _reliability(step: int, beta2: float) -> str:
+    """How far to trust an lr bound computed from Adam's state ``step`` steps in."""
+    t = max(1, int(step))
+    if t < 10:
+        return (f"unreliable this early: after {t} step(s) v_hat holds {t} squared "
+                "gradient(s), not an average")
+    if t < 1.0 / (1.0 - beta2):
+        return f"rough: v_hat averages {t} of the ~{1.0 / (1.0 - beta2):.0f} steps it will"
+    return "reliable at frozen optimizer state"
+
+
+def fits(trace: Trace, r: Remedy) -> bool:
+    """Whether remedy ``r`` fits this run: nothing already set (``amsgrad`` on an AMSGrad
+    run), nothing Adam-only for another optimizer, nothing about batches for full-batch
+    training, precision advice only for fp16/bf16 runs."""
+    h = trace.hyper
+    adam = _is_adam(trace)
+    if r.action == "amsgrad" and (bool(h.get("amsgrad")) or adam is False):
+        return False
+    if r.action in ("set-eps",) and adam is False:
+        return False
+    if r.action in ("skip-batch", "clip-grad-norm", "batch-size") and infer.full_batch(trace):
+        return False
+    if r.action == "loss-scaling" and infer.half_precision(trace) is not True:
+        return False
+    if r.action == "set-lr" and isinstance(r.value, (int, float)):
+        lr = h.get("lr")
+        return lr is None or r.value < max(float(lr), float(h.get("_lr_now", lr)))
+    return True
+
+
 def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -> list[Remedy]:
-    """Computed remedies for ``mechanism`` (formulas in the module docstring)."""
+    """Computed remedies for ``mechanism`` (formulas in the module docstring), each with its
+    expected effect, keeping only those that fit the run (:func:`fits`)."""
+    lr = lr_at(trace, inc.onset)
+    h = dict(trace.hyper)
+    if lr is not None:
+        h["_lr_now"] = lr
+    view = Trace(trace.steps, trace.loss, trace.metrics, h, trace.nonfinite_steps)
+    return [r for r in _remedies(trace, mechanism, inc, ev) if fits(view, r)]
+
+
+def _remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -> list[Remedy]:
     h = trace.hyper
     lr = lr_at(trace, inc.onset)
     out: list[Remedy] = []
@@ -342,12 +459,21 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) ->
         good = trace.steps[:i][np.isfinite(trace.loss[:i])]
         if good.size:
             out.append(Remedy("restore", int(good[-1]),
-                              f"last step with a finite loss before step {inc.onset}"))
-        out.append(Remedy("loss-scaling", "dynamic",
-                          "an overflow is a numeric-range problem: dynamic loss scaling "
-                          "(torch.amp.GradScaler) or bf16 instead of fp16"))
+                              f"last step with a finite loss before step {inc.onset}; expected: "
+                              "training resumes from finite weights"))
+        half = infer.half_precision(trace)
+        if half or trace.has("loss_scale"):
+            out.append(Remedy("loss-scaling", "dynamic",
+                              "an overflow is a numeric-range problem: dynamic loss scaling "
+                              "(torch.amp.GradScaler) or bf16 instead of fp16; expected: "
+                              "overflowing steps are skipped instead of poisoning the weights"))
+        else:
+            out.append(Remedy("find-origin", "torch.autograd.set_detect_anomaly(True)",
+                              "the run is not fp16/bf16 (or its dtypes were not recorded): "
+                              "replay from the restore step with anomaly detection to find "
+                              "the operation that made the first NaN; expected: its name"))
         eps = h.get("eps")
-        if eps is not None and eps < 1e-7:
+        if half and eps is not None and eps < 1e-7:
             out.append(Remedy("set-eps", 1e-7,
                               f"eps {eps:g} is below fp16's smallest subnormal 6e-8 and "
                               "rounds to 0 if the optimizer state is kept in fp16"))
@@ -356,12 +482,14 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) ->
         out.append(Remedy("skip-batch", int(inc.onset),
                           f"gradient norm {ev.get('grad_norm', math.nan):.3g} is "
                           f"{ev.get('grad_norm_z', math.nan):.1f} robust sigmas above its "
-                          "running statistics while the curvature is normal"))
+                          "running statistics while the curvature is normal; expected: the "
+                          "spike does not happen, the rest of the run is unchanged"))
         gs = grad_stats(trace, inc.onset)
         if gs is not None:
             out.append(Remedy("clip-grad-norm", _sig(gs["clip"]),
                               f"exp(median + 3 sigma) of the running log gradient norm "
-                              f"(median {gs['median']:.3g})"))
+                              f"(median {gs['median']:.3g}); expected: such a batch moves the "
+                              "weights no more than a typical one"))
         return out
     ps, pthr = ev.get(names.PRECOND_SHARPNESS), ev.get(names.PRECOND_THRESHOLD)
     sharp = ev.get(names.SHARPNESS)
@@ -376,15 +504,27 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) ->
                 "set-eps", _sig(eps_min),
                 f"caps the effective step at lr_t/eps so lam_max(P^-1 H) <= lr_t*lam_max(H)/eps"
                 f" stays under {F.adam_threshold(b1):.0f}: lr_t={lr_t:.3g}, "
-                f"lam_max(H)={sharp:.4g}" + (f", current eps {h['eps']:g}" if "eps" in h else "")))
+                f"lam_max(H)={sharp:.4g}" + (f", current eps {h['eps']:g}" if "eps" in h else "")
+                + "; expected: no spike from this mechanism, slower progress along flat "
+                "directions"))
+        sec = ev.get("secant")
+        if ps is None and sec is not None and sec.get("trusted") and lr is not None:
+            new_lr = _sig_down(min(0.5 * lr * sec["bound"] / sec["q"], 0.5 * lr))
+            out.append(Remedy("set-lr", new_lr,
+                              f"the secant curvature along the update reached q={sec['q']:.3g} "
+                              f"against the bound {sec['bound']:.3g}; q scales with lr, so "
+                              f"{new_lr:.3g} halves it or more; expected: spikes rarer, they "
+                              "return only if v_hat keeps shrinking"))
         if not h.get("amsgrad", False):
             out.append(Remedy("amsgrad", True,
-                              "v never decreases, so P^-1 cannot grow when the loss flattens"))
+                              "v never decreases, so P^-1 cannot grow when the loss flattens; "
+                              "expected: the recurring spikes stop"))
         if ps is not None and pthr and lr is not None:
             new_lr = _sig_down(0.9 * lr * pthr / ps)
             out.append(Remedy("set-lr", new_lr,
                               f"lam_max(P^-1 H)={ps:.3g} scales with lr; 0.9*lr*{pthr:.0f}/"
-                              f"{ps:.3g} puts it under the threshold"))
+                              f"{ps:.3g} puts it under the threshold; expected: no spike while "
+                              "v_hat stays at its current level"))
             # Keras/TF semantics, lr * rate**(t / decay_steps): reach the stable lr by the
             # step where the first incident began, and keep decaying as v keeps shrinking.
             steps = max(1, int(inc.onset))
@@ -392,28 +532,73 @@ def remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) ->
                               {"decay_rate": _sig_down(new_lr / lr), "decay_steps": steps},
                               f"stablestep.schedules.exponential_decay({steps}, "
                               f"{_sig_down(new_lr / lr)}) brings lr to {new_lr:.3g} by step "
-                              f"{steps}, where the instability began, and lower after it"))
+                              f"{steps}, where the instability began, and lower after it; "
+                              "expected: the step keeps shrinking as v_hat does"))
         return out
     if mechanism == "lr-too-high":
         gthr = ev.get(names.GD_THRESHOLD)
+        lrj = ev.get("lr_jump")
+        if lrj is not None and ps is None and sharp is None:  # measured curvature wins
+            out.append(Remedy("set-lr", _sig_down(lrj["from"]),
+                              f"the lr jumped {lrj['factor']:.3g}x (from {lrj['from']:.3g} to "
+                              f"{lrj['to']:.3g}) at step {lrj['step']}, where the incident began;"
+                              f" expected: the run stays as stable as it was before the jump"))
+            out.append(Remedy("warmup", max(10, int(inc.onset) // 2),
+                              "if the higher lr is wanted, reach it by a linear ramp rather than "
+                              "a jump, so the preconditioner/curvature can adapt; expected: "
+                              "no blow-up at the switch, a new one only if the lr is above the "
+                              "stable bound"))
+            return out
+        sec = ev.get("secant")
+        if ps is None and sharp is None and lr is not None:
+            b2 = float(h.get("beta2", 0.999) or 0.999)
+            est, how = None, None
+            if sec is not None and sec.get("trusted") and sec["q"] > 0:
+                est = F.max_stable_lr(lr, sec["q"], sec["bound"])
+                how = f"lr*{sec['bound']:.3g}/q with the secant curvature q={sec['q']:.3g}"
+            elif _is_adam(trace) is False and ev.get("lr_sharpness_from_growth"):
+                a = ev["lr_sharpness_from_growth"]
+                est = F.max_stable_lr(lr, a, gthr or infer.bound(trace) or 2.0)
+                how = (f"the loss grew {ev['loss_growth_per_step']:.3g}x per step, so "
+                       f"lr*lam_max ~ 1+sqrt(r) = {a:.3g}")
+            rel = (_reliability(inc.onset, b2) if _is_adam(trace)
+                   else "the growth-rate estimate holds on the top eigendirection")
+            value = lr / 10 if est is None else min(0.9 * est, lr / 3)
+            out.append(Remedy("set-lr", _sig_down(value),
+                              (f"largest stable lr ~ {est:.3g} from {how} ({rel}); "
+                               if est is not None else
+                               "the loss blew up with no curvature recorded: lr/10 is the "
+                               "first test; ") + "expected: the loss no longer grows step "
+                              "after step"))
+            out.append(Remedy("warmup", max(100, 2 * int(inc.onset)) if inc.onset < 1000 else 1000,
+                              "a linear warmup lets curvature and v_hat settle before the full "
+                              "lr; expected: no blow-up in the first steps"))
+            return out
         if _is_adam(trace) and ps is not None and pthr and lr is not None:
-            out.append(Remedy("set-lr", _sig_down(0.9 * lr * pthr / ps),
+            b2 = float(h.get("beta2", 0.999) or 0.999)
+            out.append(Remedy("set-lr", _sig_down(min(0.9 * lr * pthr / ps, 0.9 * lr)),
                               f"largest stable lr is lr*{pthr:.0f}/lam_max(P^-1 H) = "
-                              f"{lr * pthr / ps:.3g}; 10% margin"))
+                              f"{F.max_stable_lr(lr, ps, pthr):.3g} "
+                              f"({_reliability(inc.onset, b2)}); 10% margin; expected: "
+                              "lam_max(P^-1 H) under the bound"))
         elif sharp is not None and gthr:
             out.append(Remedy("set-lr", _sig_down(0.9 * gthr / sharp),
                               f"GD is stable iff lr*lam_max(H) < {gthr:g}; lam_max(H)="
-                              f"{sharp:.4g} gives lr < {gthr / sharp:.3g}; 10% margin"))
+                              f"{sharp:.4g} gives lr < {gthr / sharp:.3g}; 10% margin; expected: "
+                              "the top direction contracts instead of growing"))
         out.append(Remedy("warmup", max(100, 2 * int(inc.onset)) if inc.onset < 1000 else 1000,
-                          "a linear warmup lets curvature settle before the full lr"))
+                          "a linear warmup lets curvature settle before the full lr; "
+                          "expected: no blow-up in the first steps"))
         return out
     missing = ev.get("missing", [])
     if missing:
         out.append(Remedy("record", missing,
                           "the mechanism cannot be told from the loss alone: record these "
-                          "(stablestep.Monitor with curvature_loss=...) and diagnose again"))
+                          "(stablestep.Monitor with curvature_loss=...) and diagnose again; "
+                          "expected: a named mechanism"))
     if lr is not None:
         out.append(Remedy("test-lr", _sig_down(lr / 3),
                           "if the incident disappears at lr/3 it is a stability problem "
-                          "(lr-too-high or Adam's edge of stability), not the data"))
+                          "(lr-too-high or Adam's edge of stability), not the data; expected: "
+                          "the answer to which it is"))
     return out

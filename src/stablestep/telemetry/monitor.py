@@ -11,7 +11,7 @@ import torch
 
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
-from stablestep.telemetry._common import default_run_name, utc_now
+from stablestep.telemetry._common import check_every, default_run_name, utc_now
 from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
 from stablestep.telemetry.probes import (
     AdamTensor,
@@ -53,6 +53,11 @@ class Monitor:
       ``g2v_rms`` and ``update_ratio`` per tensor for the ``top_k`` worst tensors.
       These passes read every parameter and Adam state twice or thrice; once every 10
       steps keeps the overhead near 1% on a CPU (``benchmarks/monitor_overhead.py``);
+    * every ``secant_every`` steps (default 10; ``None`` turns it off), at the step after:
+      ``secant_curvature``, the free curvature along the update
+      (:mod:`stablestep.telemetry.secant`, no Hessian-vector product; one extra copy of the
+      parameters; every step costs ~1.7x on an optimizer-bound toy MLP, every 10 steps is
+      within noise: ``benchmarks/secant.py``); not under ``torch.distributed``;
     * every ``curvature_every`` steps when ``curvature_loss`` (a closure returning the loss
       on a fixed probe batch) is given: the metrics of
       ``stablestep.curvature.CurvatureProbe(params, optimizer)(curvature_loss)``.
@@ -123,6 +128,7 @@ class Monitor:
         sinks: Sequence[Any] = UNSET,
         overwrite: bool = UNSET,
         model_probes: Any = None,
+        secant_every: int | None = 10,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -175,6 +181,11 @@ class Monitor:
         self._probe: Any = None
         self._probe_state: dict | None = None
         self._closed = False
+        from stablestep.telemetry.secant import SecantTracker  # free curvature (#11)
+
+        check_every("secant_every", secant_every, optional=True)
+        # local dot products: not under torch.distributed (they would need a reduction)
+        self._secant = SecantTracker(secant_every if self._rec.world == 1 else None)
         self._handle = optimizer.register_step_post_hook(self._post_step)
         self.model_probes = None
         if model_probes is not None:
@@ -232,6 +243,11 @@ class Monitor:
         part = partials(StepTensors(loss, grads), self._rec.weights, dev)
         host = {N.LR: inspect._as_float(self.optimizer.param_groups[0]["lr"])} if cheap else {}
         host.update(extra)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        sec = self._secant.observe(s, [local(self._params[i][1].detach()) for i in live],
+                                   [grads[i] for i in live], as_tensors=True)
+        if sec is not None:  # curvature along the previous step's update (telemetry.secant)
+            part.maxs["secant"] = torch.stack([sec["q"], sec["cos"]])
         pending = {"step": s, "part": part, "dev": dev, "host": host, "grads": grads,
                    "curv": curv, "detail": None}
         if detail:  # a replica another rank counts (DDP) is not copied here
@@ -300,6 +316,8 @@ class Monitor:
         pending = self._pending
         if pending is None:
             return
+        self._secant.after_step(optimizer, [local(p) for _, p in self._params
+                                            if p.grad is not None])
         if pending["detail"] is not None:
             params, snaps, param_sq, neg = pending["detail"]
             part, dev, grads = pending["part"], pending["dev"], pending["grads"]
@@ -358,11 +376,13 @@ class Monitor:
             "optimizer": type(self.optimizer).__name__,
             "hyper": dataclasses.asdict(inspect.group_hyper(self.optimizer, groups[0])),
             "n_params": sum(p.numel() for _, p in self._params),
+            "dtypes": sorted({str(p.dtype).replace("torch.", "") for _, p in self._params}),
             "torch_version": torch.__version__,
             "started_at": utc_now(),
             "monitor": {
                 **self.config.summary(),
                 "quantile_sample": None if self._rec.sample.exact else self.config.quantile_sample,
+                "secant_every": self._secant.every,
             },
         }
         if self._rec.world > 1:
@@ -399,6 +419,7 @@ class Monitor:
             "run": self.run_name,
             "store": self.store,
             "curvature": probe,
+            "secant": self._secant.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,6 +434,8 @@ class Monitor:
         self._rec.resume_from = self._step
         self._rec.run_name = state["run"]
         self._probe_state = state.get("curvature")
+        if state.get("secant") is not None:
+            self._secant.load_state_dict(state["secant"])
 
     def close(self) -> None:
         """Record any pending step, flush, detach from the optimizer and close sinks."""

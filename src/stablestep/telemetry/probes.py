@@ -453,6 +453,10 @@ def finish(
             ranks = [r for r, x in enumerate(per_rank.tolist()) if not math.isfinite(x)]
             if not ranks:
                 out[N.LOSS_SPREAD] = float(per_rank.max() - per_rank.min())
+    if "secant" in red:  # telemetry.secant: [q, cos], one process only; NaN when the
+        q, c = (float(x) for x in np.ravel(red["secant"])[:2])  # update was 0: not recorded
+        if math.isfinite(q):
+            out[N.SECANT], out[N.SECANT_COS] = q, c
     gsq, gbad = red["grad_sq"], red["grad_bad"]
     bad = {names[i]: int(c) for i, c in enumerate(gbad.tolist()) if c > 0}
     if gsq.size:

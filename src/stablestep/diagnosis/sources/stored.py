@@ -36,6 +36,9 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
     config = run.config if isinstance(run.config, dict) else {}
     hyper = config.get("hyper")
     hyper = dict(hyper) if isinstance(hyper, dict) else {}
+    for key in ("dtypes", "batch_size", "full_batch"):  # what the remedies must fit (#11)
+        if config.get(key) is not None:
+            hyper[key] = config[key]
     # the guard's actions (and other events) go with the trace: diagnose shows them
     events = [{"step": int(e.step), "kind": e.kind, "data": e.data} for e in run.events
               if e.kind != names.EVENT_NONFINITE]

@@ -1,0 +1,343 @@
+"""Diagnosis in the wild: runs the diagnosis was never tuned on, recorded by the default Monitor.
+
+Every run is a small real training loop (an MLP, a CNN, a ``transformers`` GPT-2 built from a
+config with ``attn_implementation="sdpa"``) with a real optimizer (torch ``Adam``/``AdamW``/
+``SGD``, ``stablestep.Adam`` in both epsilon conventions, AMSGrad), full batch or minibatch,
+recorded by ``stablestep.Monitor`` with its defaults (no curvature closure: what users record)
+or, with ``--curvature``, with the HVP probe every 10 steps. Each run is labelled by
+construction (``kind``):
+
+- ``healthy``: nothing should be found;
+- ``blowup0``: an lr far too large from step 0 (the loss blows up at step 0-2): lr-too-high;
+- ``jump``: the lr schedule jumps ``factor`` x at step ``at``: lr-too-high, onset ``at``;
+- ``plateau``: too large an lr that sends the loss up and keeps it high: lr-too-high;
+- ``sgd-high``: gradient descent (with or without momentum) above its stable lr: lr-too-high;
+- ``aeos``: full-batch Adam at the adaptive edge of stability: adaptive-edge-of-stability;
+- ``outlier``: one minibatch at step ``at`` with inputs scaled ``factor`` x: gradient-outlier.
+
+Scoring: a labelled incident (onset ``at``; for ``aeos`` and ``sgd-high``, which have no
+onset by construction, any step) is found by the first finding whose alarm
+(``evidence["detected_at"]``, as in ``benchmarks/detection.py``) lies in
+``[at - 2, at + 20]``; any other finding is a false alarm, except
+further findings naming the adaptive edge of stability in an ``aeos`` run (its later spike
+episodes; counted in ``aeos_extra_episodes``).
+Delay = ``evidence["detected_at"] - at``. Mechanism right = the matched finding names the
+labelled mechanism. A remedy that does not fit: ``amsgrad`` on an AMSGrad run, anything about
+batches (``skip-batch``, ``clip-grad-norm`` on a bad batch) on full-batch training, precision
+advice (``loss-scaling``) on an fp32 run, ``set-eps``/``amsgrad`` on SGD, a ``set-lr`` above
+the lr in use.
+
+The runs live in two files with disjoint seeds and settings: ``wild_tuning.py`` (what the
+rules were looked at on) and ``wild_heldout.py`` (the default; the figures to report).
+``python benchmarks/wild.py [--set tuning|heldout] [--curvature]``; the last line prints F1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* importable
+
+from benchmarks import wild_heldout, wild_tuning  # noqa: E402
+
+ANY_ONSET = ("aeos", "sgd-high")  # no onset by construction (label_holds: anywhere after 5)
+MECH = {"healthy": None, "blowup0": "lr-too-high", "jump": "lr-too-high",
+        "plateau": "lr-too-high", "sgd-high": "lr-too-high",
+        "aeos": "adaptive-edge-of-stability", "outlier": "gradient-outlier"}
+
+
+@dataclass
+class Spec:
+    """One labelled run (module docstring)."""
+
+    kind: str
+    model: str = "mlp"  # mlp | cnn | gpt2
+    opt: str = "adam"  # adam | adamw | sgd | ss-adam | ss-adam-tf
+    lr: float = 1e-3
+    seed: int = 0
+    steps: int = 300
+    batch: int | None = 32  # None: full batch
+    n: int = 256
+    width: int = 32
+    momentum: float = 0.0
+    amsgrad: bool = False
+    eps: float = 1e-8
+    at: int = 0  # labelled onset (jump / outlier step)
+    factor: float = 1.0  # lr jump factor or outlier input scale
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A readable run name."""
+        return (f"{self.kind}-{self.model}-{self.opt}-lr{self.lr:g}-b{self.batch}-s{self.seed}"
+                + (f"-x{self.factor:g}@{self.at}" if self.kind in ("jump", "outlier") else ""))
+
+
+def _data(spec: Spec):
+    g = torch.Generator().manual_seed(1000 + spec.seed)
+    if spec.model == "gpt2":
+        # sequences from a fixed random bigram table: learnable, not trivial
+        vocab, length = 32, 16
+        table = torch.randint(vocab, (vocab,), generator=g)
+        start = torch.randint(vocab, (spec.n, 1), generator=g)
+        seq = [start]
+        for _ in range(length - 1):
+            nxt = table[seq[-1]]
+            flip = torch.rand(nxt.shape, generator=g) < 0.1
+            seq.append(torch.where(flip, torch.randint(vocab, nxt.shape, generator=g), nxt))
+        return torch.cat(seq, 1), None
+    if spec.model == "cnn":
+        x = torch.randn(spec.n, 1, 8, 8, generator=g)
+        y = (x[:, 0, :4].sum((1, 2)) > x[:, 0, 4:].sum((1, 2))).long()
+        y = torch.where(torch.rand(spec.n, generator=g) < 0.1, 1 - y, y)  # 10% label noise
+        return x, y
+    x = torch.randn(spec.n, 4, generator=g)
+    return x, torch.sin(x.sum(1, keepdim=True)) + 0.5 * x[:, :1] * x[:, 1:2]
+
+
+def _model(spec: Spec) -> torch.nn.Module:
+    torch.manual_seed(spec.seed)
+    if spec.model == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=spec.width, n_layer=2, n_head=2,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                         eos_token_id=0, attn_implementation="sdpa")
+        return GPT2LMHeadModel(cfg)
+    if spec.model == "cnn":
+        w = spec.width
+        return torch.nn.Sequential(torch.nn.Conv2d(1, w // 4, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(w // 4, w // 4, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.Linear(w // 4 * 64, 2))
+    return torch.nn.Sequential(torch.nn.Linear(4, spec.width), torch.nn.Tanh(),
+                               torch.nn.Linear(spec.width, spec.width), torch.nn.Tanh(),
+                               torch.nn.Linear(spec.width, 1))
+
+
+def _optimizer(spec: Spec, params):
+    if spec.opt == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    if spec.opt == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, eps=spec.eps, amsgrad=spec.amsgrad)
+    if spec.opt.startswith("ss-adam"):
+        from stablestep.optim import Adam
+
+        return Adam(params, lr=spec.lr, eps=spec.eps, amsgrad=spec.amsgrad,
+                    eps_mode="tf" if spec.opt.endswith("tf") else "torch")
+    return torch.optim.Adam(params, lr=spec.lr, eps=spec.eps, amsgrad=spec.amsgrad)
+
+
+def _loss(spec: Spec, model, x, y):
+    if spec.model == "gpt2":
+        return model(input_ids=x, labels=x).loss
+    out = model(x)
+    if spec.model == "cnn" and spec.extra.get("mse"):  # regression on +-1 (square loss)
+        return torch.nn.functional.mse_loss(out[:, 0] - out[:, 1], y.float() * 2 - 1)
+    if spec.model == "cnn":
+        return torch.nn.functional.cross_entropy(out, y)
+    return torch.nn.functional.mse_loss(out, y)
+
+
+SECANT_EVERY: list = []  # [] : the Monitor's default; [n]: secant_every=n (--secant-every)
+
+
+def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
+    """Train ``spec`` under ``stablestep.Monitor`` (defaults) into ``store``, run ``spec.name``."""
+    from stablestep import Monitor
+
+    x, y = _data(spec)
+    model = _model(spec)
+    opt = _optimizer(spec, model.parameters())
+    jump = (lambda t: spec.factor if t >= spec.at else 1.0) if spec.kind == "jump" else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, jump) if jump else None
+    gen = torch.Generator().manual_seed(spec.seed + 7)
+    probe = None
+    if curvature:
+        px, py = x[:64], (y[:64] if y is not None else None)
+
+        def probe():
+            return _loss(spec, model, px, py)
+    cfg = {"full_batch": spec.batch is None, "batch_size": spec.batch or spec.n}
+    kw = {"secant_every": SECANT_EVERY[0]} if SECANT_EVERY else {}
+    mon = Monitor(model, opt, store=store, run=spec.name, config=cfg,
+                  curvature_every=10 if curvature else None, curvature_loss=probe, **kw)
+    try:
+        for t in range(spec.steps):
+            idx = (torch.randint(spec.n, (spec.batch,), generator=gen)
+                   if spec.batch is not None else slice(None))
+            xb, yb = x[idx], (y[idx] if y is not None else None)
+            if spec.kind == "outlier" and t == spec.at:  # a corrupted batch: scaled inputs
+                xb = xb * spec.factor  # and scaled targets (regression) or flipped labels
+                yb = yb * spec.factor if spec.model == "mlp" else 1 - yb  # flipped labels
+            opt.zero_grad(set_to_none=True)
+            loss = _loss(spec, model, xb, yb)
+            loss.backward()
+            mon.observe(loss)
+            if not math.isfinite(float(loss)):
+                break
+            opt.step()
+            if sched is not None:
+                sched.step()
+    finally:
+        mon.close()
+
+
+def label_holds(spec: Spec, loss) -> bool:
+    """Detector-free check that the construction produced what it is labelled with: for an
+    incident, the loss reaches 2x the lowest running median (5 steps) before the onset within
+    20 steps of it (or goes non-finite); for ``aeos``/``sgd-high``, anywhere after step 5.
+    Healthy runs are taken as built. Runs whose label does not hold are reported, not scored."""
+    import numpy as np
+
+    loss = np.asarray(loss, dtype=float)
+    if spec.kind == "healthy":
+        return True
+    med = np.array([np.median(loss[max(0, k - 4): k + 1]) for k in range(loss.size)])
+    if spec.kind in ("aeos", "sgd-high"):
+        for k in range(6, loss.size):
+            if not np.isfinite(loss[k]) or loss[k] >= 2 * np.nanmin(med[:k - 1]):
+                return True
+        return False
+    ref = loss[0] if spec.at == 0 else float(np.nanmin(med[:spec.at]))
+    seg = loss[spec.at: spec.at + 21]
+    return bool((~np.isfinite(seg)).any() or np.nanmax(seg) >= 2 * ref)
+
+
+def fits(spec: Spec, remedy: dict) -> str | None:
+    """Why ``remedy`` does not fit ``spec`` (``None``: it fits)."""
+    a, v = remedy["action"], remedy["value"]
+    adam = spec.opt != "sgd"
+    if a == "amsgrad" and (spec.amsgrad or not adam):
+        return "amsgrad on a run that has it / is not Adam"
+    if a in ("skip-batch", "clip-grad-norm", "batch-size") and spec.batch is None:
+        return "batch advice for full-batch training"
+    if a == "loss-scaling":
+        return "precision advice for an fp32 run"
+    if a == "set-eps" and not adam:
+        return "eps for SGD"
+    if a == "set-lr" and isinstance(v, (int, float)):
+        lr_now = spec.lr * (spec.factor if spec.kind == "jump" else 1.0)
+        if v >= lr_now:
+            return f"set-lr {v:g} not below the lr in use {lr_now:g}"
+    return None
+
+
+def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True,
+             labels_only: bool = False) -> dict:
+    """Record and diagnose every spec; return the scores (module docstring)."""
+    from stablestep import diagnose
+
+    tp = fp = fn = 0
+    delays: list[int] = []
+    right = found = 0
+    n_rem = bad_rem = 0
+    episodes = 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = str(Path(tmp) / "wild.db")
+        invalid = []
+        for spec in specs:
+            record(spec, store, curvature=curvature)
+            from stablestep.diagnosis.sources import load
+
+            if not label_holds(spec, load(store, run=spec.name)[0].loss):
+                invalid.append(spec.name)
+                if verbose:
+                    print(f"-- {spec.name}: label does not hold (not scored)", flush=True)
+                continue
+            if labels_only:
+                continue
+            fs = [f.to_dict() for f in diagnose(store, run=spec.name)]
+            want = MECH[spec.kind]
+            match = None
+            if want is not None:
+                for f in fs:
+                    alarm = int(f["evidence"].get("detected_at", f["step"]))
+                    ok = (spec.kind in ANY_ONSET
+                          or spec.at - 2 <= alarm <= spec.at + 20)
+                    if ok:
+                        match = f
+                        break
+            extra = [f for f in fs if f is not match]
+            if spec.kind == "aeos":  # every spike of an edge-of-stability run is one of its
+                more = [f for f in extra if f["mechanism"] == want]  # episodes, not a false
+                episodes += len(more)                                 # alarm
+                extra = [f for f in extra if f["mechanism"] != want]
+            fp += len(extra)
+            if want is not None:
+                if match is None:
+                    fn += 1
+                else:
+                    tp += 1
+                    found += 1
+                    if spec.kind not in ANY_ONSET:
+                        delays.append(int(match["evidence"].get("detected_at", match["step"]))
+                                      - spec.at)
+                    right += match["mechanism"] == want
+            bad = []
+            for f in fs:
+                for r in f["remedies"]:
+                    n_rem += 1
+                    why = fits(spec, r)
+                    if why:
+                        bad_rem += 1
+                        bad.append(why)
+            rows.append((spec.name, want, [(f["step"], f["kind"], f["mechanism"]) for f in fs],
+                         bad))
+            if verbose:
+                got = [(f["step"], f["mechanism"]) for f in fs]
+                mark = "ok" if (want is None and not fs) or (
+                    match is not None and match["mechanism"] == want and not extra) else "XX"
+                print(f"{mark} {spec.name:48s} want={want} got={got} {bad or ''}", flush=True)
+    prec = tp / (tp + fp) if tp + fp else 1.0
+    rec = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"runs": len(specs), "labels_not_holding": len(invalid),
+            "aeos_extra_episodes": episodes, "tp": tp,
+            "fp": fp, "fn": fn, "f1": f1,
+            "median_delay": statistics.median(delays) if delays else math.nan,
+            "mechanism_accuracy": right / found if found else math.nan,
+            "remedies": n_rem, "remedies_not_fitting": bad_rem,
+            "remedies_fit_share": 1 - bad_rem / n_rem if n_rem else 1.0, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI (module docstring)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--set", choices=("tuning", "heldout"), default="heldout")
+    ap.add_argument("--curvature", action="store_true", help="record the HVP probe too")
+    ap.add_argument("--only", default=None, help="only runs whose name contains this")
+    ap.add_argument("--labels-only", action="store_true",
+                    help="record and check the labels, diagnose nothing")
+    ap.add_argument("--secant-every", type=int, default=None,
+                    help="Monitor(secant_every=N) instead of its default")
+    args = ap.parse_args(argv)
+    if args.secant_every is not None:
+        SECANT_EVERY[:] = [args.secant_every]
+    torch.set_num_threads(1)
+    specs = [Spec(**r) for r in (wild_heldout if args.set == "heldout" else wild_tuning).RUNS]
+    if args.only:
+        specs = [s for s in specs if args.only in s.name]
+    t0 = time.perf_counter()
+    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only)
+    res.pop("rows")
+    print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
+          f"secant_every={args.secant_every or 'default'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    for k, v in res.items():
+        print(f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}")
+    print(f"F1 {res['f1']:.3f} median_delay {res['median_delay']} mechanism "
+          f"{res['mechanism_accuracy']:.3f} remedies_fit {res['remedies_fit_share']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

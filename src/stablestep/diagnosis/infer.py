@@ -1,0 +1,286 @@
+r"""Loss-, lr- and secant-aware inference from what the default Monitor records.
+
+No Hessian-vector product is needed for any of these; each reads the trace around an onset.
+
+- :func:`lr_jump`: the lr (``lr`` metric) rose by ``min_factor`` or more within ``lead``
+  records before the onset, against its median over the records before that: the jump is
+  named as the cause.
+- :func:`growth`: the per-step loss ratio :math:`r` of the rise after the onset. On a
+  quadratic, gradient descent multiplies the error along the top eigenvector by
+  :math:`|1 - \mathrm{lr}\,\lambda|` per step, so the loss by :math:`r = (1-\mathrm{lr}\lambda)^2`
+  and :math:`\mathrm{lr}\,\lambda \approx 1 + \sqrt r`: the growth gives the curvature.
+- :func:`secant`: the free curvature :math:`q_t` (``secant_curvature``,
+  :mod:`stablestep.telemetry.secant`) near the onset against the optimizer's bound
+  (:func:`stablestep.formulas.threshold`), *trusted* only where it stands out of the spread
+  it had on the healthy records before (minibatch gradient noise enters
+  :math:`g_{t+1} - g_t`): the largest :math:`q` over ``[onset - lead, detected + 2]`` must
+  exceed ``median + noise_k`` robust sigmas of the 50 records before, and a pair whose
+  gradient norm jumps 6 robust sigmas from normal in one step (an outlier batch: its
+  :math:`\Delta g` is the batch difference, not :math:`Hu`) is left out.
+- :func:`extra_incidents`: what the detector stack's warm-up hides: a blow-up from step 0-1
+  and a jump that then *stays* high, both measured against the best (running-median) loss so
+  far, not against a recovered baseline; and a gradient-outlier batch whose loss left the
+  recent median by ``outlier_loss`` or more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from stablestep import formulas as F
+from stablestep.diagnosis.trace import Trace
+from stablestep.telemetry import names
+
+SECANT_TRUST = 0.5  # q above half the bound, out of the noise (tuning runs: 0.75 missed a 28/38)
+NOISE_K = 8.0  # robust sigmas of q on healthy records (benchmarks/secant.py measures them)
+
+
+def _index(trace: Trace, step: int) -> int:
+    return int(np.searchsorted(trace.steps, step, side="left"))
+
+
+def bound(trace: Trace) -> float | None:
+    """The optimizer's stability bound from ``trace.hyper`` (``formulas.threshold``)."""
+    h = trace.hyper
+    kind = h.get("kind")
+    if kind == "adam":
+        return F.adam_threshold(float(h.get("beta1", 0.9) or 0.9))
+    if kind == "sgd":
+        return F.sgd_threshold(float(h.get("momentum", 0.0) or 0.0),
+                               float(h.get("dampening", 0.0) or 0.0), bool(h.get("nesterov")))
+    return None
+
+
+def lr_jump(trace: Trace, onset: int, *, lead: int = 5, min_factor: float = 2.0,
+            detected: int | None = None) -> dict[str, Any] | None:
+    """``{"step", "from", "to", "factor"}`` when the lr rose ``min_factor`` x or more within
+    ``lead`` records before ``onset`` and up to ``detected`` (the alarm; default the onset),
+    against the median of the 20 records before, else None."""
+    lr = trace.metric(names.LR)
+    if lr is None:
+        return None
+    i = _index(trace, onset)
+    j = _index(trace, max(onset, detected if detected is not None else onset))
+    for k in range(max(1, i - lead), min(j + 1, len(trace))):
+        prev = lr[max(0, k - 20): k]
+        prev = prev[np.isfinite(prev) & (prev > 0)]
+        if prev.size and math.isfinite(lr[k]) and lr[k] >= min_factor * float(np.median(prev)):
+            return {"step": int(trace.steps[k]), "from": float(np.median(prev)),
+                    "to": float(lr[k]), "factor": float(lr[k] / np.median(prev))}
+    return None
+
+
+def growth(trace: Trace, onset: int, *, span: int = 5) -> float | None:
+    """Geometric-mean per-step loss ratio over the rising records from the record before
+    ``onset`` (at most ``span`` steps; stops at the first fall or non-finite loss)."""
+    i = _index(trace, onset)
+    lo = max(0, i - 1)
+    seq = trace.loss[lo: lo + span + 1]
+    k = 0
+    while k + 1 < seq.size and math.isfinite(seq[k + 1]) and seq[k] > 0 and seq[k + 1] > seq[k]:
+        k += 1
+    if k == 0:
+        return None
+    return float((seq[k] / seq[0]) ** (1.0 / k))
+
+
+def gd_curvature_from_growth(r: float) -> float:
+    r""":math:`\mathrm{lr}\,\lambda \approx 1 + \sqrt r` for a per-step loss ratio ``r > 1``
+    (module docstring): the top direction grows by :math:`|1 - \mathrm{lr}\lambda| = \sqrt r`."""
+    return 1.0 + math.sqrt(r)
+
+
+def secant(trace: Trace, onset: int, detected: int, *, lead: int = 5,
+           window: int = 50) -> dict[str, Any] | None:
+    """The free curvature near the onset and whether it can be trusted (module docstring):
+    ``{"q", "step", "bound", "ratio", "noise", "trusted"}``; None when not recorded."""
+    q = trace.metric(names.SECANT)
+    thr = bound(trace)
+    if q is None or thr is None:
+        return None
+    i0, i1 = _index(trace, onset - lead), _index(trace, detected + 2) + 1
+    seg = q[i0:i1].copy()
+    gn = trace.metric(names.GRAD_NORM)
+    if gn is not None:  # an outlier batch in the pair (g_t, g_{t+1}) is not curvature
+        lg = np.log(np.where(np.isfinite(gn) & (gn > 0), gn, np.nan))
+        ref = lg[max(0, i0 - window): i0]
+        ref = ref[np.isfinite(ref)]
+        if ref.size >= 5:
+            m = float(np.median(ref))
+            sd = max(float(np.median(np.abs(ref - m))) * 1.4826, 0.05)
+            z = (lg - m) / sd
+            for j in range(seg.size):
+                k = i0 + j
+                for a in (k - 1, k):  # the two gradients of the secant recorded at k
+                    if a >= 1 and z[a] >= 6 and not (z[a - 1] >= 3):
+                        seg[j] = np.nan
+    ok = np.isfinite(seg)
+    if not ok.any():
+        return None
+    j = int(np.nanargmax(np.where(ok, seg, -np.inf)))
+    qmax = float(seg[j])
+    hist = q[max(0, i0 - window): i0]
+    hist = hist[np.isfinite(hist)]
+    if hist.size >= 5:
+        med = float(np.median(hist))
+        noise = float(np.median(np.abs(hist - med))) * 1.4826
+        level = med + NOISE_K * noise
+    else:  # nothing healthy to compare with (blow-up at step 0): the bound alone
+        med, noise, level = 0.0, math.nan, 0.0
+    trusted = qmax >= SECANT_TRUST * thr and qmax >= level
+    return {"q": qmax, "step": int(trace.steps[i0 + j]), "bound": thr, "ratio": qmax / thr,
+            "noise": noise, "trusted": bool(trusted)}
+
+
+def _running_median(x: np.ndarray, w: int = 5) -> np.ndarray:
+    out = np.full(x.shape, np.nan)
+    for k in range(x.size):
+        seg = x[max(0, k - w + 1): k + 1]
+        seg = seg[np.isfinite(seg)]
+        if seg.size:
+            out[k] = float(np.median(seg))
+    return out
+
+
+def extra_incidents(trace: Trace, covered: list[tuple[int, int | None]], *,
+                    factor: float = 3.0, hold: int = 10, outlier_loss: float = 3.0,
+                    outliers: tuple[int, ...] = (), warmup: int = 10) -> list[dict[str, Any]]:
+    """Incidents the detector stack does not frame (module docstring), as dicts
+    ``{"onset", "detected", "kind", "peak", "peak_step", "baseline", "recovered", "why"}``.
+
+    ``covered``: ``(onset, end)`` spans already explained (``end`` None: to the end);
+    ``outliers``: the stack's gradient-outlier steps. A jump: the loss at ``factor`` x the
+    best running median (5 records) so far, and the median of the next ``hold`` records
+    still at ``factor`` x (so one noisy minibatch is not a jump); measured from step 0.
+    In the first ``warmup`` records (the spike detector's warm-up, where it raises nothing)
+    a jump of ``factor`` x counts even if the loss comes back."""
+    loss = trace.loss
+    n = loss.size
+    out: list[dict[str, Any]] = []
+
+    def free(s: int) -> bool:
+        return not any(a - 2 <= s and (b is None or s <= b + 2) for a, b in covered)
+
+    if n >= 2:
+        med = _running_median(loss)
+        best = math.inf
+        k = 1
+        while k < n:
+            if math.isfinite(med[k - 1]):
+                best = min(best, float(med[k - 1]) if k > 1 else float(loss[0]))
+            if best > 0 and math.isfinite(best):
+                v = loss[k]
+                nxt = loss[k: k + hold]
+                recent = np.nanmin(med[max(0, k - 5):k]) if k > 0 else best
+                # a jump, not the slow return of an earlier incident: above the best level
+                # and above the lowest level of the last 5 records
+                high = (not math.isfinite(v)) or (v >= factor * best and v >= factor * recent)
+                stay = nxt[np.isfinite(nxt)]
+                stays = (stay.size == 0 or float(np.median(stay)) >= factor * best
+                         or not np.isfinite(nxt).all()
+                         or k < warmup)  # inside the spike detector's warm-up: any jump
+                if high and stays and free(int(trace.steps[k])):
+                    start = k  # the rise began where the loss first left the best level
+                    while start > 1 and math.isfinite(loss[start - 1]) and \
+                            loss[start - 1] > 1.2 * best:
+                        start -= 1
+                    rest = loss[k:]
+                    fin = rest[np.isfinite(rest)]
+                    recovered = bool(np.isfinite(rest).all() and fin.size > hold
+                                     and float(np.median(fin[-hold:])) < 1.5 * best)
+                    pk = int(np.nanargmax(np.where(np.isfinite(rest), rest, -np.inf)))
+                    out.append({"onset": int(trace.steps[start]), "detected": int(trace.steps[k]),
+                                "kind": "spike" if recovered else "divergence",
+                                "peak": float(rest[pk]) if fin.size else math.nan,
+                                "peak_step": int(trace.steps[k + pk]), "baseline": best,
+                                "recovered": recovered, "why": "jump-over-best"})
+                    break  # one regime per run from here on
+            k += 1
+    for s in outliers:
+        i = _index(trace, s)
+        if i >= n or not free(s):
+            continue
+        prev = loss[max(0, i - 20): i]
+        prev = prev[np.isfinite(prev)]
+        if prev.size >= 5 and math.isfinite(loss[i]) and loss[i] >= outlier_loss * float(
+                np.median(prev)):
+            out.append({"onset": s, "detected": s, "kind": "spike", "peak": float(loss[i]),
+                        "peak_step": s, "baseline": float(np.median(prev)), "recovered": True,
+                        "why": "gradient-outlier"})
+    return out
+
+
+def full_batch(trace: Trace) -> bool | None:
+    """Whether the run trained on the full batch, when the run's config says so."""
+    fb = trace.hyper.get("full_batch")
+    return None if fb is None else bool(fb)
+
+
+def half_precision(trace: Trace) -> bool | None:
+    """Whether the run computes in fp16/bf16: a GradScaler's ``loss_scale`` was recorded (AMP
+    keeps fp32 parameters), or a parameter dtype is fp16/bf16 (None: nothing recorded)."""
+    if trace.has(names.LOSS_SCALE) or trace.has(names.SKIPPED_STEPS):
+        return True
+    if trace.hyper.get("precision") in ("fp16", "bf16", "16-mixed", "bf16-mixed"):
+        return True
+    dts = trace.hyper.get("dtypes")
+    if not dts:
+        return None
+    return any(str(d) in ("float16", "bfloat16", "half") for d in dts)
+
+
+def augment(trace: Trace, found: list[Any], raised: list[Any]) -> list[Any]:
+    """:func:`extra_incidents` as :class:`~stablestep.diagnosis.explain.Incident` records, given
+    the incidents ``found`` from the stack's excursions and the stack's ``raised`` incidents."""
+    from stablestep.diagnosis.explain import Incident
+
+    covered = [(i.onset, None if i.kind in ("divergence", "non-finite") else i.peak_step + 20)
+               for i in found]
+    outs = tuple(int(r.step) for r in raised if r.kind == "gradient-outlier")
+    return [Incident(onset=d["onset"], detected=d["detected"], kind=d["kind"], peak=d["peak"],
+                     peak_step=d["peak_step"], baseline=d["baseline"], recovered=d["recovered"],
+                     jump=True)
+            for d in extra_incidents(trace, covered, outliers=outs)]
+
+
+def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
+    """Fold incidents that continue an lr-too-high regime into it: a later incident (any
+    kind) while the lr has not come down (>= 0.9 x the lr at the first onset) and the loss
+    stayed (median) at 1.2 x the first incident's baseline or more. ``explained``: sorted
+    ``(incident, mechanism, confidence, evidence)``; the folded ones' steps go to the
+    first's ``evidence["follow_on_alarms"]``."""
+    from dataclasses import replace
+
+    lr = trace.metric(names.LR)
+    half = half_precision(trace)
+    out: list[tuple] = []
+    for item in explained:
+        inc = item[0]
+        if inc.kind == "non-finite" and half:  # fp16/bf16: the NaN may be the format's own
+            out.append(item)
+            continue
+        if out and out[-1][1] == "lr-too-high":
+            head = out[-1][0]
+            i0, i1 = _index(trace, head.onset), _index(trace, inc.onset)
+            lr_ok = lr is None or not (np.nanmin(lr[i0:i1 + 1]) < 0.9 * lr[i0])
+            seg = trace.loss[i0 + 1:i1]
+            base = head.baseline if head.baseline > 0 else math.inf
+            seg = seg[np.isfinite(seg)]
+            stayed = seg.size == 0 or float(np.median(seg)) >= 1.2 * base
+            if lr_ok and stayed:
+                ev = out[-1][3]
+                ev.setdefault("follow_on_alarms", []).append(int(inc.detected))
+                if not math.isfinite(inc.peak) or inc.peak > head.peak:
+                    head = replace(head, peak=inc.peak, peak_step=inc.peak_step,
+                                   recovered=False, kind="divergence")
+                    ev["peak_loss"], ev["peak_step"] = inc.peak, inc.peak_step
+                    ev["recovered"] = False
+                    if inc.kind == "non-finite" or inc.nonfinite_at is not None:
+                        ev["non_finite_at"] = inc.nonfinite_at or inc.onset
+                out[-1] = (head, *out[-1][1:])
+                continue
+        out.append(item)
+    return out

@@ -1,0 +1,156 @@
+r"""Free curvature: the secant (Rayleigh) estimate along the update, with no HVP.
+
+Between two consecutive steps, :math:`u = \theta_{t+1} - \theta_t` and
+:math:`\Delta g = g_{t+1} - g_t` give (:func:`stablestep.formulas.secant_curvature`)
+
+.. math:: q_t = \frac{u\cdot\Delta g}{u^\top P_t u},
+
+:math:`P_t = \operatorname{diag}(1/d_t)` with :math:`d_t` the optimizer's own effective step
+(:func:`stablestep.optim.inspect.effective_step`: :math:`\alpha_t/(\sqrt{\hat v_t}+\epsilon_t)`
+for Adam in either epsilon convention, ``lr`` for SGD). :math:`q_t` is compared with the
+optimizer's stability bound (:func:`stablestep.formulas.threshold`: 38 for Adam with
+:math:`b_1 = 0.9`; 2, heavy ball or Nesterov for SGD).
+
+:class:`SecantTracker` needs no copy of the gradients: at step :math:`t` it keeps the two
+scalars :math:`u\cdot g_t` and :math:`u^\top P_t u` and the update :math:`u` (one buffer
+the size of the parameters, only while a measurement is open), and at step :math:`t+1`
+it forms :math:`u\cdot g_{t+1}`. With minibatches :math:`g_{t+1}` comes from another batch,
+so :math:`\Delta g = Hu + (\xi_{t+1} - \xi_t)`: the noise term enters the numerator.
+The tracker therefore also reports :math:`|u\cdot\Delta g|/(|u|\,|\Delta g|)` (``cos``),
+and the diagnosis trusts :math:`q_t` only where it stands out of the spread it had on
+healthy steps (``benchmarks/secant.py`` measures both the cost and the noise).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stablestep import formulas as F
+
+log = logging.getLogger("stablestep.telemetry.secant")
+
+
+def secant(u: Sequence[torch.Tensor], g_prev: Sequence[torch.Tensor],
+           g_next: Sequence[torch.Tensor], d: Sequence[Any]) -> float:
+    r"""Pure form: :math:`q = u\cdot(g_{t+1}-g_t)/(u^\top P u)` with :math:`P = \mathrm{diag}(1/d)`
+    (:func:`stablestep.formulas.secant_curvature`); ``d`` entries are tensors or floats."""
+    dg = [b - a for a, b in zip(g_prev, g_next, strict=True)]
+    return F.secant_curvature(list(u), dg, list(d))
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of the per-tensor dot products, accumulated in float64 across tensors (one BLAS
+    dot per tensor in the tensors' own dtype: no float64 copies of the parameters)."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).double()
+                        for x, y in zip(a, b, strict=True)]).sum()
+
+
+class SecantTracker:
+    """Measures :math:`q_t` every ``every`` steps (module docstring).
+
+    Protocol, per step ``t`` (the Monitor's hooks)::
+
+        q = tracker.observe(t, params, grads)   # after backward, before optimizer.step()
+        optimizer.step()
+        tracker.after_step(optimizer, params)    # optimizer step post-hook
+
+    ``observe`` returns the measurement opened at the previous step (``None`` when there
+    is none) as ``{"q": ..., "cos": ...}`` (floats; 0-dim float64 tensors on the parameters'
+    device with ``as_tensors=True``, so that nothing waits for the device) and opens a new
+    one when ``t % every == 0``. ``every=None`` disables it. No host read in ``after_step``.
+    """
+
+    def __init__(self, every: int | None = 1):
+        self.every = every
+        self._buf: list[torch.Tensor] | None = None  # theta_t, then -u after the step
+        self._s: torch.Tensor | None = None  # [u^T P u, u.g_t, |g_t|^2, |u|^2] (float64)
+        self._grads: list[torch.Tensor] | None = None
+        self._open_step: int | None = None
+        self._ready = False
+
+    def observe(self, step: int, params: Sequence[torch.Tensor],
+                grads: Sequence[torch.Tensor], *, as_tensors: bool = False) -> dict | None:
+        """Close the measurement opened at ``step - 1`` with ``grads`` = :math:`g_{t+1}`,
+        and snapshot ``params`` if ``step`` is a recording step."""
+        out = None
+        if self._ready and self._open_step == step - 1 and len(grads) == len(self._buf):
+            with torch.no_grad():
+                den, ug, g2, uu = self._s.unbind()
+                num = -_dot(self._buf, grads) - ug  # u . (g_{t+1} - g_t), buf holding -u
+                q = torch.where(den > 0, num / den, torch.full_like(den, math.nan))
+                # |dg| <= |g_t| + |g_{t+1}|: a lower bound on the cosine, without keeping g_t
+                gmag = (_dot(grads, grads).sqrt() + g2.sqrt()) * uu.sqrt()
+                cos = torch.where(gmag > 0, num.abs() / gmag, torch.zeros_like(gmag))
+            if as_tensors:
+                out = {"q": q, "cos": cos}
+            else:
+                qf, cf = torch.stack([q, cos]).tolist()
+                out = {"q": qf, "cos": cf}
+        self._ready = False
+        self._open_step = None
+        if self.every is not None and step % self.every == 0 and len(params):
+            with torch.no_grad():
+                if self._buf is None or [b.shape for b in self._buf] != [p.shape for p in params]:
+                    self._buf = [torch.empty_like(p, memory_format=torch.contiguous_format)
+                                 for p in params]
+                torch._foreach_copy_(self._buf, [p.detach() for p in params])
+            self._grads = [g.detach() for g in grads]
+            self._open_step = step
+        return out
+
+    def after_step(self, optimizer: torch.optim.Optimizer,
+                   params: Sequence[torch.Tensor]) -> None:
+        """Turn the snapshot into :math:`u` and keep :math:`u\\cdot g_t` and :math:`u^\\top P u`
+        (the optimizer's effective step as of this step, :func:`inspect.effective_step`)."""
+        if self._open_step is None or self._grads is None:
+            return
+        from stablestep.optim import inspect
+
+        grads, self._grads = self._grads, None
+        with torch.no_grad():
+            # buf = theta_t - theta_{t+1} = -u: the sign is applied to the dot products
+            torch._foreach_sub_(self._buf, [p.detach() for p in params])
+            den = []
+            for u, p in zip(self._buf, params, strict=True):
+                d = inspect.effective_step(optimizer, p)
+                if d is None:
+                    self._open_step = None
+                    return
+                if d.dim() == 0:  # SGD: one lr for the tensor
+                    uu = torch.dot(u.reshape(-1), u.reshape(-1)).double()
+                    d = d.double()
+                    den.append(torch.where(d > 0, uu / d, torch.zeros_like(uu)))
+                else:  # u^T P u over the coordinates that moved (d > 0)
+                    q = u.square().div_(d)
+                    den.append(q.where(d > 0, q.new_zeros(())).sum(dtype=torch.float64))
+            self._s = torch.stack([torch.stack(den).sum(), -_dot(self._buf, grads),
+                                   _dot(grads, grads), _dot(self._buf, self._buf)])
+        self._ready = True
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The open measurement (``u`` and its two scalars), so a run saved between the
+        two steps of a measurement continues it identically."""
+        if not self._ready:
+            return {"version": 1, "every": self.every, "open": None}
+        return {"version": 1, "every": self.every,
+                "open": {"step": self._open_step, "u": [b.clone() for b in self._buf],
+                         "scalars": self._s.tolist()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported SecantTracker state version: {state.get('version')!r}")
+        self.every = state.get("every", self.every)
+        o = state.get("open")
+        self._ready = o is not None
+        self._open_step = None if o is None else int(o["step"])
+        if o is not None:
+            self._buf = [u.clone() for u in o["u"]]
+            self._s = torch.tensor(o["scalars"], dtype=torch.float64,
+                                   device=self._buf[0].device if self._buf else None)
