@@ -167,7 +167,7 @@ def test_adam_secant_names_the_edge_of_stability(tmp_path):
 
 
 def test_verified_remedies_in_the_lab():
-    from stablestep.diagnosis.verify import verify_lab
+    from stablestep.lab.verify import verify_lab
     from stablestep.lab.config import TrainConfig
     from stablestep.lab.train import train
 

@@ -51,6 +51,10 @@ class MonitorConfig:
         curvature_every: measure curvature every ``curvature_every`` steps (with
             ``curvature_loss``; both or neither).
         curvature_loss: a closure returning the loss on a fixed probe batch.
+        secant_every: record the free secant curvature along the update every
+            ``secant_every`` steps (at the step after; no Hessian-vector product:
+            :mod:`stablestep.telemetry.secant`), or ``None`` for never (default 10; not
+            recorded under ``torch.distributed``).
         sinks: extra destinations (``write``/``event``/``close``), e.g.
             :class:`stablestep.telemetry.TensorBoardSink`. Under ``torch.distributed``
             only rank 0 writes to them.
@@ -69,6 +73,7 @@ class MonitorConfig:
     flush_seconds: float = 10.0
     curvature_every: int | None = None
     curvature_loss: Callable[[], Any] | None = None
+    secant_every: int | None = 10
     sinks: tuple[Any, ...] = ()
     overwrite: bool = False
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -79,6 +84,7 @@ class MonitorConfig:
         check_every("state_every", self.state_every, optional=True)
         check_every("flush_every", self.flush_every)
         check_every("curvature_every", self.curvature_every, optional=True)
+        check_every("secant_every", self.secant_every, optional=True)
         check_every("quantile_sample", self.quantile_sample)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"Invalid top_k: {self.top_k!r} (an int >= 0)")
@@ -128,6 +134,7 @@ class MonitorConfig:
             "every": self.every,
             "state_every": self.state_every,
             "curvature_every": self.curvature_every,
+            "secant_every": self.secant_every,
             "top_k": self.top_k,
             "flush_every": self.flush_every,
         }

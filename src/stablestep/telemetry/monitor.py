@@ -11,7 +11,7 @@ import torch
 
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
-from stablestep.telemetry._common import check_every, default_run_name, utc_now
+from stablestep.telemetry._common import default_run_name, utc_now
 from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
 from stablestep.telemetry.probes import (
     AdamTensor,
@@ -128,7 +128,7 @@ class Monitor:
         sinks: Sequence[Any] = UNSET,
         overwrite: bool = UNSET,
         model_probes: Any = None,
-        secant_every: int | None = 10,
+        secant_every: int | None = UNSET,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -146,6 +146,7 @@ class Monitor:
             curvature_loss=curvature_loss,
             sinks=sinks,
             overwrite=overwrite,
+            secant_every=secant_every,
         )
         self.config = cfg
         self.model = model
@@ -183,9 +184,8 @@ class Monitor:
         self._closed = False
         from stablestep.telemetry.secant import SecantTracker  # free curvature (#11)
 
-        check_every("secant_every", secant_every, optional=True)
         # local dot products: not under torch.distributed (they would need a reduction)
-        self._secant = SecantTracker(secant_every if self._rec.world == 1 else None)
+        self._secant = SecantTracker(cfg.secant_every if self._rec.world == 1 else None)
         self._handle = optimizer.register_step_post_hook(self._post_step)
         self.model_probes = None
         if model_probes is not None:

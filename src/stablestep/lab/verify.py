@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("stablestep.diagnosis.verify")
+log = logging.getLogger("stablestep.lab.verify")
 
 REPLAYABLE = ("set-eps", "set-lr", "amsgrad")
 
