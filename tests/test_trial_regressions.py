@@ -81,3 +81,40 @@ def test_report_names_the_optimizer_class_and_its_weight_decay(tmp_path):
     assert main(["report", str(store), "-o", str(out), "-q"]) == 0
     text = out.read_text()
     assert "AdamW: lr=0.001" in text and "weight_decay=0.01" in text
+
+
+def _curve(n=300, at=200):
+    import numpy as np
+
+    loss = 3 * np.exp(-np.arange(n) / 80) + 0.5
+    loss[at] *= 8
+    return loss
+
+
+def test_in_memory_logs_say_once_what_they_read(caplog):
+    import logging
+
+    import numpy as np
+    import pandas as pd
+
+    loss = _curve()
+    for obj, where in [(loss, "row numbers as steps"),
+                       (pd.Series(loss, index=np.arange(0, 3000, 10)), "step column 'index'")]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stablestep"):
+            found = stablestep.diagnose(obj)
+        said = [r.getMessage() for r in caplog.records if "read 'loss'" in r.getMessage()]
+        assert len(said) == 1 and where in said[0], said  # not twice, not contradicting
+        assert any(f.kind == "spike" for f in found)
+
+
+def test_losses_kept_as_tensors_or_numpy_scalars_are_read():
+    import numpy as np
+
+    w = torch.ones(1, requires_grad=True)
+    kept = [(w * float(v)).sum() for v in _curve()]  # losses.append(loss), no .item()
+    steps = list(np.arange(len(kept)))  # numpy integers
+    for obj in (kept, {"step": steps, "loss": kept}, dict(enumerate(kept)),
+                {"step": steps, "loss": [t.item() for t in kept]}):
+        found = stablestep.diagnose(obj)
+        assert any(f.kind == "spike" and 195 <= f.step <= 201 for f in found), found
