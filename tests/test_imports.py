@@ -17,8 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import stablestep
 
 SRC = Path(stablestep.__file__).parent
@@ -147,21 +145,10 @@ def _cycles() -> dict[frozenset, list[str]]:
     return out
 
 
-# Owned by ux (report/build.py, lab/runner.py): the scenario report is lab's page built
-# from report's parts; it moves into lab so that report never imports lab.
-KNOWN = frozenset(("stablestep.lab", "stablestep.report"))
-
-
 def test_no_import_cycles_between_subpackages():
-    cycles = {k: v for k, v in _cycles().items() if k != KNOWN}
+    cycles = _cycles()
     assert not cycles, "import cycles between subpackages:\n" + "\n".join(
         f"{' <-> '.join(sorted(k))}: {w}" for k, w in cycles.items())
-
-
-@pytest.mark.xfail(strict=True, reason="lab <-> report: the lab's scenario report lives in "
-                   "report/build.py and imports lab; ux moves it into lab (#9 item 4)")
-def test_no_lab_report_cycle():
-    assert KNOWN not in _cycles(), _cycles().get(KNOWN)
 
 
 def test_the_vocabularies_and_formulas_are_leaves():

@@ -23,6 +23,15 @@ def test_lab_list(capsys, monkeypatch):
     assert "seed" not in out.lower()
 
 
+def test_lab_list_names_every_story_in_full_at_80_columns(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["lab", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("late-explosion", "attention-logit-growth", "output-logit-divergence",
+                 "fp16-loss-scale"):
+        assert name in out  # the name a user types is never cut
+
+
 def test_help_speaks_of_stories_not_seeds(capsys):
     for argv in (["--help"], ["lab", "--help"], ["lab", "run", "--help"], ["sweep", "--help"]):
         with pytest.raises(SystemExit):

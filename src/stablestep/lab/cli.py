@@ -103,13 +103,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     from stablestep.lab.runner import story_words
 
     t = Table(title="stablestep lab scenarios")
-    for col in ("name", "story", "question", "variants"):
+    every = [*scenarios.names(), *scenarios.TEXT]
+    t.add_column("name", min_width=max(map(len, every)), no_wrap=True)  # what users type
+    for col in ("story", "question", "variants"):
         t.add_column(col)
-    for n in scenarios.names():
+    for n in every:
         sc = scenarios.get(n)
         t.add_row(sc.name, story_words(sc), sc.title, ", ".join(v.name for v in sc.variants))
     _console().print(t)
-    print("run one:  stablestep lab run NAME --out DIR   (or 'all')")
+    print("run one:  stablestep lab run NAME --out DIR   ('all': the first four stories; the "
+          "transformer stories take 30-60 s each)")
     return 0
 
 

@@ -214,7 +214,7 @@ def run_scenario(
         if progress is not None:
             progress(i, len(chosen))
     if report:
-        from stablestep.report import write_scenario_report
+        from stablestep.lab.pages import write_scenario_report
 
         outcome.report = str(write_scenario_report(sc, outcome, out_dir / REPORT_NAME))
     outcome.seconds = time.perf_counter() - t0
@@ -268,7 +268,7 @@ def run_all(
                 if progress is not None:
                     progress(res)
     ordered = [results[n] for n in names]
-    from stablestep.report import write_index
+    from stablestep.lab.pages import write_index
 
     write_index(ordered, Path(out) / "index.html")
     return ordered
