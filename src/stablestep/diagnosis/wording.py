@@ -169,7 +169,30 @@ def headline(f: dict, label: str | None = None) -> str:
     conf = _num(f.get("confidence"))
     if conf is not None:
         text += f" (confidence {conf:.2f})"
-    return text + "."
+    acted = guard_note(f.get("evidence") or {})
+    return text + "." + (f" {acted}." if acted else "")
+
+
+def guard_note(ev: dict) -> str:
+    """What the Guard already did about this incident (``evidence["guard_actions"]``), in
+    words: "The guard acted: skip at step 100 (non-finite)"; several actions are counted,
+    "The guard acted 12 times, steps 40..61: 10 skip (gradient-outlier), 2 rollback
+    (divergence)". "" when the guard did nothing (or was not attached)."""
+    acts = [a for a in (ev.get("guard_actions") or []) if isinstance(a, dict)]
+    if not acts:
+        return ""
+    if len(acts) == 1:
+        a = acts[0]
+        return (f"The guard acted: {a.get('action', '?')} at step {fmt(a.get('step', '?'))}"
+                f" ({a.get('reason', '?')})")
+    counts: dict[str, int] = {}
+    for a in acts:
+        key = f"{a.get('action', '?')} ({a.get('reason', '?')})"
+        counts[key] = counts.get(key, 0) + 1
+    steps = [s for s in (a.get("step") for a in acts) if isinstance(s, int)]
+    span = f", steps {min(steps)}..{max(steps)}" if steps else ""
+    return (f"The guard acted {len(acts)} times{span}: "
+            + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
 def _row(ev: dict, key: str) -> list[str] | None:

@@ -43,11 +43,18 @@ def _write(text: str, out: str | os.PathLike) -> Path:
     return path
 
 
-def _hyper_cell(hyper: dict) -> str:
+def _hyper_cell(hyper: dict, optimizer: str | None = None) -> str:
+    """"AdamW: lr=1, eps=1e-08, ..., weight_decay=0.01": the optimizer's class when the
+    store recorded it (``kind`` alone reads "adam" for an AdamW), then its settings."""
     h = hyper or {}
     keys = (("kind", "lr", "momentum", "nesterov") if h.get("kind") == "sgd"
             else ("kind", "lr", "eps", "eps_mode", "amsgrad", "beta1", "beta2"))
-    return ", ".join(f"{k}={fmt(h[k])}" for k in keys if k in h)
+    if optimizer:
+        keys = keys[1:]
+    if h.get("weight_decay"):
+        keys += ("weight_decay",)
+    cell = ", ".join(f"{k}={fmt(h[k])}" for k in keys if k in h)
+    return f"{printable(optimizer, limit=60)}: {cell}" if optimizer else cell
 
 
 def _is_store(path: str) -> bool:
@@ -125,7 +132,7 @@ def write_report(source: Any, out: str | os.PathLike, *,
                              incidents=incs)
         series.append(s)
         steps, loss = s.get("loss")
-        rows.append([printable(name, limit=120), _hyper_cell(trace.hyper),
+        rows.append([printable(name, limit=120), _hyper_cell(trace.hyper, cfg.get("optimizer")),
                      int(steps[-1]) if len(steps) else "-",
                      float(loss[-1]) if len(loss) else float("nan"),
                      "not available" if found is None else

@@ -49,6 +49,11 @@ def _export(args: argparse.Namespace) -> int:
                 print(name)
             return 0
         run = open_run(path, args.run)
+        if args.run is None and not getattr(args, "quiet", False):
+            names = list_runs(path)
+            if len(names) > 1:  # say which one: a second run of the same script is "-2"
+                print(f"stablestep: exporting run {run.name!r}, the latest of {len(names)} "
+                      "(--run NAME for another, --list to list them)", file=sys.stderr)
         if args.output is None:
             import tempfile
 

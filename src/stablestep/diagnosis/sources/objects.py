@@ -38,15 +38,9 @@ def _loss_only(values: Any, steps: Any, what: str, source: str, step_name: str |
         v = np.array([_num(x) for x in v.tolist()], dtype=np.float64)
     s = np.arange(v.size) if steps is None else np.asarray(steps)
     rows = ({"step": st, what: val} for st, val in zip(s.tolist(), v.tolist(), strict=True))
-    traces = read_records(rows, source=source, what="the series", infos=None)
-    for t in traces:
-        from stablestep.diagnosis.sources._common import report
-
-        report(ReadInfo(source, "", what, step_name, len(t),
-                        int(t.steps[0]) if len(t) else None,
-                        int(t.steps[-1]) if len(t) else None,
-                        int((~np.isfinite(t.loss)).sum())), infos)
-    return traces
+    # one "read ..." line, naming where the steps came from (index, keys, row numbers)
+    return read_records(rows, source=source, what="the series", infos=infos,
+                        step_label=step_name)
 
 
 def _num(x: Any) -> float:
@@ -80,19 +74,34 @@ def from_object(obj: Any, *, infos: list[ReadInfo] | None = None) -> list[Trace]
                           f"got shape {obj.shape}")
     if isinstance(obj, dict):
         if obj and all(isinstance(k, (int, np.integer)) for k in obj):
-            return _loss_only(list(obj.values()), list(obj.keys()), "loss", "<dict>", "keys",
+            return _loss_only([_plain(v) for v in obj.values()], list(obj.keys()), "loss",
+                              "<dict>", "keys",
                               infos)
         return json_traces({str(k): _listify(v) for k, v in obj.items()}, "<dict>", infos=infos)
     if isinstance(obj, (list, tuple)):
         if not obj:
             raise SourceError("<list>: empty")
+        obj = [_plain(r) for r in obj]  # losses appended as tensors or numpy scalars
         if all(isinstance(r, dict) for r in obj):
             return json_traces(list(obj), "<list>", infos=infos)
         if all(isinstance(r, (list, tuple)) and len(r) == 2 for r in obj):
-            return _loss_only([r[1] for r in obj], [r[0] for r in obj], "loss", "<list>",
+            return _loss_only([_plain(r[1]) for r in obj], [_plain(r[0]) for r in obj],
+                              "loss", "<list>",
                               "first item", infos)
         return _loss_only(list(obj), None, "loss", "<list>", None, infos)
     return None
+
+
+def _plain(x: Any) -> Any:
+    """A 0-d numpy scalar or torch tensor as a Python number (``losses.append(loss)``
+    without ``.item()``, ``list(np.arange(n))``); anything else unchanged."""
+    item = getattr(x, "item", None)
+    if callable(item) and getattr(x, "ndim", None) == 0:
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            return x
+    return x
 
 
 def _listify(v: Any) -> Any:
@@ -100,7 +109,7 @@ def _listify(v: Any) -> Any:
         return v.tolist()
     if type(v).__name__ == "Series":
         return v.tolist()
-    return list(v) if isinstance(v, tuple) else v
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _is_range(idx: Any) -> bool:

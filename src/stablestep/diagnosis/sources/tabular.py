@@ -349,13 +349,18 @@ def _first_hyper(cells: np.ndarray) -> dict[str, Any]:
     return {}
 
 
+_FROM_LAYOUT: Any = object()  # read_records' step_label default: the step key it found
+
+
 def read_records(records: Iterator[dict[str, Any]], *, source: str, what: str,
-                 coarse: str = "", infos: list[ReadInfo] | None = None) -> list[Trace]:
+                 coarse: str = "", infos: list[ReadInfo] | None = None,
+                 step_label: Any = _FROM_LAYOUT) -> list[Trace]:
     """Rows of ``key -> value`` (JSON records, text-log lines) into traces, in blocks.
 
     The columns are those of the first block (the first 200,000 records); a record
     without the loss key only feeds its metrics. Values that are not numbers or
-    strings (nested objects) count as missing.
+    strings (nested objects) count as missing. ``step_label`` names where the steps came
+    from in the read report when the caller made them up (``None``: row numbers).
     """
     col = Collector(source)
     layout: _Layout | None = None
@@ -388,7 +393,8 @@ def read_records(records: Iterator[dict[str, Any]], *, source: str, what: str,
         raise SourceError(f"{source}: no rows found in {what}")
     if not col.runs:
         raise SourceError(f"{source}: no rows with a step and a {layout.loss_name!r} value")
-    return col.traces(loss_column=layout.loss_name, step_column=layout.step_name,
+    step_column = layout.step_name if step_label is _FROM_LAYOUT else step_label
+    return col.traces(loss_column=layout.loss_name, step_column=step_column,
                       drop_empty=layout.wandb, coarse=coarse or layout.coarse, infos=infos)
 
 
