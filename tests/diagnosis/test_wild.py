@@ -167,9 +167,9 @@ def test_adam_secant_names_the_edge_of_stability(tmp_path):
 
 
 def test_verified_remedies_in_the_lab():
-    from stablestep.lab.verify import verify_lab
     from stablestep.lab.config import TrainConfig
     from stablestep.lab.train import train
+    from stablestep.lab.verify import verify_lab
 
     cfg = TrainConfig(problem="sin-regression", n=64, dim=4, width=64, lr=1e-2, steps=400)
     res = train(cfg)
