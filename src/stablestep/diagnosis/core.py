@@ -136,19 +136,34 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
             else:
                 groups.append([e])
         incidents.extend(_incident(g, "spike") for g in groups)
-    for d in raised:  # the loss's median grew far, but no spike alarm framed it
+    spans = [(i.onset, None if i.kind in ("divergence", "non-finite") else i.peak_step + 20)
+             for i in incidents]
+
+    def framed(d: Any) -> bool:
+        return any(a - 2 <= d.onset and (b is None or d.onset <= b + 2) for a, b in spans)
+
+    alarm_steps = {e.detected for e in excs}
+    for d in raised:  # the loss grew far / jumped and stayed, but no spike alarm framed it
         if d.kind == "divergence" and not any(
-                e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs):
+                e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs) \
+                and not framed(d):
             incidents.append(Incident(onset=d.onset, detected=d.step, kind="divergence",
                                       peak=d.value, peak_step=d.step, baseline=d.baseline,
-                                      recovered=False))
+                                      recovered=False, jump=True))
+            spans.append((d.onset, None))
+        elif d.kind == "spike" and d.step not in alarm_steps and not framed(d):
+            # the stack's jump rule: a blow-up in the first records, or an outlier batch
+            # that jumped the loss (no spike-detector alarm frames it)
+            incidents.append(Incident(onset=d.onset, detected=d.step, kind="spike",
+                                      peak=d.value, peak_step=d.step, baseline=d.baseline,
+                                      recovered=True, jump=True))
+            spans.append((d.onset, d.step + 20))
     for s in nf_steps:
         if s not in consumed_nf:
             incidents.append(Incident(onset=s, detected=s, kind="non-finite", peak=math.nan,
                                       peak_step=s, baseline=math.nan, recovered=False))
-    from stablestep.diagnosis.infer import augment, fold  # blow-ups at step 0, jump-and-stay (#11)
+    from stablestep.diagnosis.infer import fold  # an lr-too-high regime is one finding
 
-    incidents.extend(augment(trace, incidents, raised))
     incidents.sort(key=lambda i: i.onset)
     explained = fold(trace, [(inc, *classify(trace, inc)) for inc in incidents])
     findings: list[Finding] = []

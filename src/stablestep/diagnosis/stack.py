@@ -27,6 +27,22 @@ Kinds, each measured against this run's own statistics:
   ``divergence.smooth`` losses risen ``divergence.factor`` above its running minimum over
   ``min_steps`` rising records (:class:`~stablestep.diagnosis.detectors.DivergenceDetector`;
   the median keeps one noisy minibatch from counting as growth).
+- ``divergence`` / ``spike`` by the **jump** rule (:class:`JumpConfig`), measured from
+  record 0 against the *best* loss so far, where the spike detector is still warming up or
+  its baseline has followed the loss up: let :math:`m_t` be the median of the last
+  ``smooth`` losses and :math:`b_t = \min_{s<t} m_s` (the best level so far). Record
+  :math:`t` is *high* when :math:`L_t \ge` ``factor`` :math:`b_t` and :math:`L_t \ge`
+  ``factor`` :math:`\min_{t-smooth \le s < t} m_s` (a jump, not the slow return of an
+  earlier incident), or :math:`L_t` is not finite. ``hold`` records later (at
+  :math:`t + hold - 1`, the step raised) the median of :math:`L_t \dots L_{t+hold-1}` still
+  at ``factor`` :math:`b_t` (or a non-finite among them) raises ``divergence`` (the loss
+  jumped and stays high); otherwise a jump inside the first ``warmup`` records (a blow-up
+  from step 0-1 that came back) raises ``spike``. The onset is where the loss first left
+  ``1.2`` :math:`b_t`. After an incident the rule waits until a loss is back under
+  ``rearm`` :math:`b` (a rollback, an lr cut), then watches again. Its incidents carry
+  ``rule="jump"``.
+- ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
+  before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
   of variation is at most ``periodic.max_cv``
   (:class:`~stablestep.diagnosis.detectors.PeriodicDetector`, once per run).
@@ -87,6 +103,133 @@ class OutlierConfig:
 
 
 @dataclass(frozen=True)
+class JumpConfig:
+    """Settings of the jump rule (see the module docstring): ``factor`` over the best
+    running median (of ``smooth`` records), confirmed over ``hold`` records; a jump inside
+    the first ``warmup`` records counts even if the loss comes back; ``rearm``: a loss
+    must be back under ``rearm`` x the best before the rule watches again; ``outlier_loss``:
+    the loss jump that makes a gradient-outlier record a spike; ``enabled``: False turns the
+    rule off."""
+
+    factor: float = 3.0
+    hold: int = 10
+    warmup: int = 10
+    smooth: int = 5
+    rearm: float = 1.5
+    outlier_loss: float = 3.0
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "rearm", "outlier_loss"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 1):
+                raise ValueError(f"Invalid {name}: {v} (need > 1)")
+        for name in ("hold", "smooth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Invalid {name}: {getattr(self, name)} (need >= 1)")
+        if self.warmup < 0:
+            raise ValueError(f"Invalid warmup: {self.warmup} (need >= 0)")
+
+
+class JumpDetector:
+    """The jump rule of :class:`DetectorStack` (module docstring), one record at a time.
+
+    ``update(step, loss)`` returns ``(kind, onset, value, baseline)`` or None."""
+
+    def __init__(self, config: JumpConfig) -> None:
+        self.config = config
+        self._s: dict[str, Any] = {"n": 0, "hist": [], "meds": [], "best": math.inf,
+                                   "pending": [], "armed": True, "ref": math.inf}
+
+    def disarm(self, baseline: float) -> None:
+        """Another rule raised a divergence: one regime, one incident."""
+        s = self._s
+        s["armed"], s["pending"] = False, []
+        s["ref"] = min(s["best"], baseline) if math.isfinite(baseline) else s["best"]
+
+    def update(self, step: int, loss: float) -> tuple[str, int, float, float] | None:
+        """Feed one record (``loss`` may be non-finite)."""
+        c, s = self.config, self._s
+        k = s["n"]
+        s["n"] += 1
+        keep = max(c.hold, c.smooth, 50) + 1
+        if s["meds"]:
+            prev = s["meds"][-1]
+            if math.isfinite(prev):
+                s["best"] = min(s["best"], prev)
+        s["hist"].append((step, loss))
+        del s["hist"][:-keep]
+        fin = [v for _, v in s["hist"][-c.smooth:] if math.isfinite(v)]
+        med = _median(fin) if fin else math.nan
+        recent = [m for m in s["meds"][-c.smooth:] if math.isfinite(m)]
+        s["meds"].append(med)
+        del s["meds"][:-keep]
+        best = s["best"]
+        out = None
+        if not s["armed"]:
+            if math.isfinite(loss) and loss < c.rearm * s["ref"]:
+                s["armed"] = True
+            return None
+        if k >= 1 and best > 0 and math.isfinite(best):
+            low = min(recent) if recent else best
+            high = (not math.isfinite(loss)) or (loss >= c.factor * best
+                                                 and loss >= c.factor * low)
+            if high:
+                h = s["hist"]
+                i = len(h) - 1
+                while i > 1 and math.isfinite(h[i - 1][1]) and h[i - 1][1] > 1.2 * best:
+                    i -= 1
+                s["pending"].append({"k": k, "onset": int(h[i][0]), "best": best,
+                                     "vals": []})
+        for p in s["pending"]:
+            p["vals"].append(loss)
+        while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
+            p = s["pending"].pop(0)
+            vals = p["vals"]
+            fv = [v for v in vals if math.isfinite(v)]
+            stays = (not fv or len(fv) < len(vals)
+                     or _median(fv) >= c.factor * p["best"])
+            if stays or p["k"] < c.warmup:
+                kind = "divergence" if stays else "spike"
+                peak = max(fv) if fv else math.nan
+                out = (kind, p["onset"], peak, p["best"])
+                s["armed"], s["pending"], s["ref"] = False, [], p["best"]
+                break
+        return out
+
+    def outlier_spike(self, loss: float) -> float | None:
+        """The median of the 20 records before this one when ``loss`` left it by
+        ``outlier_loss`` x (a gradient-outlier batch that also jumped the loss), else None."""
+        prev = [v for _, v in self._s["hist"][-21:-1] if math.isfinite(v)]
+        if len(prev) >= 5 and math.isfinite(loss):
+            m = _median(prev)
+            if m > 0 and loss >= self.config.outlier_loss * m:
+                return m
+        return None
+
+    @property
+    def watching(self) -> bool:
+        """Whether no jump regime is open (the rule is armed)."""
+        return bool(self._s["armed"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state."""
+        return copy.deepcopy(self._s)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        s = copy.deepcopy(state)
+        s["hist"] = [tuple(x) for x in s["hist"]]
+        self._s = s
+
+
+def _median(xs: list[float]) -> float:
+    v = sorted(xs)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """Settings of :class:`DetectorStack`: one config per detector, all explicit."""
 
@@ -95,30 +238,34 @@ class StackConfig:
         factor=100.0, min_steps=3, smooth=5))
     outlier: OutlierConfig = field(default_factory=OutlierConfig)
     periodic: PeriodicConfig = field(default_factory=PeriodicConfig)
+    jump: JumpConfig = field(default_factory=JumpConfig)
 
     def __post_init__(self) -> None:
         for name, cls in (("spike", SpikeConfig), ("divergence", DivergenceConfig),
-                          ("outlier", OutlierConfig), ("periodic", PeriodicConfig)):
+                          ("outlier", OutlierConfig), ("periodic", PeriodicConfig),
+                          ("jump", JumpConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"{name} must be a {cls.__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form."""
         return {k: asdict(getattr(self, k)) for k in ("spike", "divergence", "outlier",
-                                                       "periodic")}
+                                                       "periodic", "jump")}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StackConfig:
         """Inverse of :meth:`to_dict`."""
         return cls(spike=SpikeConfig(**d["spike"]), divergence=DivergenceConfig(**d["divergence"]),
-                   outlier=OutlierConfig(**d["outlier"]), periodic=PeriodicConfig(**d["periodic"]))
+                   outlier=OutlierConfig(**d["outlier"]), periodic=PeriodicConfig(**d["periodic"]),
+                   jump=JumpConfig(**d.get("jump", {})))
 
 
 @dataclass(frozen=True)
 class StackIncident:
     """One incident: ``step`` the stack raised it at, ``kind`` (see :data:`KINDS`),
     ``onset`` where it began, the ``value`` that raised it, the ``baseline`` it was
-    measured against and the ``score`` (excess in the detector's own units)."""
+    measured against and the ``score`` (excess in the detector's own units); ``rule``:
+    ``"jump"`` for the jump rule's incidents, else empty."""
 
     step: int
     kind: str
@@ -126,6 +273,7 @@ class StackIncident:
     value: float
     baseline: float
     score: float
+    rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe form (non-finite numbers as strings)."""
@@ -157,6 +305,7 @@ class DetectorStack:
         self._nf = NonFiniteDetector()
         self._periodic = PeriodicDetector(c.periodic)
         self._pre = PrecursorDetector()
+        self._jump = JumpDetector(c.jump)
         self._out: dict[str, Any] = {"n": 0, "mean": 0.0, "var": 0.0, "prev_z": 0.0}
         self.incidents: list[StackIncident] = []
 
@@ -177,12 +326,27 @@ class DetectorStack:
         a = self._nf.update(step, loss, nonfinite=bad)
         if a is not None:
             out.append(StackIncident(step, "non-finite", step, loss, math.nan, math.inf))
+        outlier = None
         if not bad and math.isfinite(gn) and gn > 0:
-            inc = self._outlier(step, gn)
-            if inc is not None:
-                out.append(inc)
+            outlier = self._outlier(step, gn)
+            if outlier is not None:
+                out.append(outlier)
         if math.isfinite(loss):
             out.extend(self._loss(step, loss))
+        if self.config.jump.enabled:
+            if (outlier is not None and self._jump.watching and not self._spike.in_excursion
+                    and not any(i.kind == "spike" for i in out)):
+                m = self._jump.outlier_spike(loss)
+                if m is not None:
+                    out.append(StackIncident(step, "spike", step, loss, m, loss / m, "jump"))
+            j = self._jump.update(step, loss)
+            if j is not None and not any(i.kind == "divergence" for i in out):
+                kind, onset, value, base = j
+                out.append(StackIncident(step, kind, onset, value, base,
+                                         value / base if base > 0 else math.inf, "jump"))
+            for i in out:
+                if i.kind == "divergence":
+                    self._jump.disarm(i.baseline)
         g2v = (metrics or {}).get(G2V_RMS)
         if g2v is not None:
             a = self._pre.update(step, float(g2v))
@@ -216,7 +380,9 @@ class DetectorStack:
         alarm = self._spike.update(step, loss)
         if open_before is not None and alarm is None and self._spike._s.excursion is None:
             closed = self._spike._s.excursions[-1]
-            if not closed["recovered"]:  # closed by patience: the loss did not come back
+            if not closed["recovered"] and (self._jump.watching
+                                            or not self.config.jump.enabled):
+                # closed by patience: the loss did not come back (and no jump raised it)
                 out.append(StackIncident(step, "divergence", closed["onset"], loss,
                                          closed["baseline"], loss / closed["baseline"]))
         if alarm is not None:
@@ -227,7 +393,10 @@ class DetectorStack:
                 out.append(StackIncident(step, "periodic-spikes", p.onset, p.value,
                                          math.nan, p.score))
         d = self._div.update(step, loss)
-        if d is not None:
+        if d is not None and any(i.kind == "divergence" for i in out):
+            d = None  # one divergence per record
+        if d is not None and self.config.jump.enabled and not self._jump.watching:
+            d = None  # the jump rule already raised this regime
             out.append(StackIncident(step, "divergence", d.onset, d.value, d.baseline, d.score))
         return out
 
@@ -254,7 +423,7 @@ class DetectorStack:
         return {"config": self.config.to_dict(), "spike": self._spike.state_dict(),
                 "divergence": self._div.state_dict(), "nonfinite": self._nf.state_dict(),
                 "periodic": self._periodic.state_dict(), "precursor": self._pre.state_dict(),
-                "outlier": dict(self._out),
+                "outlier": dict(self._out), "jump": self._jump.state_dict(),
                 "incidents": [asdict(i) for i in self.incidents]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -267,6 +436,9 @@ class DetectorStack:
         self._periodic.load_state_dict(state["periodic"])
         self._pre.load_state_dict(state["precursor"])
         self._out = dict(state["outlier"])
+        self._jump = JumpDetector(self.config.jump)
+        if "jump" in state:
+            self._jump.load_state_dict(state["jump"])
         self.incidents = [StackIncident(**i) for i in state["incidents"]]
 
 

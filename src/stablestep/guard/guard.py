@@ -121,6 +121,7 @@ class Guard:
         self._last_outlier: int | None = None
         self._last_trouble = -1  # last step with a spike, divergence or rollback
         self._snaps: list[S.Snapshot] = []
+        self._lrs: list[tuple[int, float]] = []  # (step, user's lr of group 0), recent
         self._saved_lr: list[Any] = []
         self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -154,6 +155,7 @@ class Guard:
         bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
         state_bad = not math.isfinite(state_v)
         incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
+        self._note_lr(step)
         kinds = {i.kind: i for i in incs}
         bid = step if batch_id is None else batch_id
         if state_bad and p.rollback:
@@ -205,7 +207,15 @@ class Guard:
                     self._record(step, "hold", "divergence-not-on-probe-batch", data)
                     div = None
             if div is not None and p.rollback:
-                self._rollback(step, "divergence", onset=div.onset, data=data)
+                if getattr(div, "rule", "") == "jump":  # jumped and stays: the lr is too high
+                    lrj = self._lr_jump(div.onset, step)
+                    data["cause"] = "lr-jump" if lrj else "loss-jump"
+                    if lrj:
+                        data["lr_jump"] = lrj
+                    self._rollback(step, "divergence", onset=div.onset, data=data,
+                                   lr_factor=(1.0 / lrj["factor"]) if lrj else p.lr_backoff)
+                else:
+                    self._rollback(step, "divergence", onset=div.onset, data=data)
                 return False
         self._maybe_restore(step)
         last = self._snaps[-1].step if self._snaps else None
@@ -230,6 +240,31 @@ class Guard:
             d.all_reduce(tt)
             v = float(tt.item()) / d.get_world_size()
         return v
+
+    def _note_lr(self, step: int) -> None:
+        """Keep the user's lr of the first param group for the last 64 checks (a float
+        read; a tensor lr is not synced, so no lr jump is named with one)."""
+        lr = self.optimizer.param_groups[0].get("lr")
+        if isinstance(lr, (int, float)):
+            self._lrs.append((step, float(lr)))
+            del self._lrs[:-64]
+
+    def _lr_jump(self, onset: int, step: int, *, lead: int = 5,
+                 min_factor: float = 2.0) -> dict[str, Any] | None:
+        """``{"step", "from", "to", "factor"}`` when the lr rose ``min_factor`` x or more
+        between ``onset - lead`` and ``step`` against the median of the 20 records before it
+        (as :func:`stablestep.diagnosis.infer.lr_jump` reads a stored trace), else None."""
+        lrs = self._lrs
+        for k, (st, lr) in enumerate(lrs):
+            if st < onset - lead or st > step or k == 0:
+                continue
+            prev = sorted(v for _, v in lrs[max(0, k - 20):k] if v > 0)
+            if prev:
+                med = prev[len(prev) // 2] if len(prev) % 2 else \
+                    0.5 * (prev[len(prev) // 2 - 1] + prev[len(prev) // 2])
+                if lr >= min_factor * med:
+                    return {"step": st, "from": med, "to": lr, "factor": lr / med}
+        return None
 
     def _skip(self, step: int, reason: str, data: dict, batch_id: Any) -> None:
         self.bad_batches.append(batch_id)
@@ -270,7 +305,8 @@ class Guard:
                       "calm_steps": p.restore_after})
 
     # --------------------------------------------------------- rollback & adapt
-    def _rollback(self, step: int, reason: str, *, onset: int, data: dict) -> None:
+    def _rollback(self, step: int, reason: str, *, onset: int, data: dict,
+                  lr_factor: float | None = None) -> None:
         p = self.policy
         if p.max_rollbacks is not None and self.counts["rollback"] >= p.max_rollbacks:
             raise GuardError(f"step {step}: {reason} after {self.counts['rollback']} rollbacks "
@@ -287,7 +323,17 @@ class Guard:
         self._nonfinite_run, self._aeos, self._last_trouble = 0, [], step
         self._record(step, "rollback", reason,
                      {**data, "onset": onset, "to_step": snap.step, "lost_steps": step - snap.step})
-        if p.adapt:
+        if p.adapt and lr_factor is not None:  # the loss jumped and stays: lower the lr
+            old = self.lr_scale
+            self.lr_scale = max(p.min_lr_scale, old * lr_factor)  # bounded, as in _apply
+            self._last_adapt = step
+            ev = {"rollback_reason": reason, "cause": data.get("cause")}
+            if "lr_jump" in data:
+                ev["lr_jump"] = data["lr_jump"]
+            self._record(step, "adapt", "after-rollback",
+                         {"remedy": "lr", "factor": self.lr_scale / old,
+                          "lr_scale": self.lr_scale, **ev})
+        elif p.adapt:
             self._adapt(step, "after-rollback", {"rollback_reason": reason})
 
     def _adapt(self, step: int, reason: str, evidence: dict) -> None:
@@ -477,7 +523,7 @@ class Guard:
                 "nonfinite_run": self._nonfinite_run, "aeos": list(self._aeos),
                 "ladder": self._ladder, "last_adapt": self._last_adapt,
                 "last_outlier": self._last_outlier, "last_trouble": self._last_trouble,
-                "stack": self.stack.state_dict(),
+                "stack": self.stack.state_dict(), "lrs": [list(x) for x in self._lrs],
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
 
@@ -498,6 +544,7 @@ class Guard:
         self._last_outlier = state["last_outlier"]
         self._last_trouble = int(state.get("last_trouble", -1))
         self.stack.load_state_dict(state["stack"])
+        self._lrs = [(int(a), float(b)) for a, b in state.get("lrs", [])]
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
     def close(self) -> None:
