@@ -110,6 +110,8 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
     div_steps = [i.step for i in raised if i.kind == "divergence"]
     incidents: list[Incident] = []
     consumed_nf: set[int] = set()
+    rolled_back = {int(e["step"]) for e in trace.events if e.get("kind") == "guard"
+                   and (e.get("data") or {}).get("action") == "rollback"}
     for chain in _episodes(excs):
         last = chain[-1]
 
@@ -121,6 +123,8 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         div_at = next((s for s in div_steps if inside(s)), None)
         kind = "spike" if last.recovered else _unrecovered_kind(trace, chain, nf_at, div_at,
                                                                 cfg)
+        if kind == "spike" and div_at is not None and div_at in rolled_back:
+            kind = "divergence"  # it came back because the guard rolled it back
         if kind == "divergence":  # one regime, however many sub-peaks
             consumed_nf.update(nf_inside)  # the blow-up reached NaN: part of the regime
             incidents.append(_incident(chain, kind, nf_at))
