@@ -36,7 +36,7 @@ test: setup-dev browser
 # Each benchmark prints its ratio against the anchor measured in the same run on its last line.
 bench: setup-dev
 	$(PIP) -e '.[dev,bench]'
-	@for b in optim_step monitor_overhead curvature detection guard; do \
+	@for b in optim_step monitor_overhead model_probes secant curvature readers detection wild guard; do \
 	  echo "== benchmarks/$$b.py"; $(BIN)/python benchmarks/$$b.py | tail -n 1; done
 
 lint: setup-dev

@@ -319,3 +319,25 @@ def test_build_trace_equals_from_series(s, data):
     np.testing.assert_array_equal(a.loss, b.loss)
     np.testing.assert_array_equal(a.metrics["lr"], b.metrics["lr"])
     assert a.nonfinite_steps == b.nonfinite_steps
+
+
+@pytest.mark.parametrize("sep,decimal", [(",", "."), (";", ",")])
+def test_small_and_large_csvs_read_the_same_by_either_parser(tmp_path, monkeypatch, sep, decimal):
+    """Small logs go through the csv module (no pandas import), large ones through pandas'
+    C parser: the same file gives the same trace either way, text and empty cells included."""
+    from stablestep.diagnosis.sources import tabular
+
+    rows = [f"step{sep}loss{sep}lr"]
+    for i in range(300):
+        loss = "" if i == 120 else ("oops" if i == 130 else f"{1.0 / (i + 1):.6f}")
+        rows.append(f"{i}{sep}{loss.replace('.', decimal)}{sep}{'0.001'.replace('.', decimal)}")
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    small = load(str(path))[0]
+    monkeypatch.setattr(tabular, "_PANDAS_MIN_BYTES", 0)
+    monkeypatch.setattr(tabular, "_PANDAS_MIN_ROWS", 0)
+    large = load(str(path))[0]
+    assert small.steps.tolist() == large.steps.tolist()
+    np.testing.assert_array_equal(small.loss, large.loss)  # NaN where empty, as in pandas
+    assert math.isnan(small.loss[120]) and 120 in small.nonfinite_steps
+    np.testing.assert_array_equal(small.metric("lr"), large.metric("lr"))

@@ -259,8 +259,8 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
     out: list[tuple] = []
     for item in explained:
         inc = item[0]
-        if inc.kind == "non-finite" and half:  # fp16/bf16: the NaN may be the format's own
-            out.append(item)
+        if inc.kind == "non-finite":  # a NaN/Inf is its own event (the guard may have
+            out.append(item)            # skipped it), never a continuation of a regime
             continue
         if out and out[-1][1] == "lr-too-high":
             head = out[-1][0]

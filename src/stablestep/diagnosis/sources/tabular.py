@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -149,6 +150,11 @@ class _Layout:
         return ""
 
 
+# Below these sizes the csv module is faster than importing pandas' C parser.
+_PANDAS_MIN_BYTES = 2 << 20
+_PANDAS_MIN_ROWS = 20000
+
+
 def _index(header: list[str], name: str | None) -> int | None:
     return None if name is None else header.index(name)
 
@@ -158,10 +164,12 @@ def _floats(cells: np.ndarray, decimal_comma: bool) -> np.ndarray:
     parser) as they are, text cells (object arrays) one by one."""
     if cells.dtype.kind in "iuf":
         return cells.astype(np.float64)
-    try:
-        import pandas as pd
-    except ImportError:
-        pd = None
+    pd = None
+    if len(cells) > _PANDAS_MIN_ROWS:  # importing pandas costs more than a few rows
+        try:
+            import pandas as pd
+        except ImportError:
+            pd = None
     if pd is not None:
         s = pd.Series(cells, dtype=object)
         if decimal_comma:
@@ -275,6 +283,8 @@ def read_csv(path: str, *, infos: list[ReadInfo] | None = None) -> list[Trace]:
     counts = {"bad_lines": 0}
     col = Collector(path)
     try:
+        if os.path.getsize(path) < _PANDAS_MIN_BYTES:  # a small log: pandas' import (0.3 s)
+            raise ImportError                          # costs more than the csv module
         import pandas  # noqa: F401
 
         blocks = _blocks_pandas(path, dialect, layout.used, len(header), counts, decimal_comma)
