@@ -38,7 +38,8 @@ Kinds, each measured against this run's own statistics:
   ``non-finite`` detector's) still at ``factor`` :math:`r_t`, all but a fifth of them, raise
   ``divergence`` (the loss
   jumped and stays high); otherwise a jump inside the first ``warmup`` records (a blow-up
-  from step 0-1 that came back) raises ``spike``; :math:`r_t = \max(b_t,` the median of the
+  from step 0-1 that came back, ``factor`` above the highest loss before it) raises
+  ``spike``; :math:`r_t = \max(b_t,` the median of the
   ``hold`` losses before the onset) (the minimum of noisy minibatch medians alone is too
   low a floor). The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule waits until a loss is back under
   ``rearm`` :math:`b` (a rollback, an lr cut), then watches again. Its incidents carry
@@ -184,7 +185,7 @@ class JumpDetector:
                 pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
                 ref = max(best, _median(pre)) if pre else best
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
-                                     "vals": []})
+                                     "top": max(pre) if pre else best, "vals": []})
         for p in s["pending"]:
             p["vals"].append(loss)
         while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
@@ -195,7 +196,9 @@ class JumpDetector:
             # relative noise of x10 and its median wanders x3 (tests/guard/test_no_harm.py)
             stays = (len(fv) * 2 > len(vals)
                      and sorted(fv)[len(fv) // 5] >= c.factor * p["best"])
-            if stays or p["k"] < c.warmup:
+            early = (p["k"] < c.warmup and bool(fv)
+                     and max(fv) >= c.factor * p.get("top", p["best"]))
+            if stays or early:
                 kind = "divergence" if stays else "spike"
                 peak = max(fv) if fv else math.nan
                 out = (kind, p["onset"], peak, p["best"])
