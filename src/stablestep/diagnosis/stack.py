@@ -33,17 +33,16 @@ Kinds, each measured against this run's own statistics:
   ``smooth`` losses and :math:`b_t = \min_{s<t} m_s` (the best level so far). Record
   :math:`t` is *high* when :math:`L_t \ge` ``factor`` :math:`b_t` and :math:`L_t \ge`
   ``factor`` :math:`\min_{t-smooth \le s < t} m_s` (a jump, not the slow return of an
-  earlier incident). ``hold`` records later (at :math:`t + hold - 1`, the step raised) the
-  finite :math:`L_t \dots L_{t+hold-1}` (more than half of them finite; NaN/Inf are the
-  ``non-finite`` detector's) still at ``factor`` :math:`r_t`, all but a fifth of them, raise
-  ``divergence`` (the loss
-  jumped and stays high); otherwise a jump inside the first ``warmup`` records (a blow-up
-  from step 0-1 that came back, ``factor`` above the highest loss before it) raises
-  ``spike``; :math:`r_t = \max(b_t,` the median of the
-  ``hold`` losses before the onset) (the minimum of noisy minibatch medians alone is too
-  low a floor). The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule waits until a loss is back under
-  ``rearm`` :math:`b` (a rollback, an lr cut), then watches again. Its incidents carry
-  ``rule="jump"``.
+  earlier incident). ``hold`` records later (at :math:`t + hold - 1`, the step raised),
+  the finite :math:`L_t \dots L_{t+hold-1}` (more than half of them finite; NaN/Inf are the
+  ``non-finite`` detector's) all but a fifth still at ``factor`` :math:`r_t` raise
+  ``divergence`` (the loss jumped and stays high), with :math:`r_t = \max(b_t,` the median
+  of the ``hold`` losses before the onset) (the minimum of noisy minibatch medians alone is
+  too low a floor); otherwise a jump inside the first ``warmup`` records (a blow-up from
+  step 0-1 that came back, ``factor`` above the highest loss before it) raises ``spike``.
+  The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule
+  waits until a loss is back under ``rearm`` :math:`b` (a rollback, an lr cut), then
+  watches again. Its incidents carry ``rule="jump"``.
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
