@@ -17,10 +17,10 @@ No Hessian-vector product is needed for any of these; each reads the trace aroun
   exceed ``median + noise_k`` robust sigmas of the 50 records before, and a pair whose
   gradient norm jumps 6 robust sigmas from normal in one step (an outlier batch: its
   :math:`\Delta g` is the batch difference, not :math:`Hu`) is left out.
-- :func:`extra_incidents`: what the detector stack's warm-up hides: a blow-up from step 0-1
-  and a jump that then *stays* high, both measured against the best (running-median) loss so
-  far, not against a recovered baseline; and a gradient-outlier batch whose loss left the
-  recent median by ``outlier_loss`` or more.
+- What the stack's warm-up once hid (a blow-up from step 0-1, a jump that then *stays*
+  high against the best loss so far, an outlier batch that jumped the loss) is now the
+  detector stack's jump rule (:class:`stablestep.diagnosis.stack.JumpConfig`), so the Guard
+  acts on it live; this module only explains it.
 """
 
 from __future__ import annotations
@@ -135,84 +135,6 @@ def secant(trace: Trace, onset: int, detected: int, *, lead: int = 5,
             "noise": noise, "trusted": bool(trusted)}
 
 
-def _running_median(x: np.ndarray, w: int = 5) -> np.ndarray:
-    out = np.full(x.shape, np.nan)
-    for k in range(x.size):
-        seg = x[max(0, k - w + 1): k + 1]
-        seg = seg[np.isfinite(seg)]
-        if seg.size:
-            out[k] = float(np.median(seg))
-    return out
-
-
-def extra_incidents(trace: Trace, covered: list[tuple[int, int | None]], *,
-                    factor: float = 3.0, hold: int = 10, outlier_loss: float = 3.0,
-                    outliers: tuple[int, ...] = (), warmup: int = 10) -> list[dict[str, Any]]:
-    """Incidents the detector stack does not frame (module docstring), as dicts
-    ``{"onset", "detected", "kind", "peak", "peak_step", "baseline", "recovered", "why"}``.
-
-    ``covered``: ``(onset, end)`` spans already explained (``end`` None: to the end);
-    ``outliers``: the stack's gradient-outlier steps. A jump: the loss at ``factor`` x the
-    best running median (5 records) so far, and the median of the next ``hold`` records
-    still at ``factor`` x (so one noisy minibatch is not a jump); measured from step 0.
-    In the first ``warmup`` records (the spike detector's warm-up, where it raises nothing)
-    a jump of ``factor`` x counts even if the loss comes back."""
-    loss = trace.loss
-    n = loss.size
-    out: list[dict[str, Any]] = []
-
-    def free(s: int) -> bool:
-        return not any(a - 2 <= s and (b is None or s <= b + 2) for a, b in covered)
-
-    if n >= 2:
-        med = _running_median(loss)
-        best = math.inf
-        k = 1
-        while k < n:
-            if math.isfinite(med[k - 1]):
-                best = min(best, float(med[k - 1]) if k > 1 else float(loss[0]))
-            if best > 0 and math.isfinite(best):
-                v = loss[k]
-                nxt = loss[k: k + hold]
-                recent = np.nanmin(med[max(0, k - 5):k]) if k > 0 else best
-                # a jump, not the slow return of an earlier incident: above the best level
-                # and above the lowest level of the last 5 records
-                high = (not math.isfinite(v)) or (v >= factor * best and v >= factor * recent)
-                stay = nxt[np.isfinite(nxt)]
-                stays = (stay.size == 0 or float(np.median(stay)) >= factor * best
-                         or not np.isfinite(nxt).all()
-                         or k < warmup)  # inside the spike detector's warm-up: any jump
-                if high and stays and free(int(trace.steps[k])):
-                    start = k  # the rise began where the loss first left the best level
-                    while start > 1 and math.isfinite(loss[start - 1]) and \
-                            loss[start - 1] > 1.2 * best:
-                        start -= 1
-                    rest = loss[k:]
-                    fin = rest[np.isfinite(rest)]
-                    recovered = bool(np.isfinite(rest).all() and fin.size > hold
-                                     and float(np.median(fin[-hold:])) < 1.5 * best)
-                    pk = int(np.nanargmax(np.where(np.isfinite(rest), rest, -np.inf)))
-                    out.append({"onset": int(trace.steps[start]), "detected": int(trace.steps[k]),
-                                "kind": "spike" if recovered else "divergence",
-                                "peak": float(rest[pk]) if fin.size else math.nan,
-                                "peak_step": int(trace.steps[k + pk]), "baseline": best,
-                                "recovered": recovered, "why": "jump-over-best"})
-                    break  # one regime per run from here on
-            k += 1
-    for s in outliers:
-        i = _index(trace, s)
-        if i >= n or not free(s):
-            continue
-        prev = loss[max(0, i - 20): i]
-        prev = prev[np.isfinite(prev)]
-        if prev.size >= 5 and math.isfinite(loss[i]) and loss[i] >= outlier_loss * float(
-                np.median(prev)):
-            out.append({"onset": s, "detected": s, "kind": "spike", "peak": float(loss[i]),
-                        "peak_step": s, "baseline": float(np.median(prev)), "recovered": True,
-                        "why": "gradient-outlier"})
-    return out
-
-
 def full_batch(trace: Trace) -> bool | None:
     """Whether the run trained on the full batch, when the run's config says so."""
     fb = trace.hyper.get("full_batch")
@@ -230,20 +152,6 @@ def half_precision(trace: Trace) -> bool | None:
     if not dts:
         return None
     return any(str(d) in ("float16", "bfloat16", "half") for d in dts)
-
-
-def augment(trace: Trace, found: list[Any], raised: list[Any]) -> list[Any]:
-    """:func:`extra_incidents` as :class:`~stablestep.diagnosis.explain.Incident` records, given
-    the incidents ``found`` from the stack's excursions and the stack's ``raised`` incidents."""
-    from stablestep.diagnosis.explain import Incident
-
-    covered = [(i.onset, None if i.kind in ("divergence", "non-finite") else i.peak_step + 20)
-               for i in found]
-    outs = tuple(int(r.step) for r in raised if r.kind == "gradient-outlier")
-    return [Incident(onset=d["onset"], detected=d["detected"], kind=d["kind"], peak=d["peak"],
-                     peak_step=d["peak_step"], baseline=d["baseline"], recovered=d["recovered"],
-                     jump=True)
-            for d in extra_incidents(trace, covered, outliers=outs)]
 
 
 def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
