@@ -41,7 +41,11 @@ class GuardPolicy:
       model did not diverge (the batches did), and the guard records ``hold`` instead.
       ``snapshot_every`` calm steps a snapshot is taken (CPU copies,
       ``keep_snapshots`` kept). ``max_rollbacks``: raise :class:`GuardError` after this many
-      (``None``: never).
+      (``None``: never). A divergence of the stack's jump rule (``stack.jump``: the loss
+      jumped ``factor`` x over the best loss so far and stays there, from step 0 on) is
+      rolled back the same way and then adapted by the lr alone: divided by the lr jump
+      seen at the onset (the cause, named in the record's ``lr_jump``), else times
+      ``lr_backoff``; never under ``min_lr_scale``.
     - **recurring spikes** of Adam (``adapt_after`` spike incidents within
       ``adapt_window`` steps, none within ``stack.spike.window`` steps of a gradient outlier,
       none within ``adapt_cooldown`` steps of the last adaptation, none in the first
