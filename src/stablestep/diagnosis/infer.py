@@ -163,7 +163,6 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
     from dataclasses import replace
 
     lr = trace.metric(names.LR)
-    half = half_precision(trace)
     out: list[tuple] = []
     for item in explained:
         inc = item[0]

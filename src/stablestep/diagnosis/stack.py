@@ -183,8 +183,11 @@ class JumpDetector:
                     i -= 1
                 pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
                 ref = max(best, _median(pre)) if pre else best
+                # an early jump that comes back must clear every loss before it, the rise
+                # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
+                before = [v for _, v in h[max(0, i - c.hold):-1] if math.isfinite(v)]
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
-                                     "top": max(pre) if pre else best, "vals": []})
+                                     "top": max(before) if before else best, "vals": []})
         for p in s["pending"]:
             p["vals"].append(loss)
         while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
