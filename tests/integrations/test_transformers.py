@@ -250,14 +250,15 @@ def _ddp_worker(rank, world, init, tmp):
 
 
 def test_two_processes_store_one_run_with_the_trainers_global_loss(tmp_path):
-    # 2 gloo processes forked from this one (no re-import), each a Trainer on its shard
+    # 2 gloo processes, each a Trainer on its shard. Spawned, not forked: a fork taken late
+    # in the suite inherited a lock another test's thread held and hung once in ~10 runs
     import json
 
     from stablestep.telemetry.store import list_runs, open_run
 
     torch.multiprocessing.start_processes(
         _ddp_worker, args=(2, f"file://{tmp_path / 'pg'}", tmp_path), nprocs=2, join=True,
-        start_method="fork")
+        start_method="spawn")
     store = tmp_path / "out" / "stablestep.db"
     assert list_runs(store) == ["ddp"]  # one run, written by rank 0 alone
     run = open_run(store, "ddp")
