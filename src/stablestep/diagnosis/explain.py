@@ -354,9 +354,12 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
             ev["lr_sharpness_from_growth"] = infer.gd_curvature_from_growth(r)
     fb = infer.full_batch(trace)
     first = int(trace.steps[0]) if len(trace) else 0
-    early = inc.onset - first <= 2  # a blow-up from the first steps
+    # only a log that starts at the start of training can show "the first steps": an
+    # excerpt that begins at iteration 11446 of a 104B run says nothing about its state
+    from_start = first <= 10
+    early = from_start and inc.onset - first <= 2  # a blow-up from the first steps
     b1 = float(trace.hyper.get("beta1", 0.9) or 0.9)
-    young = inc.onset - first < 2.0 / (1.0 - b1)  # m and v_hat hold a few gradients only
+    young = from_start and inc.onset - first < 2.0 / (1.0 - b1)  # m, v_hat: few gradients
     if (gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True
             and fb is not True and lrj is None and not early):
         return "gradient-outlier", 0.9 if curv_high is False else 0.75, ev
