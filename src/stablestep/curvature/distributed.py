@@ -28,17 +28,12 @@ from collections.abc import Sequence
 
 import torch
 
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``t``: the local shard of a ``DTensor`` (a view sharing its
-    storage), else ``t`` itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) and hasattr(t, "placements") else t
+from stablestep._dtensor import is_dtensor, local  # noqa: F401  (re-exported)
 
 
 def is_sharded(params: Sequence[torch.Tensor]) -> bool:
     """True when any parameter is a ``DTensor`` (FSDP2 ``fully_shard``)."""
-    return any(hasattr(p, "placements") and hasattr(p, "to_local") for p in params)
+    return any(is_dtensor(p) for p in params)
 
 
 def _world() -> int:

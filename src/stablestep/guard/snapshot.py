@@ -21,22 +21,9 @@ from typing import Any
 
 import torch
 
+from stablestep._dtensor import is_dtensor as _is_dtensor
+
 LOCAL = "local_shard"
-
-
-def _dtensor_cls() -> Any:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return None
-    return DTensor
-
-
-def _is_dtensor(x: Any) -> bool:
-    dt = _dtensor_cls()
-    return dt is not None and isinstance(x, dt)
 
 
 def _cpu(x: Any) -> Any:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from stablestep._dtensor import is_sharded, local  # noqa: F401  (re-exported)
 from stablestep.telemetry import names as N
 from stablestep.telemetry._common import open_writer
 from stablestep.telemetry.config import MonitorConfig
@@ -63,30 +64,6 @@ def dist_context(config: MonitorConfig) -> tuple[int, int]:
     if config.distributed is False or not on or d.get_world_size() == 1:
         return 0, 1
     return d.get_rank(), d.get_world_size()
-
-
-def is_sharded(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a DTensor split across ranks (FSDP2's ``Shard`` placement)."""
-    dt = _dtensor_cls()
-    return dt is not None and isinstance(x, dt) and any(p.is_shard() for p in x.placements)
-
-
-def local(x: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's part of ``x``: the local shard of a DTensor, ``x`` itself otherwise."""
-    dt = _dtensor_cls()
-    if x is not None and dt is not None and isinstance(x, dt):
-        return x.to_local()
-    return x
-
-
-def _dtensor_cls() -> Any:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        return None
-    return DTensor
 
 
 class Recorder:
