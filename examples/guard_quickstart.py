@@ -2,7 +2,7 @@
 
     python examples/guard_quickstart.py
 
-Full-batch Adam on seed 001's setting (a tanh MLP on 128 points, eps 1e-8) spikes again
+Full-batch Adam in the periodic-spikes setting (a tanh MLP on 128 points, eps 1e-8) spikes again
 and again once the loss flattens (Adam's adaptive edge of stability); we also feed it one
 batch with a NaN and one with labels off by 1e4. The guard skips the two bad batches and,
 after three spikes, turns AMSGrad on (then raises eps, then lowers lr, if spikes go on).

@@ -1,14 +1,14 @@
-"""Seed 001 in Keras 3: roughly periodic loss spikes with Adam, gone with amsgrad=True.
+"""Periodic spikes in Keras 3: roughly periodic loss spikes with Adam, gone with amsgrad=True.
 
-A Keras user (seed 001: tf.keras, Adam, a custom loss) sees the loss spike again and again
+A Keras user (periodic spikes: tf.keras, Adam, a custom loss) sees the loss spike again and again
 once it has flattened. Here: a one-hidden-layer tanh network fitted full-batch to
 ``y = sin(3 * sum(x))`` on 128 points, 4000 Adam steps, once with Keras' default Adam
 (lr 1e-3, epsilon 1e-7) and once with ``amsgrad=True``. ``StablestepCallback`` writes both
 runs into one store; then ``stablestep diagnose`` explains them. About a minute on a CPU.
 
-    python examples/keras_callback.py [STORE]        # default: keras_seed001.db
-    stablestep diagnose keras_seed001.db             # the same diagnosis, again
-    stablestep report keras_seed001.db -o seed001.html
+    python examples/keras_callback.py [STORE]        # default: keras_periodic_spikes.db
+    stablestep diagnose keras_periodic_spikes.db             # the same diagnosis, again
+    stablestep report keras_periodic_spikes.db -o periodic_spikes.html
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ STEPS, N, DIM, WIDTH = 4000, 128, 4, 256
 
 
 def fit(amsgrad: bool, store: str) -> tuple[np.ndarray, dict]:
-    """Train the seed-001 network for STEPS full-batch steps; return the batch losses and
+    """Train the periodic-spikes network for STEPS full-batch steps; return the batch losses and
     Keras' History (which holds stablestep's per-epoch statistics too)."""
     keras.utils.set_random_seed(1)
     rng = np.random.default_rng(0)
@@ -73,4 +73,4 @@ def run(store: str) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1] if len(sys.argv) > 1 else "keras_seed001.db")
+    run(sys.argv[1] if len(sys.argv) > 1 else "keras_periodic_spikes.db")

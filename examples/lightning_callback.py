@@ -1,14 +1,14 @@
-"""Seed 001 in Lightning: stablestep's eyes (Monitor) and seatbelt (Guard) as one callback.
+"""Periodic spikes in Lightning: stablestep's eyes (Monitor) and seatbelt (Guard) as one callback.
 
-The network of seed 001 (one tanh hidden layer, full-batch MSE on 128 points of
+The network of the periodic-spikes story (one tanh hidden layer, full-batch MSE on 128 points of
 ``y = sin(3 * sum(x))``) trained 4000 steps with Adam (lr 1e-3, eps 1e-8) by a Lightning
 ``Trainer``, three ways: plain Adam; Adam with ``guard=GuardPolicy()`` (the guard counts
 Adam's edge-of-stability spikes and, after a few, turns AMSGrad on by itself); and Adam
 with ``amsgrad=True`` from the start. All three runs go into one store, which
 ``stablestep diagnose`` then explains. About a minute on a CPU.
 
-    python examples/lightning_callback.py [STORE]    # default: lightning_seed001.db
-    stablestep report lightning_seed001.db -o seed001.html
+    python examples/lightning_callback.py [STORE]    # default: lightning_periodic_spikes.db
+    stablestep report lightning_periodic_spikes.db -o periodic_spikes.html
 """
 
 from __future__ import annotations
@@ -104,4 +104,4 @@ def run(store: str) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1] if len(sys.argv) > 1 else "lightning_seed001.db")
+    run(sys.argv[1] if len(sys.argv) > 1 else "lightning_periodic_spikes.db")

@@ -11,7 +11,7 @@ from stablestep.telemetry import names
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
-# 1. data and model: a 2-layer tanh MLP on 256 points, full batch (seed 001's setting)
+# 1. data and model: a 2-layer tanh MLP on 256 points, full batch (the periodic-spikes setting)
 x = torch.randn(256, 8)
 y = torch.sin(x @ torch.randn(8, 1))
 model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))

@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # The quick examples (a few seconds each); the Keras/Lightning ones are covered by the
-# integration tests and seed_001 by the lab tests.
-EXAMPLES = ["quickstart", "monitor_quickstart", "curvature_seed003", "guard_quickstart"]
+# integration tests and periodic_spikes by the lab tests.
+EXAMPLES = ["quickstart", "monitor_quickstart", "lr_divergence_curvature", "guard_quickstart"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

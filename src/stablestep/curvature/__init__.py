@@ -6,7 +6,7 @@ r"""stablestep.curvature: the Hessian's top eigenvalue and the one Adam actually
 - :func:`sharpness`: :math:`\lambda_{\max}(H)`; :func:`preconditioned_sharpness`:
   :math:`\lambda_{\max}(P^{-1}H)` with :math:`P` from the optimizer's own state;
   :func:`stability_threshold`: the bound that applies (GD 2, heavy ball 2+2mu, Nesterov,
-  Adam (2+2 b1)/(1-b1)); :func:`max_stable_lr`: seed 003's answer as a :class:`StableLR`.
+  Adam (2+2 b1)/(1-b1)); :func:`max_stable_lr`: the lr-divergence answer as a :class:`StableLR`.
 - :class:`CurvatureProbe`: what the Monitor calls every ``curvature_every`` steps; it never
   raises into the training loop and returns a :class:`ProbeResult` (``.failed``, ``.error``,
   ``.backend``). Backends: exact double backward, double backward under

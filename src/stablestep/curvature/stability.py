@@ -243,7 +243,7 @@ def max_stable_lr(
     .. math::  \mathrm{lr}_{\max} = \mathrm{lr}\, T / \lambda_{\max}(P^{-1}H).
 
     Several param groups are scaled together (``lr`` and ``max_lr`` refer to group 0).
-    Seed 003's answer: ``max_stable_lr(loss_fn, opt).message`` reads e.g. "your lr 1.0e-3 is
+    The lr-divergence answer: ``max_stable_lr(loss_fn, opt).message`` reads e.g. "your lr 1.0e-3 is
     2.3x above the largest stable lr 4.3e-4 for this model and batch (...)".
     """
     lam = preconditioned_sharpness(loss_fn, optimizer, tol=tol, max_iter=max_iter, seed=seed)

@@ -6,17 +6,17 @@ that run in seconds on one CPU thread:
 
 - ``sin-regression``: :math:`y = \sin(3\sum_j x_j)`, :math:`x \sim N(0, I_{dim})`,
   fitted by a one-hidden-layer tanh MLP. Full-batch Adam drives the loss low, the
-  second moment decays, and the loss spikes periodically (seed 001).
+  second moment decays, and the loss spikes periodically (the periodic-spikes story).
 - ``random-targets``: :math:`y \sim N(0, 1)` memorised by a wide tanh MLP; the loss
-  reaches float32's floor and the second moment :math:`v` collapses (seed 000).
+  reaches float32's floor and the second moment :math:`v` collapses (the late-explosion story).
 - ``ill-conditioned``: linear least squares :math:`L(w) = \frac1n\|Xw - y\|^2` on
   features of scales from 1 to ``ILL_SCALE``. Its Hessian :math:`H = \frac2n X^\top X`
   is known exactly, so the largest stable gradient-descent lr :math:`2/\lambda_{\max}(H)`
-  is computed, not guessed (seed 003).
+  is computed, not guessed (the lr-divergence story).
 - ``noisy-regression``: :math:`y = x^\top w + 0.3\,\xi` with label noise
   :math:`\xi \sim N(0,1)`, a linear model trained with small minibatches: the model
   can fit the signal exactly, so what is left above the noise floor 0.09 at the end is
-  the optimizer's own jitter, which a constant lr keeps and a decay removes (seed 002).
+  the optimizer's own jitter, which a constant lr keeps and a decay removes (the adam-decay story).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class AdamAtan2(_AdamFamily):
         \theta_t &= (1-\mathrm{lr}\,\lambda)\,\theta_{t-1}
             - \mathrm{lr}\cdot a\cdot\operatorname{atan2}\!\big(m_t/bc_1,\; b\sqrt{v_t/bc_2}\big)
 
-    There is no epsilon to tune (or to be too small, seed 000): each coordinate moves at
+    There is no epsilon to tune (or to be too small: late explosion): each coordinate moves at
     most :math:`\mathrm{lr}\,a\,\pi/2`, and where :math:`|\hat m| \ll b\sqrt{\hat v}` the step is
     Adam's with :math:`\epsilon = 0` scaled by :math:`a/b`. Weight decay is decoupled (AdamW).
     Defaults ``a=1.27, b=1`` follow the widely used PyTorch port (lucidrains/adam-atan2-pytorch).

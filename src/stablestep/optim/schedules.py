@@ -14,7 +14,7 @@ Compose with ``*`` (product of two schedules or a schedule and a number) and
 :func:`join` (one schedule after another, like ``optax.join_schedules``).
 
 :func:`bias_correction` is *not* a schedule: it is the factor Adam applies internally
-(see its docstring and seed 002).
+(see its docstring and the adam-decay story).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def exponential_decay(decay_steps: int, decay_rate: float, *, staircase: bool = 
 
     .. math:: f(s) = r^{\,s/T}\quad(\text{staircase: } r^{\lfloor s/T\rfloor})
 
-    Multiply by the initial value for TF's absolute form: seed 002's
+    Multiply by the initial value for TF's absolute form: the adam-decay story's
     ``tf.train.exponential_decay(0.15, step, 1, 0.9999)`` is
     ``exponential_decay(1, 0.9999) * 0.15``.
     """
@@ -130,7 +130,7 @@ def exponential_decay(decay_steps: int, decay_rate: float, *, staircase: bool = 
 
 
 def inverse_sqrt(alpha: float = 1.0, *, offset: int = 1) -> Schedule:
-    r"""The Adam paper's :math:`\alpha_t = \alpha/\sqrt{t}` (seed 002), :math:`t` = step + offset.
+    r"""The Adam paper's :math:`\alpha_t = \alpha/\sqrt{t}`, :math:`t` = step + offset.
 
     With the default ``offset=1``, step 0 (the first update, Adam's :math:`t = 1`) gives
     ``alpha``.
@@ -187,7 +187,7 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 def bias_correction(t: int, b1: float = 0.9, b2: float = 0.999) -> float:
     r"""Adam's effective step multiplier :math:`\sqrt{1-b_2^t}/(1-b_1^t)` at step ``t >= 1``.
 
-    TF writes Adam as ``lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)``; seed 002 asks whether this
+    TF writes Adam as ``lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)``; the adam-decay story asks if this
     is a learning-rate decay. It is not: it compensates the zero initialisation of ``m`` and
     ``v`` and tends to **1** as ``t`` grows. For the default betas it starts at 0.316,
     dips to 0.153 at ``t = 10``, then *rises* monotonically (0.795 at ``t = 1000``, 0.99998

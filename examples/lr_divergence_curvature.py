@@ -1,6 +1,6 @@
-"""Seed 003: "lr 1e-3 drives my loss to NaN, 1e-4 works. Why?" -- answered with curvature.
+"""lr divergence: "lr 1e-3 drives my loss to NaN, 1e-4 works. Why?" -- answered with curvature.
 
-Run:  .venv/bin/python examples/curvature_seed003.py   (about a second on a CPU)
+Run:  .venv/bin/python examples/lr_divergence_curvature.py   (about a second on a CPU)
 """
 
 import torch

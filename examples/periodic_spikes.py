@@ -1,9 +1,9 @@
-"""Seed 001 by hand: full-batch Adam spikes periodically, AMSGrad does not.
+"""The periodic-spikes story by hand: full-batch Adam spikes periodically, AMSGrad does not.
 
 The loop a user writes, with stablestep watching it (about 10 s on one CPU core):
 
-    python examples/seed_001_periodic_spikes.py
-    stablestep report runs/seed001.sqlite -o runs/seed001.html
+    python examples/periodic_spikes.py
+    stablestep report runs/periodic_spikes.sqlite -o runs/periodic_spikes.html
 
 `stablestep lab run periodic-spikes` runs the same story with more variants.
 """
@@ -14,7 +14,7 @@ import stablestep
 from stablestep.lab.spikes import count_spikes
 
 torch.set_num_threads(1)
-STORE = "runs/seed001.sqlite"
+STORE = "runs/periodic_spikes.sqlite"
 
 
 def run(name: str, *, amsgrad: bool) -> list[float]:
