@@ -169,8 +169,18 @@ def headline(f: dict, label: str | None = None) -> str:
     conf = _num(f.get("confidence"))
     if conf is not None:
         text += f" (confidence {conf:.2f})"
+    born = origin_note(f.get("evidence") or {})
     acted = guard_note(f.get("evidence") or {})
-    return text + "." + (f" {acted}." if acted else "")
+    return text + "." + (f" {born}." if born else "") + (f" {acted}." if acted else "")
+
+
+def origin_note(ev: dict) -> str:
+    """Where the NaN was born (``evidence["nan_origin"]``, replayed by the Monitor or the
+    Guard): "Where it was born: the first non-finite value came out of `blocks.1.attn` in
+    the forward pass"; "" when nothing was recorded."""
+    o = ev.get("nan_origin")
+    text = o.get("text") if isinstance(o, dict) else None
+    return f"Where it was born: {text}" if isinstance(text, str) and text else ""
 
 
 def guard_note(ev: dict) -> str:

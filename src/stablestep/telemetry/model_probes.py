@@ -51,9 +51,10 @@ The LM head is ``model.get_output_embeddings()`` (Hugging Face), else a module c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -458,6 +459,16 @@ class ModelProbes:
             xs = [v for k, v in out.items() if k.startswith(base + "/") and math.isfinite(v)]
             if xs:
                 out[key] = agg(xs)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The hooks record nothing inside this block (e.g. a replay of the step by
+        :mod:`stablestep.telemetry.nan_origin`)."""
+        armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = armed
 
     def bind(self, every: int | None) -> None:
         """Adopt the Monitor's cadence when none was given (called on attach)."""
