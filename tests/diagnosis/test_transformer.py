@@ -94,3 +94,31 @@ def test_a_scaler_that_recovers_is_not_a_collapse():
     ev = scale_collapse(t)
     assert ev is not None and ev["halvings"] >= 10 and ev["onset"] == 30
     assert remedies(t, "loss-scale-collapse", ev)[0].action == "bf16"
+
+
+def test_the_json_contract_lists_every_kind_and_mechanism_including_warning():
+    """docs/architecture.md's contract section lists exactly the code's kinds and
+    mechanisms, and a "warning" finding serialises to that contract."""
+    import json
+    import pathlib
+    import re
+
+    from stablestep.diagnosis.findings import KINDS, MECHANISMS, Finding
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    section = doc.split("### JSON contract of a finding", 1)[1].split("\n## ", 1)[0]
+
+    def listed(field: str) -> set[str]:
+        item = re.search(rf"^- `{field}` .*?(?=^- |\Z)", section, re.S | re.M).group(0)
+        return set(re.findall(r"`([a-z-]+)`", item.split(":", 1)[1].split(".", 1)[0]))
+
+    assert "warning" in KINDS
+    assert listed("kind") == set(KINDS)
+    assert listed("mechanism") == set(MECHANISMS)
+    found = warnings(_trace(attn_logit_max=[0.5, 1, 2, 50, 200, 800, 3200, 3200, 3200, 3200]))
+    d = json.loads(json.dumps(found[0].to_dict()))
+    assert d["kind"] == "warning" and d["mechanism"] == "attention-logit-growth"
+    assert set(d) == {"step", "kind", "mechanism", "confidence", "evidence", "remedies"}
+    assert all(set(r) == {"action", "value", "why"} for r in d["remedies"])
+    with pytest.raises(ValueError, match="Invalid kind"):
+        Finding(step=0, kind="caution", mechanism="unknown", confidence=0.5)
