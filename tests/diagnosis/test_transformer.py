@@ -34,15 +34,28 @@ def test_attention_logit_growth_not_named_at_a_modest_lr(tmp_path):
                                     "epsilon-scale", "loss-scale-collapse"}
 
 
-def test_output_logit_divergence_named_at_high_lr_not_at_lower(tmp_path):
-    _, found = run(tmp_path, "lr3e-1", lr=3e-1, qk_norm=True)
-    assert "output-logit-divergence" in mechanisms(found)
-    f = next(f for f in found if f.mechanism == "output-logit-divergence")
-    assert abs(f.evidence["lm_logz"] - f.evidence["lm_logz_early"]) >= 10
+def test_output_logit_divergence_named_without_z_loss_not_with_the_computed_one(tmp_path):
+    from stablestep.diagnosis.transformer import z_loss_coefficient
+
+    setting = dict(lr=1e-2, qk_norm=True, logit_scale=20.0)  # held out: the lab uses 10
+    _, found = run(tmp_path, "no-z", **setting)
+    (f,) = [f for f in found if f.mechanism == "output-logit-divergence"]
+    assert abs(f.evidence["lm_logz"]) - abs(f.evidence["lm_logz_early"]) >= 10
     (z,) = [r for r in f.remedies if r.action == "z-loss"]
-    assert z.value == 1e-4
-    _, found = run(tmp_path, "lr1e-1", lr=1e-1, qk_norm=True)
+    assert z.value == z_loss_coefficient(f.evidence["lm_logz"]) > 1e-4
+    _, found = run(tmp_path, "z", z_loss=z.value, **setting)  # the proposed remedy
     assert "output-logit-divergence" not in mechanisms(found)
+    _, found = run(tmp_path, "z-palm", z_loss=1e-4, **setting)  # 1e-4: too weak in 60 steps
+    assert "output-logit-divergence" in mechanisms(found)
+
+
+def test_z_loss_coefficient_is_a_quarter_over_log_z_at_least_palms():
+    from stablestep.diagnosis.transformer import z_loss_coefficient
+
+    assert z_loss_coefficient(25.0) == pytest.approx(0.01)
+    assert z_loss_coefficient(-25.0) == pytest.approx(0.01)  # a drift below 0 too
+    assert 2 * z_loss_coefficient(37.0) * 37.0 <= 0.5  # rounded down: pull at most 1/2
+    assert z_loss_coefficient(1e6) == 1e-4 and z_loss_coefficient(math.nan) == 1e-4
 
 
 def test_loss_scale_collapse_named_in_fp16_not_in_bf16(tmp_path):
