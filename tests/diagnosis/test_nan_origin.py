@@ -188,6 +188,12 @@ def test_the_monitor_names_the_layer_made_to_overflow_and_diagnose_says_it(tmp_p
     assert len(fs) == 1 and fs[0].step <= 4
     text = headline(fs[0].to_dict())
     assert "came out of `blocks.1.attn` in the forward pass" in text, text
+    assert "inspect-module" in [r.action for r in fs[0].remedies]  # no anomaly-mode advice
+    from stablestep.report.build import write_report
+
+    html = write_report(store, tmp_path / "report.html").read_text()
+    assert "came out of <code>blocks.1.attn</code>" in html or \
+        "came out of `blocks.1.attn` in the forward pass" in html
 
 
 def test_one_replay_per_incident_and_none_while_finite(tmp_path, monkeypatch):
