@@ -47,6 +47,22 @@ def test_output_logit_divergence_named_without_z_loss_not_with_the_computed_one(
     assert "output-logit-divergence" not in mechanisms(found)
     _, found = run(tmp_path, "z-palm", z_loss=1e-4, **setting)  # 1e-4: too weak in 60 steps
     assert "output-logit-divergence" in mechanisms(found)
+    (w,) = [r for r in f.remedies if r.action == "lr-warmup"]  # it began in unwarmed steps
+    assert w.value == 40  # 2/(1-b2), b2 0.95
+    _, found = run(tmp_path, "warm", warmup=w.value, **setting)
+    assert "output-logit-divergence" not in mechanisms(found)
+
+
+def test_no_warmup_remedy_when_the_run_warmed_up_or_the_drift_came_late():
+    from stablestep.diagnosis.transformer import warmup_steps
+
+    steps = np.arange(0, 200, 10)
+    flat = from_series(steps, np.full(steps.size, 2.0), metrics={"lr": (steps, np.full(
+        steps.size, 1e-2))}, hyper={"beta2": 0.95})
+    assert warmup_steps(flat, 10) == 40 and warmup_steps(flat, 100) is None
+    ramp = from_series(steps, np.full(steps.size, 2.0), metrics={"lr": (steps, np.minimum(
+        1.0, (steps + 1) / 100) * 1e-2)}, hyper={"beta2": 0.95})
+    assert warmup_steps(ramp, 30) is None
 
 
 def test_z_loss_coefficient_is_a_quarter_over_log_z_at_least_palms():

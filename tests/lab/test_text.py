@@ -91,4 +91,6 @@ def test_the_output_logit_story_is_fixed_by_the_coefficient_the_diagnosis_comput
         named[v.role] = [f for f in diagnose(store) if f.mechanism == "output-logit-divergence"]
     (f,) = named["failing"]
     assert [r.value for r in f.remedies if r.action == "z-loss"] == [text.LOGZ_FIX]
+    assert [r.value for r in f.remedies if r.action == "lr-warmup"] == \
+        [sc.variants[2].config.warmup] == [40]
     assert sc.variants[1].config.z_loss == text.LOGZ_FIX and named["fix"] == []

@@ -43,7 +43,10 @@ Remedies (:func:`remedies`), computed:
   :math:`2c|\log Z| = 1/2` makes it half of it for a non-target token. PaLM's
   :math:`10^{-4}` is a long-run setting (at :math:`\log Z = 25` its pull is 0.5% of that:
   it needs tens of thousands of steps); the lab story shows it does not hold :math:`\log Z`
-  in 80 steps while the computed coefficient does;
+  in 80 steps while the computed coefficient does; and when the drift began within
+  :math:`2/(1-b_2)` steps of the start at the full lr, a linear warmup over
+  :math:`2/(1-b_2)` steps (Ma & Yarats 2021): before Adam's second moment has a scale,
+  every LM-head coordinate moves by about lr at once;
 * eps: :math:`\epsilon' = 0.1\cdot\min_t \mathrm{RMS}_{\mathrm{median}}(g_t)` (rounded down),
   so :math:`\sqrt{\hat v}` dominates for the typical tensor again;
 * loss scale: bf16 (8 exponent bits, range :math:`3\cdot10^{38}`: no loss scaling); when
@@ -242,6 +245,20 @@ def _sig_down(x: float) -> float:
     return float(f"{math.floor(x / 10**e + 1e-9) * 10**e:.2g}")
 
 
+def warmup_steps(trace: Trace, onset: int) -> int | None:
+    r"""``2/(1-b2)`` steps of linear lr warmup (Ma & Yarats 2021's untuned warmup) when the
+    mechanism began within that many steps of the start at the full lr (the first recorded
+    lr at least half the lr at ``onset``: no warmup), else ``None``."""
+    b2 = trace.hyper.get("beta2")
+    b2 = float(b2) if isinstance(b2, (int, float)) and 0 < b2 < 1 else 0.999
+    n = int(math.ceil(2.0 / (1.0 - b2) - 1e-9))
+    s, lr = _series(trace, N.LR)
+    at = trace.value_at(N.LR, onset)
+    if not lr.size or at is None or not at > 0 or onset - int(s[0]) > n:
+        return None
+    return n if lr[0] >= 0.5 * at else None
+
+
 def z_loss_coefficient(logz: float) -> float:
     r"""The z-loss coefficient for a measured :math:`\log Z`:
     :math:`c = 0.5 / (2|\log Z|)`, rounded down to 2 significant digits, at least
@@ -283,6 +300,13 @@ def remedies(trace: Trace, mechanism: str, ev: dict[str, Any]) -> list[Remedy]:
                           f"{_fmt(2 * Z_LOSS * abs(lz))}: a fix over tens of thousands of "
                           f"steps); it adds {_fmt(c * lz * lz)} to the loss and pulls log Z "
                           "back towards 0"))
+        warm = warmup_steps(trace, int(ev.get("onset", 0)))
+        if warm is not None:
+            out.append(Remedy("lr-warmup", warm,
+                              f"log Z left its start by step {int(ev.get('onset', 0))}, within "
+                              f"Adam's second-moment horizon, at the full lr: before v has a "
+                              f"scale every LM-head coordinate moves by about lr at once. A linear"
+                              f" warmup over 2/(1-b2) = {warm} steps (Ma & Yarats 2021)"))
     elif mechanism == "epsilon-scale":
         rms = ev.get("median_tensor_grad_rms_min")
         if rms:

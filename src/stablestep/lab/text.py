@@ -403,11 +403,15 @@ def scenario(name: str):
                 "Z. The diagnosis computes the coefficient c = 1/(4|log Z|) = 0.01 from the "
                 "measured log Z: with it log Z returns to about 0 and the drift is gone, at "
                 "a loss 0.05 nats higher after 80 steps; PaLM's 1e-4 pulls 100x less and "
-                "does not hold log Z within 80 steps."),
+                "does not hold log Z within 80 steps. The drift starts in the first, "
+                "unwarmed steps, so the diagnosis also proposes a linear warmup over "
+                "2/(1-b2) = 40 steps, which prevents it (and trains further)."),
             variants=(
                 Variant("no-zloss", "lr 1e-2, no z-loss", b, "failing"),
                 Variant("zloss", f"z-loss {LOGZ_FIX:g} (the computed coefficient)",
                         replace(b, z_loss=LOGZ_FIX), "fix"),
+                Variant("warmup", "lr warmup over 2/(1-b2) = 40 steps", replace(b, warmup=40),
+                        "fix"),
                 Variant("zloss1e-4", "z-loss 1e-4 (PaLM's)", replace(b, z_loss=1e-4),
                         "compare"),
             ),
