@@ -43,7 +43,7 @@ Remedies (:func:`remedies`), computed:
   :math:`2c|\log Z| = 1/2` makes it half of it for a non-target token. PaLM's
   :math:`10^{-4}` is a long-run setting (at :math:`\log Z = 25` its pull is 0.5% of that:
   it needs tens of thousands of steps); the lab story shows it does not hold :math:`\log Z`
-  in 80 steps while the computed coefficient does; and when the drift began within
+  in 60 steps while the computed coefficient does; and when the drift began within
   :math:`2/(1-b_2)` steps of the start at the full lr, a linear warmup over
   :math:`2/(1-b_2)` steps (Ma & Yarats 2021): before Adam's second moment has a scale,
   every LM-head coordinate moves by about lr at once;
