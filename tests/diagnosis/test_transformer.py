@@ -34,15 +34,44 @@ def test_attention_logit_growth_not_named_at_a_modest_lr(tmp_path):
                                     "epsilon-scale", "loss-scale-collapse"}
 
 
-def test_output_logit_divergence_named_at_high_lr_not_at_lower(tmp_path):
-    _, found = run(tmp_path, "lr3e-1", lr=3e-1, qk_norm=True)
-    assert "output-logit-divergence" in mechanisms(found)
-    f = next(f for f in found if f.mechanism == "output-logit-divergence")
-    assert abs(f.evidence["lm_logz"] - f.evidence["lm_logz_early"]) >= 10
+def test_output_logit_divergence_named_without_z_loss_not_with_the_computed_one(tmp_path):
+    from stablestep.diagnosis.transformer import z_loss_coefficient
+
+    setting = dict(lr=1e-2, qk_norm=True, logit_scale=20.0)  # held out: the lab uses 10
+    _, found = run(tmp_path, "no-z", **setting)
+    (f,) = [f for f in found if f.mechanism == "output-logit-divergence"]
+    assert abs(f.evidence["lm_logz"]) - abs(f.evidence["lm_logz_early"]) >= 10
     (z,) = [r for r in f.remedies if r.action == "z-loss"]
-    assert z.value == 1e-4
-    _, found = run(tmp_path, "lr1e-1", lr=1e-1, qk_norm=True)
+    assert z.value == z_loss_coefficient(f.evidence["lm_logz"]) > 1e-4
+    _, found = run(tmp_path, "z", z_loss=z.value, **setting)  # the proposed remedy
     assert "output-logit-divergence" not in mechanisms(found)
+    _, found = run(tmp_path, "z-palm", z_loss=1e-4, **setting)  # 1e-4: too weak in 60 steps
+    assert "output-logit-divergence" in mechanisms(found)
+    (w,) = [r for r in f.remedies if r.action == "lr-warmup"]  # it began in unwarmed steps
+    assert w.value == 40  # 2/(1-b2), b2 0.95
+    _, found = run(tmp_path, "warm", warmup=w.value, **setting)
+    assert "output-logit-divergence" not in mechanisms(found)
+
+
+def test_no_warmup_remedy_when_the_run_warmed_up_or_the_drift_came_late():
+    from stablestep.diagnosis.transformer import warmup_steps
+
+    steps = np.arange(0, 200, 10)
+    flat = from_series(steps, np.full(steps.size, 2.0), metrics={"lr": (steps, np.full(
+        steps.size, 1e-2))}, hyper={"beta2": 0.95})
+    assert warmup_steps(flat, 10) == 40 and warmup_steps(flat, 100) is None
+    ramp = from_series(steps, np.full(steps.size, 2.0), metrics={"lr": (steps, np.minimum(
+        1.0, (steps + 1) / 100) * 1e-2)}, hyper={"beta2": 0.95})
+    assert warmup_steps(ramp, 30) is None
+
+
+def test_z_loss_coefficient_is_a_quarter_over_log_z_at_least_palms():
+    from stablestep.diagnosis.transformer import z_loss_coefficient
+
+    assert z_loss_coefficient(25.0) == pytest.approx(0.01)
+    assert z_loss_coefficient(-25.0) == pytest.approx(0.01)  # a drift below 0 too
+    assert 2 * z_loss_coefficient(37.0) * 37.0 <= 0.5  # rounded down: pull at most 1/2
+    assert z_loss_coefficient(1e6) == 1e-4 and z_loss_coefficient(math.nan) == 1e-4
 
 
 def test_loss_scale_collapse_named_in_fp16_not_in_bf16(tmp_path):
@@ -94,3 +123,31 @@ def test_a_scaler_that_recovers_is_not_a_collapse():
     ev = scale_collapse(t)
     assert ev is not None and ev["halvings"] >= 10 and ev["onset"] == 30
     assert remedies(t, "loss-scale-collapse", ev)[0].action == "bf16"
+
+
+def test_the_json_contract_lists_every_kind_and_mechanism_including_warning():
+    """docs/architecture.md's contract section lists exactly the code's kinds and
+    mechanisms, and a "warning" finding serialises to that contract."""
+    import json
+    import pathlib
+    import re
+
+    from stablestep.diagnosis.findings import KINDS, MECHANISMS, Finding
+
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "architecture.md").read_text()
+    section = doc.split("### JSON contract of a finding", 1)[1].split("\n## ", 1)[0]
+
+    def listed(field: str) -> set[str]:
+        item = re.search(rf"^- `{field}` .*?(?=^- |\Z)", section, re.S | re.M).group(0)
+        return set(re.findall(r"`([a-z-]+)`", item.split(":", 1)[1].split(".", 1)[0]))
+
+    assert "warning" in KINDS
+    assert listed("kind") == set(KINDS)
+    assert listed("mechanism") == set(MECHANISMS)
+    found = warnings(_trace(attn_logit_max=[0.5, 1, 2, 50, 200, 800, 3200, 3200, 3200, 3200]))
+    d = json.loads(json.dumps(found[0].to_dict()))
+    assert d["kind"] == "warning" and d["mechanism"] == "attention-logit-growth"
+    assert set(d) == {"step", "kind", "mechanism", "confidence", "evidence", "remedies"}
+    assert all(set(r) == {"action", "value", "why"} for r in d["remedies"])
+    with pytest.raises(ValueError, match="Invalid kind"):
+        Finding(step=0, kind="caution", mechanism="unknown", confidence=0.5)

@@ -70,3 +70,27 @@ def test_text_scenarios_resolve_and_train_through_the_lab():
     assert r.losses.shape == (3,) and np.isfinite(r.losses).all() and r.diverged_at is None
     assert abs(r.losses[0] - np.log(256)) < 0.5  # starts near uniform over 256 bytes
     assert train_as_lab(cfg).losses.tolist() == r.losses.tolist()  # deterministic
+
+
+def test_the_output_logit_story_is_fixed_by_the_coefficient_the_diagnosis_computes(tmp_path):
+    """The lab's own failing variant is named and its remedy's coefficient is the one the
+    story's fix uses; with it the mechanism is gone (the held-out check is in
+    tests/diagnosis/test_transformer.py)."""
+    from stablestep.diagnosis import diagnose
+    from stablestep.lab import text
+    from stablestep.telemetry import Monitor
+
+    torch.set_num_threads(1)
+    sc = scenarios.get("output-logit-divergence")
+    named = {}
+    for v in sc.variants[:2]:
+        assert v.role == ("failing", "fix")[len(named)]
+        store = str(tmp_path / f"{v.name}.db")
+        text.train_text(v.config, monitor=lambda m, o, _, s=store, k=v.name: Monitor(
+            m, o, store=s, run=k))
+        named[v.role] = [f for f in diagnose(store) if f.mechanism == "output-logit-divergence"]
+    (f,) = named["failing"]
+    assert [r.value for r in f.remedies if r.action == "z-loss"] == [text.LOGZ_FIX]
+    assert [r.value for r in f.remedies if r.action == "lr-warmup"] == \
+        [sc.variants[2].config.warmup] == [40]
+    assert sc.variants[1].config.z_loss == text.LOGZ_FIX and named["fix"] == []

@@ -168,6 +168,31 @@ def test_eps_ratio_equals_eps_over_the_median_tensor_rms():
     assert out["grad_rms"] == pytest.approx(g.pow(2).mean().sqrt().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("eps_mode", ["torch", "tf"])
+def test_eps_ratio_uses_eps_t_of_the_step_about_to_be_applied(eps_mode):
+    """TF/Keras' epsilon hat is added to sqrt(v), i.e. eps_hat/sqrt(1-b2^t) to sqrt(v_hat):
+    the ratio compares that (written out here from the update rule), not the raw eps."""
+    import stablestep
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    b2, eps = 0.95, 1e-3
+    opt = stablestep.Adam(model.parameters(), lr=1e-3, betas=(0.9, b2), eps=eps,
+                          eps_mode=eps_mode)
+    probes = ModelProbes(model, optimizer=opt)
+    x = torch.randn(16, 4)
+    for t in range(1, 5):  # t: the step the optimizer is about to take
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        out = probes.collect(t - 1)
+        eps_t = eps if eps_mode == "torch" else eps / math.sqrt(1 - b2**t)
+        rms = torch.stack([p.grad.pow(2).mean().sqrt() for p in model.parameters()])
+        assert out["eps_grad_ratio"] == pytest.approx((eps_t / rms).median().item(), rel=1e-5)
+        assert out["eps_grad_ratio_max"] == pytest.approx((eps_t / rms).max().item(), rel=1e-5)
+        opt.step()
+    assert eps_mode == "torch" or eps / math.sqrt(1 - b2**4) > 2 * eps  # the test can tell
+
+
 class _Scaler:  # what the probes read of torch.amp.GradScaler: its scale tensor
     def __init__(self):
         self._scale = torch.tensor(8.0)

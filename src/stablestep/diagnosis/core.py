@@ -24,6 +24,7 @@ from stablestep.diagnosis.findings import Finding, Remedy
 from stablestep.diagnosis.sources import load
 from stablestep.diagnosis.stack import StackConfig, StackIncident, replay
 from stablestep.diagnosis.trace import Trace
+from stablestep.telemetry import names
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
 
     findings.extend(warnings(trace, {f.mechanism for f in findings}))
     _attach_guard_actions(trace, findings)
+    _attach_nan_origin(trace, findings)
     for f in findings:
         if trace.name:
             f.evidence["run"] = trace.name
@@ -216,6 +218,33 @@ def _attach_guard_actions(trace: Trace, findings: list[Finding]) -> None:
         data = dict(e.get("data") or {})
         data.setdefault("step", st)
         owner.evidence.setdefault("guard_actions", []).append(data)
+
+
+def _attach_nan_origin(trace: Trace, findings: list[Finding]) -> None:
+    """Put where a NaN was born (events of kind ``nan-origin``, recorded by the Monitor or
+    the Guard: :mod:`stablestep.telemetry.nan_origin`) into the evidence of the finding it
+    belongs to (``evidence["nan_origin"]``, the first such event per finding): the last
+    finding at or before the event's step, else the first one."""
+    evs = [e for e in trace.events if e.get("kind") == names.EVENT_NAN_ORIGIN]
+    if not evs or not findings:
+        return
+    order = sorted(findings, key=lambda f: f.step)
+    for e in evs:
+        st = int(e["step"])
+        owner = next((f for f in reversed(order) if f.step <= st), order[0])
+        data = dict(e.get("data") or {})
+        data.setdefault("step", st)
+        if "nan_origin" in owner.evidence:
+            continue
+        owner.evidence["nan_origin"] = data
+        where = data.get("forward_module")
+        where = where if where is not None else data.get("backward_module")
+        if data.get("origin") == "found" and where is not None:  # already found: no replay
+            owner.remedies = [r for r in owner.remedies if r.action != "find-origin"] + [
+                Remedy("inspect-module", where or "<model>",
+                       f"the step was replayed with finiteness hooks: {data.get('text')}; "
+                       "expected: bounding what that module computes (e.g. qk-layernorm or a "
+                       "logit cap for attention, a clamp before a log or exp) removes the NaN")]
 
 
 def _cv(steps: list[int]) -> float:

@@ -4,8 +4,12 @@
 
     {"step": int, "kind": "spike"|"divergence"|"non-finite"|"periodic-spikes"|"warning",
      "mechanism": "adaptive-edge-of-stability"|"lr-too-high"|"gradient-outlier"|
-                  "non-finite"|"unknown",
+                  "non-finite"|"attention-logit-growth"|"output-logit-divergence"|
+                  "epsilon-scale"|"loss-scale-collapse"|"unknown",
      "confidence": float, "evidence": {...}, "remedies": [{"action", "value", "why"}]}
+
+A ``"warning"`` is a mechanism that holds before (or without) a loss incident
+(docs/architecture.md, "JSON contract of a finding").
 """
 
 from __future__ import annotations

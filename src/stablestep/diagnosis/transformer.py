@@ -10,8 +10,9 @@ step and returns its evidence when the mechanism holds, else ``None``:
   runner-up is :math:`e^{-100} \approx 4\cdot10^{-44}`: attention is one-hot, its entropy
   collapses and its gradient vanishes (Dehghani et al. 2023; Wortsman et al. 2023).
 * ``output-logit-divergence``: the LM head's mean :math:`\log Z` (``lm_logz``, median of
-  3 consecutive records) moved ``LOGZ_DRIFT`` = 10 nats from its first record (Z changed
-  by :math:`e^{10}\approx 2\cdot10^4`).
+  3 consecutive records) moved ``LOGZ_DRIFT`` = 10 nats further from 0 than its first
+  record, :math:`|\log Z| - |\log Z_0| \ge 10` (Z changed by :math:`e^{10}\approx
+  2\cdot10^4`; a move towards 0 is what a z-loss does, never a divergence).
   Softmax cross-entropy is blind to a shift of all logits, so nothing but a z-loss holds
   :math:`\log Z` (Adam's per-coordinate steps do not preserve the zero-sum of the
   gradient over the vocabulary, so :math:`\log Z` walks).
@@ -34,8 +35,18 @@ Remedies (:func:`remedies`), computed:
   :math:`\mathrm{lr}' = \mathrm{lr}\sqrt{50/\ell_{\max}}` (a logit is bilinear in the q and k
   weights, whose growth scales with lr, so :math:`\ell` scales as :math:`\mathrm{lr}^2`;
   50 is half the bar); a soft cap :math:`50\tanh(\ell/50)` (Gemma 2's attention cap);
-* output logits: z-loss :math:`c\,(\log Z)^2` with :math:`c = 10^{-4}` (PaLM, Wortsman et
-  al. 2023), with the penalty it would have added at the measured peak;
+* output logits: z-loss :math:`c\,(\log Z)^2` with :math:`c = 1/(4|\log Z|)` at the
+  measured :math:`\log Z` (rounded down, at least PaLM's :math:`10^{-4}`). Why: on a
+  logit :math:`z_v` the z-loss adds :math:`2c\log Z\,p_v` to cross-entropy's
+  :math:`p_v - y_v`; Adam normalises each coordinate, so the pull on the shift of all
+  logits (which cross-entropy cannot see) counts only against cross-entropy's own gradient:
+  :math:`2c|\log Z| = 1/2` makes it half of it for a non-target token. PaLM's
+  :math:`10^{-4}` is a long-run setting (at :math:`\log Z = 25` its pull is 0.5% of that:
+  it needs tens of thousands of steps); the lab story shows it does not hold :math:`\log Z`
+  in 60 steps while the computed coefficient does; and when the drift began within
+  :math:`2/(1-b_2)` steps of the start at the full lr, a linear warmup over
+  :math:`2/(1-b_2)` steps (Ma & Yarats 2021): before Adam's second moment has a scale,
+  every LM-head coordinate moves by about lr at once;
 * eps: :math:`\epsilon' = 0.1\cdot\min_t \mathrm{RMS}_{\mathrm{median}}(g_t)` (rounded down),
   so :math:`\sqrt{\hat v}` dominates for the typical tensor again;
 * loss scale: bf16 (8 exponent bits, range :math:`3\cdot10^{38}`: no loss scaling); when
@@ -61,7 +72,8 @@ ATTN_BAR = 100.0
 ATTN_GROWTH = 10.0
 ATTN_TARGET = 50.0
 LOGZ_DRIFT = 10.0
-Z_LOSS = 1e-4
+Z_LOSS = 1e-4  # PaLM's coefficient, the floor of the computed one
+Z_LOSS_PULL = 0.5  # 2 c |log Z|: the z-loss gradient over cross-entropy's, non-target token
 SCALE_HALVINGS = 10
 FP16_MAX = 65504.0
 LOOKAHEAD = 100  # steps after a non-finite incident in which a scale collapse is its story
@@ -123,7 +135,7 @@ def logz_drift(trace: Trace, upto: int | None = None) -> dict[str, Any] | None:
         return None
     early = float(v[0])
     v = _trailing_median(v)
-    drift = np.abs(v - early)
+    drift = np.abs(v) - abs(early)  # away from 0 (a z-loss pulls it towards 0)
     over = np.flatnonzero(drift >= LOGZ_DRIFT)
     if not over.size:
         return None
@@ -233,6 +245,29 @@ def _sig_down(x: float) -> float:
     return float(f"{math.floor(x / 10**e + 1e-9) * 10**e:.2g}")
 
 
+def warmup_steps(trace: Trace, onset: int) -> int | None:
+    r"""``2/(1-b2)`` steps of linear lr warmup (Ma & Yarats 2021's untuned warmup) when the
+    mechanism began within that many steps of the start at the full lr (the first recorded
+    lr at least half the lr at ``onset``: no warmup), else ``None``."""
+    b2 = trace.hyper.get("beta2")
+    b2 = float(b2) if isinstance(b2, (int, float)) and 0 < b2 < 1 else 0.999
+    n = int(math.ceil(2.0 / (1.0 - b2) - 1e-9))
+    s, lr = _series(trace, N.LR)
+    at = trace.value_at(N.LR, onset)
+    if not lr.size or at is None or not at > 0 or onset - int(s[0]) > n:
+        return None
+    return n if lr[0] >= 0.5 * at else None
+
+
+def z_loss_coefficient(logz: float) -> float:
+    r"""The z-loss coefficient for a measured :math:`\log Z`:
+    :math:`c = 0.5 / (2|\log Z|)`, rounded down to 2 significant digits, at least
+    ``Z_LOSS`` (module docstring)."""
+    if not math.isfinite(logz) or logz == 0:
+        return Z_LOSS
+    return max(Z_LOSS, _sig_down(Z_LOSS_PULL / (2.0 * abs(logz))))
+
+
 def remedies(trace: Trace, mechanism: str, ev: dict[str, Any]) -> list[Remedy]:
     """Computed remedies for a transformer ``mechanism`` (module docstring)."""
     lr = trace.value_at(N.LR, int(ev.get("onset", 0))) or trace.hyper.get("lr")
@@ -255,10 +290,23 @@ def remedies(trace: Trace, mechanism: str, ev: dict[str, Any]) -> list[Remedy]:
                           "attention cap) keeps the softmax from saturating"))
     elif mechanism == "output-logit-divergence":
         lz = float(ev["lm_logz"])
-        out.append(Remedy("z-loss", Z_LOSS,
-                          f"add {Z_LOSS:g}*logsumexp(logits)^2 to the loss (PaLM, Wortsman et al."
-                          f" 2023): at the measured log Z {_fmt(lz)} it adds "
-                          f"{_fmt(Z_LOSS * lz * lz)} and pulls log Z back towards 0"))
+        c = z_loss_coefficient(lz)
+        out.append(Remedy("z-loss", c,
+                          f"add {c:g}*logsumexp(logits)^2 to the loss (z-loss: PaLM, Wortsman et "
+                          f"al. 2023): at the measured log Z {_fmt(lz)} its gradient on the "
+                          f"shift of all logits, which cross-entropy cannot see, is "
+                          f"2c|log Z| = {_fmt(2 * c * abs(lz))} of cross-entropy's on a "
+                          f"non-target token (PaLM's {Z_LOSS:g} would give "
+                          f"{_fmt(2 * Z_LOSS * abs(lz))}: a fix over tens of thousands of "
+                          f"steps); it adds {_fmt(c * lz * lz)} to the loss and pulls log Z "
+                          "back towards 0"))
+        warm = warmup_steps(trace, int(ev.get("onset", 0)))
+        if warm is not None:
+            out.append(Remedy("lr-warmup", warm,
+                              f"log Z left its start by step {int(ev.get('onset', 0))}, within "
+                              f"Adam's second-moment horizon, at the full lr: before v has a "
+                              f"scale every LM-head coordinate moves by about lr at once. A linear"
+                              f" warmup over 2/(1-b2) = {warm} steps (Ma & Yarats 2021)"))
     elif mechanism == "epsilon-scale":
         rms = ev.get("median_tensor_grad_rms_min")
         if rms:

@@ -118,6 +118,8 @@ def _what(f: dict) -> str:
         return "the loss diverged"
     if kind == "non-finite":
         return "the loss became non-finite (NaN/Inf)"
+    if kind == "warning":
+        return "a warning before any loss incident"
     return "a loss spike" + (" that recovered" if ev.get("recovered") else "")
 
 
@@ -149,6 +151,17 @@ def _why(f: dict) -> str:
     if mech == "gradient-outlier" and _num(ev.get("grad_norm_z")) is not None:
         return (f"the gradient norm jumped {ev['grad_norm_z']:.1f} robust sigmas above its "
                 f"running statistics while the curvature stayed normal{rise_t}")
+    if mech == "attention-logit-growth" and _num(ev.get("attn_logit_max")) is not None:
+        return (f"the largest attention logit reached {ev['attn_logit_max']:.3g}"
+                + (f", {ev['growth']:.3g}x its early value" if _num(ev.get("growth")) else ""))
+    if mech == "output-logit-divergence" and _num(ev.get("lm_logz")) is not None:
+        return (f"log Z of the output logits moved from {fmt(ev.get('lm_logz_early'))} to "
+                f"{ev['lm_logz']:.3g}")
+    if mech == "epsilon-scale" and _num(ev.get("eps_grad_ratio_median")) is not None:
+        return (f"eps is {ev['eps_grad_ratio_median']:.3g}x the typical tensor's gradient RMS: "
+                "Adam steps like SGD with step lr/eps")
+    if mech == "loss-scale-collapse" and _num(ev.get("halvings")) is not None:
+        return f"the GradScaler's scale fell {fmt(ev['halvings'])} halvings from its peak"
     if mech == "non-finite":
         last = ev.get("last_finite_loss")
         return f"the last finite loss was {fmt(last)}" if last is not None else ""
@@ -169,8 +182,18 @@ def headline(f: dict, label: str | None = None) -> str:
     conf = _num(f.get("confidence"))
     if conf is not None:
         text += f" (confidence {conf:.2f})"
+    born = origin_note(f.get("evidence") or {})
     acted = guard_note(f.get("evidence") or {})
-    return text + "." + (f" {acted}." if acted else "")
+    return text + "." + (f" {born}." if born else "") + (f" {acted}." if acted else "")
+
+
+def origin_note(ev: dict) -> str:
+    """Where the NaN was born (``evidence["nan_origin"]``, replayed by the Monitor or the
+    Guard): "Where it was born: the first non-finite value came out of `blocks.1.attn` in
+    the forward pass"; "" when nothing was recorded."""
+    o = ev.get("nan_origin")
+    text = o.get("text") if isinstance(o, dict) else None
+    return f"Where it was born: {text}" if isinstance(text, str) and text else ""
 
 
 def guard_note(ev: dict) -> str:

@@ -158,6 +158,8 @@ class Guard:
         self._note_lr(step)
         kinds = {i.kind: i for i in incs}
         bid = step if batch_id is None else batch_id
+        if bad and self._nonfinite_run == 0:  # before any skip or rollback changes the model
+            self._nan_origin(step)
         if state_bad and p.rollback:
             self._rollback(step, "non-finite-state", onset=step,
                            data={"loss": _num(loss_v), "grad_norm": _num(gnorm),
@@ -225,6 +227,21 @@ class Guard:
             self._snaps.append(S.capture(step, self.model, self.optimizer, extra))
             del self._snaps[:-p.keep_snapshots]
         return True
+
+    def _nan_origin(self, step: int) -> None:
+        """Where the NaN was born (:class:`stablestep.telemetry.nan_origin.OriginWatch`): at
+        the first non-finite step of an incident, replay the step the Monitor kept
+        (``MonitorConfig(keep_batch=True)``) on the weights that produced it (the step is
+        not taken, so they are the pre-step snapshot) and record a ``nan-origin`` event;
+        without a kept batch the event says so. Every rank decides alike, so every rank
+        replays (the collectives of DDP/FSDP2 match)."""
+        watch = getattr(self.monitor, "nan_watch", None)
+        if watch is None:
+            from stablestep.telemetry.nan_origin import NOT_KEPT
+
+            log.info("guard step %d: where the NaN was born is unknown: %s", step, NOT_KEPT)
+            return
+        watch.nonfinite(step, self.monitor.record_event, by="guard", new_incident=True)
 
     def _probe_loss(self) -> float | None:
         """The loss on the user's fixed batch (``curvature_loss``), or ``None`` without one;

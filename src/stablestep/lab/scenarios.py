@@ -193,7 +193,8 @@ def names() -> list[str]:
 
 
 # Transformer stories on real text (stablestep.lab.text; a GPT on the stdlib's sources).
-TEXT = ("attention-logit-growth", "output-logit-divergence", "fp16-loss-scale")
+TEXT = ("attention-logit-growth", "output-logit-divergence", "fp16-loss-scale",
+        "epsilon-scale")
 
 
 def get(name: str) -> Scenario:

@@ -63,6 +63,14 @@ class MonitorConfig:
         extra: JSON-serialisable entries added to ``Run.config`` (e.g. ``scenario``).
         distributed: ``None`` (default) reduces over ``torch.distributed``'s default
             group when it is initialised; ``False`` records this process alone.
+        keep_batch: keep a reference to each step's replay closure
+            (``monitor.observe(loss, batch=lambda: loss_fn(model(x), y))``) until the next
+            step, read one finiteness flag per step, and on the first non-finite loss or
+            gradient of an incident replay that step once under
+            :func:`stablestep.telemetry.nan_origin.nan_origin` to record where the NaN was
+            born (an event of kind ``"nan-origin"``; ``diagnose`` shows it). Default
+            ``False``: nothing is kept or read. Under ``torch.distributed`` the replay is
+            left to the Guard (its decisions are the same on every rank).
     """
 
     every: int = 1
@@ -78,6 +86,7 @@ class MonitorConfig:
     overwrite: bool = False
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     distributed: bool | None = None
+    keep_batch: bool = False
 
     def __post_init__(self) -> None:
         check_every("every", self.every)
@@ -111,6 +120,8 @@ class MonitorConfig:
                     )
         if not isinstance(self.overwrite, bool):
             raise ValueError(f"Invalid overwrite: {self.overwrite!r} (True or False)")
+        if not isinstance(self.keep_batch, bool):
+            raise ValueError(f"Invalid keep_batch: {self.keep_batch!r} (True or False)")
         if self.distributed not in (None, True, False):
             raise ValueError(f"Invalid distributed: {self.distributed!r} (None, True or False)")
         if not isinstance(self.extra, Mapping):

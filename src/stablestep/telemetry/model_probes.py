@@ -21,7 +21,9 @@ backward pass):
 * ``grad_rms`` (all coordinates), ``eps_grad_ratio``: :math:`\epsilon_t` over the median
   of the per-tensor gradient RMS, ``eps_grad_ratio_max`` over tensors, and
   ``eps_grad_ratio/<tensor>`` for the ``top_k`` largest; :math:`\epsilon_t` in PyTorch's
-  convention (:func:`stablestep.optim.inspect.epsilon_t`). Above 1, eps, not
+  convention at the step about to be applied (:func:`stablestep.formulas.eps_t` through
+  :func:`stablestep.optim.inspect.epsilon_t`: TF/Keras' epsilon hat
+  :math:`\hat\epsilon` counts as :math:`\hat\epsilon/\sqrt{1-b_2^t}`). Above 1, eps, not
   :math:`\sqrt{\hat v}`, sets the step of a typical coordinate (Everett et al. 2024);
 * ``loss_scale`` and ``skipped_steps`` (cumulative) of a ``torch.amp.GradScaler``:
   a step is counted as skipped when the scale went down since the previous
@@ -51,9 +53,10 @@ The LM head is ``model.get_output_embeddings()`` (Hugging Face), else a module c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -360,8 +363,6 @@ class ModelProbes:
         self._prev_scale = scale
 
     def _optimizer_side(self) -> dict[str, torch.Tensor]:
-        from stablestep.optim import inspect
-
         out: dict[str, torch.Tensor] = {}
         opt = self.optimizer
         if opt is None:
@@ -382,14 +383,7 @@ class ModelProbes:
                           enumerate(live))
             if e is None:
                 continue
-            et = float(e)
-            try:  # eps_t in PyTorch's convention (formulas.eps_t), one step per group
-                hyper = inspect.group_hyper(opt, group)
-                t = opt.state.get(live[0], {}).get("step", 1)
-                et = inspect.epsilon_t(hyper, max(1, int(t)))
-            except Exception:  # an optimizer inspect does not know: its raw eps
-                pass
-            eps.extend([et] * len(live))
+            eps.extend([self._eps_t(opt, group, live[0], e)] * len(live))
         if not grads:
             return out
         # DTensor (FSDP2) gradients: the norm of a shard is completed across ranks
@@ -411,6 +405,27 @@ class ModelProbes:
                 for i in top:
                     out[f"{N.EPS_GRAD_RATIO}/{tnames[i]}"] = ratio[i]
         return out
+
+    @staticmethod
+    def _eps_t(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor, eps: Any) -> float:
+        r"""The epsilon the group's next step adds to :math:`\sqrt{\hat v}`:
+        :func:`stablestep.formulas.eps_t` (through :func:`stablestep.optim.inspect.epsilon_t`)
+        in the group's convention at the step about to be applied, :math:`t + 1` for a
+        state that has taken :math:`t` steps (``collect`` runs before ``optimizer.step()``).
+        For TF's epsilon hat that is :math:`\hat\epsilon/\sqrt{1-b_2^{t+1}}`, not the raw
+        ``eps``. An optimizer :mod:`~stablestep.optim.inspect` does not know: its raw eps."""
+        from stablestep.optim import inspect
+
+        try:
+            hyper = inspect.group_hyper(opt, group)
+        except (TypeError, ValueError, KeyError) as err:
+            log.debug("eps_t: %s; using the raw eps", err)
+            return float(eps)
+        t = opt.state.get(p, {}).get("step", 0)
+        t = float(t.item()) if isinstance(t, torch.Tensor) else float(t)
+        if not math.isfinite(t):
+            return float(eps)
+        return inspect.epsilon_t(hyper, max(1, int(t) + 1))
 
     def collect(self, step: int | None = None) -> dict[str, float]:
         """The metrics gathered since the last call (one host sync), then arm the hooks
@@ -458,6 +473,16 @@ class ModelProbes:
             xs = [v for k, v in out.items() if k.startswith(base + "/") and math.isfinite(v)]
             if xs:
                 out[key] = agg(xs)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The hooks record nothing inside this block (e.g. a replay of the step by
+        :mod:`stablestep.telemetry.nan_origin`)."""
+        armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = armed
 
     def bind(self, every: int | None) -> None:
         """Adopt the Monitor's cadence when none was given (called on attach)."""

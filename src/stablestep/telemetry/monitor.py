@@ -13,6 +13,7 @@ from stablestep.optim import inspect
 from stablestep.telemetry import names as N
 from stablestep.telemetry._common import default_run_name, utc_now
 from stablestep.telemetry.config import UNSET, MonitorConfig, resolve_config
+from stablestep.telemetry.nan_origin import OriginWatch
 from stablestep.telemetry.probes import (
     AdamTensor,
     StepTensors,
@@ -68,6 +69,14 @@ class Monitor:
     ``tensors``: non-finite gradient entries per tensor; ``ranks`` under
     ``torch.distributed``: the ranks whose own loss was non-finite). Such an event is
     written as soon as the step is read back (see below).
+
+    Where a NaN was born (opt-in): with ``MonitorConfig(keep_batch=True)`` and
+    ``monitor.observe(loss, batch=lambda: loss_fn(model(x), y))`` the Monitor keeps a
+    reference to that closure until the next step and reads one finiteness flag per
+    recorded step; at the first non-finite loss or gradient of an incident it replays the
+    step once with hooks (:mod:`stablestep.telemetry.nan_origin`) and records an event of
+    kind ``"nan-origin"`` naming the first module (forward) and parameter gradient
+    (backward) that went non-finite. Nothing else happens while the values are finite.
 
     Statistics stay on the device between writes (:mod:`stablestep.telemetry.recorder`):
     no host sync on a step, one device-to-host transfer per write (plus, on detailed steps
@@ -187,6 +196,8 @@ class Monitor:
         # local dot products: not under torch.distributed (they would need a reduction)
         self._secant = SecantTracker(cfg.secant_every if self._rec.world == 1 else None)
         self._handle = optimizer.register_step_post_hook(self._post_step)
+        #: where a NaN was born: the kept replay closure and the incidents replayed
+        self.nan_watch = OriginWatch(model, keep_batch=cfg.keep_batch)
         self.model_probes = None
         if model_probes is not None:
             self.attach_model_probes(model_probes)
@@ -196,6 +207,7 @@ class Monitor:
         ModelProbes`) at every ``observe``; it follows ``state_every`` unless it has a cadence."""
         self.model_probes = probes
         probes.bind(self.state_every or self.every)
+        self.nan_watch.probes = probes  # paused while a non-finite step is replayed
 
     @property
     def run_name(self) -> str:
@@ -213,8 +225,14 @@ class Monitor:
         """Index of the next step :meth:`observe` will record."""
         return self._step
 
-    def observe(self, loss: torch.Tensor | float | None = None) -> None:
+    def observe(self, loss: torch.Tensor | float | None = None, *,
+                batch: Callable[[], torch.Tensor] | None = None) -> None:
         """Record step ``self.step``: call after ``loss.backward()``, before ``optimizer.step()``.
+
+        ``batch``: with ``MonitorConfig(keep_batch=True)``, a closure that re-runs this
+        step's forward on its batch and returns the loss (``lambda: loss_fn(model(x), y)``);
+        it is called only if the step turns out non-finite, to find where the NaN was born
+        (ignored without ``keep_batch``).
 
         Reads the loss and the gradients now (on the device, no host sync), snapshots the
         parameters on detailed steps, and completes the record in the optimizer's step
@@ -228,6 +246,7 @@ class Monitor:
         self._finish()
         s = self._step
         self._step += 1
+        self.nan_watch.keep(s, batch)
         cheap = s % self.every == 0
         detail = self.state_every is not None and s % self.state_every == 0
         curv = self.curvature_every is not None and s % self.curvature_every == 0
@@ -241,6 +260,8 @@ class Monitor:
         if loss is not None and not isinstance(loss, torch.Tensor):
             loss = float(loss)
         part = partials(StepTensors(loss, grads), self._rec.weights, dev)
+        if self.nan_watch.keep_batch and self._rec.world == 1:  # opt-in: one flag read
+            self._nan_check(s, part)
         host = {N.LR: inspect._as_float(self.optimizer.param_groups[0]["lr"])} if cheap else {}
         host.update(extra)
         live = [i for i, g in enumerate(grads) if g is not None]
@@ -265,6 +286,13 @@ class Monitor:
                 param_sq[i], neg[i] = n.double().square(), snaps[j]
             pending["detail"] = (params, snaps, param_sq, neg)
         self._pending = pending
+
+    def _nan_check(self, step: int, part: Any) -> None:
+        """Replay a non-finite step once (keep_batch): the weights are still this step's."""
+        flags = [torch.isfinite(part.sums["grad_sq"]).all()]
+        if "loss" in part.ranks:
+            flags.append(torch.isfinite(part.ranks["loss"]))
+        self.nan_watch.check(step, torch.stack(flags), self.record_event)
 
     def _snapshot(self, p: torch.Tensor) -> torch.Tensor:
         """A persistent buffer like ``p`` for the parameters before the step (allocated once:
@@ -420,6 +448,7 @@ class Monitor:
             "store": self.store,
             "curvature": probe,
             "secant": self._secant.state_dict(),
+            "nan_origin": self.nan_watch.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -436,6 +465,8 @@ class Monitor:
         self._probe_state = state.get("curvature")
         if state.get("secant") is not None:
             self._secant.load_state_dict(state["secant"])
+        if state.get("nan_origin") is not None:
+            self.nan_watch.load_state_dict(state["nan_origin"])
 
     def close(self) -> None:
         """Record any pending step, flush, detach from the optimizer and close sinks."""

@@ -44,6 +44,7 @@ CURV_SHARE = "curvature_share"  # the probe's share of wall time since its first
 EVENT_NONFINITE = "non-finite"
 EVENT_GUARD = "guard"
 EVENT_CURVATURE = "curvature-failed"  # a curvature estimate raised; data: {"error", "backend"}
+EVENT_NAN_ORIGIN = "nan-origin"  # where a NaN was born (stablestep.diagnosis.nan_origin)
 
 # Model probes (stablestep.telemetry.model_probes.ModelProbes), on the detail cadence.
 ATTN_LOGIT_MAX = "attn_logit_max"  # max q.k*scale over layers (per layer: /<module>)
