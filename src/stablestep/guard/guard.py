@@ -75,7 +75,9 @@ class Guard:
     :attr:`bad_batches` (the ``batch_id`` given to :meth:`check`, else the step), saved in
     :meth:`state_dict`; :func:`stablestep.guard.skip_batches` drops them on resume.
 
-    Steps are counted by :meth:`check` calls from 0, like the Monitor's :meth:`observe`.
+    Steps are counted by :meth:`check` calls from ``start_step`` (default 0; give the
+    Monitor's ``start_step`` too so both number a step alike), like the Monitor's
+    :meth:`observe`.
     A rollback does not rewind the step counter, the data or the scheduler: the run goes
     on from the restored weights with the next batches. With a ``monitor`` (and not under
     ``torch.distributed``) the loss and gradient norm the Monitor just read are reused:
@@ -90,7 +92,8 @@ class Guard:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  policy: GuardPolicy | None = None, monitor: Any = None,
-                 curvature_loss: Callable[[], torch.Tensor] | None = None) -> None:
+                 curvature_loss: Callable[[], torch.Tensor] | None = None,
+                 start_step: int = 0) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -103,6 +106,9 @@ class Guard:
                             "(a stablestep.Monitor)")
         if curvature_loss is not None and not callable(curvature_loss):
             raise TypeError("curvature_loss must be a callable returning the loss tensor")
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+            raise ValueError(f"Invalid start_step: {start_step!r} (need an int >= 0)")
+        self.start_step = start_step
         self.model, self.optimizer = model, optimizer
         self.policy = policy or GuardPolicy()
         self.monitor, self.curvature_loss = monitor, curvature_loss
@@ -113,7 +119,7 @@ class Guard:
                        "spike": 0}
         self.bad_batches: list[Any] = []
         self.lr_scale = 1.0
-        self._step = 0
+        self._step = start_step
         self._nonfinite_run = 0
         self._aeos: list[int] = []  # Adam spike steps since the last adaptation
         self._ladder = 0
