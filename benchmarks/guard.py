@@ -102,10 +102,11 @@ class Method:
             return build(lr / 10)
         return build(lr)
 
-    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        """Set up the per-step part for this run."""
+    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               monitor=None) -> None:
+        """Set up the per-step part for this run (``monitor``: a Monitor the guard uses)."""
         if self.name == "stablestep":
-            self._guard = Guard(model, opt)
+            self._guard = Guard(model, opt, monitor=monitor)
         elif self.name == "zclip":
             from zclip import ZClip
             self._z = ZClip()
@@ -392,11 +393,18 @@ def healthy(res: dict, ref: dict) -> bool:
 
 
 # ------------------------------------------------------------------------ overhead
-def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -> dict:
+def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20,
+             with_monitor: bool = False) -> dict:
     """Per method: median over interleaved (plain, method) segment pairs of the ratio of
-    mean step times, on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4."""
+    mean step times, on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4.
+    ``with_monitor``: both sides carry a :class:`stablestep.Monitor` (default settings), so
+    the ratio is what the guard adds to a monitored step (it reuses the Monitor's norms)."""
+    import tempfile
+
     torch.manual_seed(0)
     x, y = torch.randn(4096, 64), torch.randn(4096, 1)
+    tmp = tempfile.mkdtemp(prefix="guard-overhead-")
+    made = [0]
 
     def make(method):
         torch.manual_seed(1)
@@ -407,8 +415,12 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
         params = list(model.parameters())
         opt = m.optimizer("adam", params, 1e-4, lambda lr, **c: torch.optim.Adam(params, lr=lr,
                                                                                   **c))
-        m.attach(model, opt)
-        return model, opt, m
+        mon = None
+        if with_monitor:
+            made[0] += 1
+            mon = stablestep.Monitor(model, opt, store=f"{tmp}/s.db", run=f"r{made[0]}")
+        m.attach(model, opt, monitor=mon)
+        return model, opt, m, mon
 
     gen = torch.Generator().manual_seed(2)
     out = {}
@@ -417,7 +429,7 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(2 * segments + 2):
             b = i % 2 == 1
-            model, opt, m = runs[b]
+            model, opt, m, mon = runs[b]
             per = []
             for _ in range(seg_steps):
                 idx = torch.randint(len(x), (128,), generator=gen)
@@ -425,6 +437,8 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
                 opt.zero_grad()
                 loss = ((model(x[idx]) - y[idx]) ** 2).mean()
                 loss.backward()
+                if mon is not None:
+                    mon.observe(loss)
                 try:
                     ok = m.take(loss, model, count=False)
                 except Stopped:
@@ -434,6 +448,9 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
                 per.append(time.perf_counter() - t0)
             if i >= 2:
                 times[b].append(statistics.fmean(per))
+        for _, _, _, mon in runs.values():
+            if mon is not None:
+                mon.close()
         out[method] = statistics.median(
             [bb / aa for aa, bb in zip(times[False], times[True], strict=True)])
     return out
@@ -446,8 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--healthy-runs", type=int, default=36)
-    ap.add_argument("--overhead-only", action="store_true",
-                    help="only the step-time overhead (more segments)")
+    ap.add_argument("--overhead", "--overhead-only", action="store_true",
+                    dest="overhead_only",
+                    help="only the step-time overhead (more segments, about a minute): the "
+                         "guard alone against the plain step, and a monitored step with "
+                         "and without the guard")
     ap.add_argument("--corpus-seed", type=int, default=900,
                     help="first seed of the healthy corpus (500: corpus A, 900: corpus B)")
     args = ap.parse_args(argv)
@@ -455,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     methods = tuple(args.methods)
     if args.overhead_only:
+        methods = tuple(m for m in methods if m != "none") or ("stablestep",)
         ov = overhead(methods, segments=24)
         for m in methods:
             print(f"{m:16s} step-time ratio against plain torch Adam {ov[m]:.3f}")
+        if "stablestep" in methods:
+            mon = overhead(("stablestep",), segments=24, with_monitor=True)["stablestep"]
+            print(f"Monitor + Guard against the Monitor alone (norms reused) {mon:.3f}")
         print(f"guarded/unguarded step time ratio (median of interleaved pairs): "
               f"{ov.get('stablestep', math.nan):.3f}")
         return 0

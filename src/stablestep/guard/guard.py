@@ -132,6 +132,7 @@ class Guard:
         self._losses: list[tuple[int, float]] = []  # (step, finite loss), the last 64
         self._after_jump: dict[str, Any] | None = None  # a jump rolled back: did it work?
         self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
+        self._d: Any = None  # torch.distributed when initialised (read once per check)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
 
@@ -159,6 +160,7 @@ class Guard:
         self._step += 1
         check_state = (p.state_check_every is not None
                        and (step % p.state_check_every == 0 or self._nonfinite_run > 0))
+        self._d = _dist()  # once per check: torch.distributed's query is not free
         loss_v, gnorm, state_v = self._signals(loss, check_state)
         bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
         state_bad = not math.isfinite(state_v)
@@ -248,8 +250,9 @@ class Guard:
         if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
             probe = self._probe_loss()
             extra = {} if probe is None or not math.isfinite(probe) else {"probe_loss": probe}
-            self._snaps.append(S.capture(step, self.model, self.optimizer, extra))
-            del self._snaps[:-p.keep_snapshots]
+            # the oldest snapshot's CPU buffers are reused (no allocation every snapshot)
+            old = self._snaps.pop(0) if len(self._snaps) >= p.keep_snapshots else None
+            self._snaps.append(S.capture(step, self.model, self.optimizer, extra, into=old))
         return True
 
     def _probe_loss(self) -> float | None:
@@ -522,9 +525,8 @@ class Guard:
         With a Monitor that just read this step (not distributed), its loss and per-tensor
         squared gradient norms, still on the device, are reused (no second gradient norm),
         and on its detailed steps its parameter norms too; they go into the same read."""
-        if _dist() is not None:
+        if self._d is not None:
             return self._signals_dist(loss, check_state)
-        dev = self._device()
         pend = _monitor_partials(self.monitor)
         scalars: list[torch.Tensor] = []  # 0-d tensors, read in one stack
         vectors: list[torch.Tensor] = []  # 1-d tensors, appended after them
@@ -532,7 +534,8 @@ class Guard:
         if pend is not None and "loss" in pend:
             scalars.append(pend["loss"])
         elif isinstance(loss, torch.Tensor):
-            scalars.append(loss.detach().reshape(()))
+            lt = loss.detach()
+            scalars.append(lt if lt.dim() == 0 else lt.reshape(()))
         else:
             loss_f = float(loss)
         if pend is not None:
@@ -552,14 +555,19 @@ class Guard:
             st = _norms(params + self._state_tensors())
             scalars += st
             n_state = len(st)
-        dev = scalars[0].device if scalars else vectors[0].device if vectors else dev
         parts = []
         if scalars:
-            parts.append(torch.stack([x if x.device == dev else x.to(dev) for x in scalars])
-                         .double())
-        parts += [v.to(dev, torch.float64) for v in vectors]
+            dev = scalars[-1].device  # the gradients' (the loss may live elsewhere)
+            if scalars[0].device != dev:
+                scalars[0] = scalars[0].to(dev)
+            parts.append(torch.stack(scalars))
+        if vectors:
+            dev = parts[0].device if parts else vectors[0].device
+            parts = [x.to(dev, torch.float64) for x in parts + vectors]
+        if not parts:
+            return float(loss_f), 0.0, 0.0  # no gradients, no state: nothing to read
         vals = parts[0] if len(parts) == 1 else torch.cat(parts)
-        host = vals.tolist()  # the one host read of the step
+        host = vals.tolist()  # the one host read of the step (float32 values are exact)
         k = 0
         if loss_f is None:
             loss_f, k = host[0], 1
@@ -589,7 +597,7 @@ class Guard:
     def _signals_dist(self, loss: torch.Tensor | float,
                       check_state: bool) -> tuple[float, float, float]:
         """:meth:`_signals` under torch.distributed: one all-reduce, then one host read."""
-        d = _dist()
+        d = self._d
         tensors: list[torch.Tensor] = []
         if check_state:
             tensors = [local(q.detach()) for q in self._params] + self._state_tensors()
