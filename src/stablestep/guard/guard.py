@@ -206,7 +206,14 @@ class Guard:
             return True
         if "spike" in kinds:
             self._last_trouble = step
-            self._on_spike(step, kinds["spike"], gnorm)
+            sp = kinds["spike"]
+            if (getattr(sp, "rule", "") == "jump" and self._after_jump is None
+                    and "divergence" not in kinds):
+                # the loss jumped (x jump.factor over its best so far): watch whether it
+                # comes back near its best, as after a rollback (_still_high)
+                self._after_jump = {"step": step, "onset": int(sp.onset),
+                                    "ref": float(sp.baseline), "vals": [], "rolled": False}
+            self._on_spike(step, sp, gnorm)
         div = kinds.get("divergence")
         if div is not None:
             self._last_trouble = step
@@ -227,7 +234,8 @@ class Guard:
             if div is not None and p.rollback:
                 if getattr(div, "rule", "") == "jump":  # jumped and stays: the lr is too high
                     self._after_jump = {"step": step, "onset": div.onset,
-                                        "ref": float(div.baseline), "vals": []}
+                                        "ref": float(div.baseline), "vals": [],
+                                        "rolled": True}
                     lrj = self._lr_jump(div.onset, step)
                     factor = (1.0 / lrj["factor"]) if lrj else p.lr_backoff
                     data["cause"] = "lr-jump" if lrj else "loss-jump"
@@ -289,13 +297,15 @@ class Guard:
         return None
 
     def _still_high(self, step: int, loss_v: float) -> bool:
-        """After a rollback for a jump: once ``jump.hold`` records have passed, the loss
+        """After the loss jumped (a jump-rule spike: x ``jump.factor`` over its best so far)
+        or after a rollback for a jump: once ``jump.hold`` records have passed, the loss
         must be back under ``jump.rearm`` times the best level the jump was measured
         against (all but a fifth of those records; the level the stack waits for before it
-        watches again). If it stays high, the rollback and lr cut did not suffice: roll back
-        again to the snapshot before the onset and cut the lr once more (bounded by
-        ``min_lr_scale``; at the bound, :class:`GuardError`: the run needs a person).
-        Returns whether this step was rolled back."""
+        watches again). If it stays high, the run is unstable: roll back to the snapshot
+        before the onset and cut the lr (to ``min_lr_scale`` at once for a jump in the
+        first ``jump.warmup`` steps, a blow-up from the start; else by ``lr_backoff``),
+        then watch again. With the lr already at ``min_lr_scale``: :class:`GuardError`
+        (the run needs a person). Returns whether this step was rolled back."""
         aj, p = self._after_jump, self.policy
         if math.isfinite(loss_v):
             aj["vals"].append(loss_v)
@@ -304,19 +314,24 @@ class Guard:
         vals = sorted(aj["vals"])
         q = vals[len(vals) // 5]
         self._after_jump = None
-        if q < p.stack.jump.rearm * aj["ref"]:
-            return False  # back near its best: the remedy worked
+        if q < p.stack.jump.rearm * aj["ref"] or not p.rollback:
+            return False  # back near its best: the remedy worked (or no rollback wanted)
         if self.lr_scale <= p.min_lr_scale:
             raise GuardError(
                 f"step {step}: the loss stays {q / aj['ref']:.3g}x above its best "
-                f"({aj['ref']:.4g}) after a rollback with the lr cut to "
-                f"{self.lr_scale:.4g}x (min_lr_scale); the run needs a person")
+                f"({aj['ref']:.4g}) with the lr cut to {self.lr_scale:.4g}x "
+                "(min_lr_scale); the run needs a person")
         self._last_trouble = step
+        cause = "stays-high-after-rollback" if aj.get("rolled", True) else "jumped-stays-high"
         data = {"loss": loss_v, "baseline": aj["ref"], "window_q20": q,
-                "factor": q / aj["ref"], "cause": "stays-high-after-rollback"}
-        self._after_jump = {"step": step, "onset": aj["onset"], "ref": aj["ref"], "vals": []}
-        self._rollback(step, "divergence", onset=aj["onset"], data=data,
-                       lr_factor=p.lr_backoff)
+                "factor": q / aj["ref"], "cause": cause}
+        factor = p.lr_backoff
+        if aj["onset"] < p.stack.jump.warmup:
+            data["cause"] = f"{cause}, blow-up-from-start"
+            factor = p.min_lr_scale / self.lr_scale
+        self._after_jump = {"step": step, "onset": aj["onset"], "ref": aj["ref"], "vals": [],
+                            "rolled": True}
+        self._rollback(step, "divergence", onset=aj["onset"], data=data, lr_factor=factor)
         return True
 
     def _note_lr(self, step: int) -> None:
