@@ -580,8 +580,10 @@ def run_framework(spec: dict, guarded: bool) -> dict:
             per_device_train_batch_size=spec["batch"], learning_rate=spec["lr"],
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
             use_cpu=True, seed=spec["seed"], data_seed=spec["seed"])
-        transformers.Trainer(model=model, args=args, train_dataset=Seqs(),
-                             callbacks=[cb]).train()
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Seqs(),
+                                       callbacks=[cb])
+        trainer.remove_callback(transformers.PrinterCallback)  # its end-of-train dict
+        trainer.train()
     model.eval()
     with torch.no_grad():
         final = float(_loss(kind, model, x[ev], y[ev]))
