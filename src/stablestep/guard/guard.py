@@ -557,7 +557,7 @@ class Guard:
             vectors.append(pend["grad_sq"])  # per-tensor squared norms
             n_grad = 0
         else:
-            gnorms = _norms([q.grad.detach() for q in self._params if q.grad is not None])
+            gnorms = _norms([g for g in (q.grad for q in self._params) if g is not None])
             scalars += gnorms
             n_grad = len(gnorms)
         n_state = 0
@@ -566,7 +566,7 @@ class Guard:
             if pend is not None and "param_sq" in pend:
                 vectors.append(pend["param_sq"])
             else:
-                params = [q.detach() for q in self._params]
+                params = [q.data for q in self._params]
             st = _norms(params + self._state_tensors())
             scalars += st
             n_state = len(st)
@@ -774,9 +774,10 @@ def _monitor_partials(monitor: Any) -> dict[str, torch.Tensor] | None:
     return out
 
 
+@torch.no_grad()
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """One L2 norm per tensor (0-d, float32 or wider: a half-precision norm would overflow
-    at 65504), in one fused call."""
+    at 65504), in one fused call, outside autograd (no ``detach`` per tensor needed)."""
     if not tensors:
         return []
     low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
