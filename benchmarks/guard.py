@@ -25,12 +25,20 @@ Adam, AdamW, SGD with momentum 0.9 and stablestep's Adam in both eps conventions
 levels up to the high end of what the run trains at; label noise and (CNN) augmentation;
 a seed each. Goal: no action at all (skips only on non-finite steps, and there are none).
 
-Failure corpus: today's 5 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
+Healthy runs through the callbacks (``framework_corpus()``, seeds 1200+, disjoint from
+both): 6 MLP/CNN runs through the Lightning callback and 4 HF GPT-2 runs through the Trainer
+callback, each without and with ``guard=True``; only stablestep is run there.
+
+Failure corpus: 8 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
 3 corrupted batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``),
 ``periodic-spikes`` (seed 001), ``lr-too-high`` (seed 003, gradient descent at 2.5x the
-stable lr). A run *ends healthy* when its final whole-data loss is finite and at most 3x
-that of its healthy reference (healthy corpus: the ``none`` run; stories: the same data
-without the fault, or the story's fix) plus a floor of 1e-6 x the initial loss.
+stable lr); the transformer stories ``attention-logits`` and ``output-logits`` (the lab's
+byte-level GPT, ``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1
+with it; references: qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a
+config, sdpa, AdamW at lr 1.0; reference lr 1e-3). A run *ends healthy* when its final
+whole-data loss is finite and at most 3x that of its healthy reference (healthy corpus:
+the ``none`` run; stories: the same data without the fault, or the story's fix) plus a
+floor of 1e-6 x the initial loss.
 
 Columns: runs ending healthy (stories, healthy corpus), final loss against the reference
 (geometric mean of the ratio over finite runs), false actions on the healthy corpus (total,
@@ -38,8 +46,11 @@ and runs with any), step-time overhead (median over interleaved segments of a 0.
 MLP, batch 128, against plain torch Adam; ``-`` where a method's actions are internal to the
 optimizer and cannot be counted).
 
-Run: ``.venv/bin/python benchmarks/guard.py`` (a few minutes on one CPU thread).
-The last line is the stablestep guard's step-time ratio against the unguarded step.
+Run: ``.venv/bin/python benchmarks/guard.py`` (about 15 minutes on one CPU thread;
+``--quick``: 3 stories, 8 healthy runs, 2 through the callbacks, about 3 minutes;
+``--overhead``: only the step time, about a minute, also Monitor + Guard against the
+Monitor alone). The last line is the stablestep guard's step-time ratio against the
+unguarded step.
 """
 
 from __future__ import annotations
