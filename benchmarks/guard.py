@@ -25,12 +25,20 @@ Adam, AdamW, SGD with momentum 0.9 and stablestep's Adam in both eps conventions
 levels up to the high end of what the run trains at; label noise and (CNN) augmentation;
 a seed each. Goal: no action at all (skips only on non-finite steps, and there are none).
 
-Failure corpus: today's 5 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
+Healthy runs through the callbacks (``framework_corpus()``, seeds 1200+, disjoint from
+both): 6 MLP/CNN runs through the Lightning callback and 4 HF GPT-2 runs through the Trainer
+callback, each without and with ``guard=True``; only stablestep is run there.
+
+Failure corpus: 8 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
 3 corrupted batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``),
 ``periodic-spikes`` (seed 001), ``lr-too-high`` (seed 003, gradient descent at 2.5x the
-stable lr). A run *ends healthy* when its final whole-data loss is finite and at most 3x
-that of its healthy reference (healthy corpus: the ``none`` run; stories: the same data
-without the fault, or the story's fix) plus a floor of 1e-6 x the initial loss.
+stable lr); the transformer stories ``attention-logits`` and ``output-logits`` (the lab's
+byte-level GPT, ``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1
+with it; references: qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a
+config, sdpa, AdamW at lr 1.0; reference lr 1e-3). A run *ends healthy* when its final
+whole-data loss is finite and at most 3x that of its healthy reference (healthy corpus:
+the ``none`` run; stories: the same data without the fault, or the story's fix) plus a
+floor of 1e-6 x the initial loss.
 
 Columns: runs ending healthy (stories, healthy corpus), final loss against the reference
 (geometric mean of the ratio over finite runs), false actions on the healthy corpus (total,
@@ -38,8 +46,11 @@ and runs with any), step-time overhead (median over interleaved segments of a 0.
 MLP, batch 128, against plain torch Adam; ``-`` where a method's actions are internal to the
 optimizer and cannot be counted).
 
-Run: ``.venv/bin/python benchmarks/guard.py`` (a few minutes on one CPU thread).
-The last line is the stablestep guard's step-time ratio against the unguarded step.
+Run: ``.venv/bin/python benchmarks/guard.py`` (about 15 minutes on one CPU thread;
+``--quick``: 3 stories, 8 healthy runs, 2 through the callbacks, about 3 minutes;
+``--overhead``: only the step time, about a minute, also Monitor + Guard against the
+Monitor alone). The last line is the stablestep guard's step-time ratio against the
+unguarded step.
 """
 
 from __future__ import annotations
@@ -102,10 +113,11 @@ class Method:
             return build(lr / 10)
         return build(lr)
 
-    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-        """Set up the per-step part for this run."""
+    def attach(self, model: torch.nn.Module, opt: torch.optim.Optimizer,
+               monitor=None) -> None:
+        """Set up the per-step part for this run (``monitor``: a Monitor the guard uses)."""
         if self.name == "stablestep":
-            self._guard = Guard(model, opt)
+            self._guard = Guard(model, opt, monitor=monitor)
         elif self.name == "zclip":
             from zclip import ZClip
             self._z = ZClip()
@@ -118,8 +130,9 @@ class Method:
         t, self.t = self.t, self.t + 1
         if self._guard is not None:
             ok = self._guard.check(loss)
-            if count:
-                self.actions = sum(v for k, v in self._guard.counts.items() if k != "spike")
+            if count:  # a hold records that the guard declined to act: not an action
+                self.actions = sum(v for k, v in self._guard.counts.items()
+                                   if k not in ("spike", "hold"))
             return ok
         if self._z is not None:
             before = self._z.step(model)
@@ -385,6 +398,211 @@ def stories() -> list[tuple[str, object, object]]:
     ]
 
 
+# ------------------------------------------------------- transformer failure stories
+_TEXT_DATA: dict[int, torch.Tensor] = {}
+
+
+def run_text(cfg, method: str, *, steps: int | None = None) -> dict:
+    """A lab text story (``stablestep.lab.text``: the byte-level GPT on the standard
+    library's sources, AdamW b2 0.95) in a plain loop under ``method``; the final loss is
+    the cross-entropy on 8 fixed held-out batches."""
+    from stablestep.lab import text
+
+    if cfg.n_bytes not in _TEXT_DATA:
+        _TEXT_DATA[cfg.n_bytes] = torch.frombuffer(
+            bytearray(text.stdlib_bytes(cfg.n_bytes)), dtype=torch.uint8)
+    data = _TEXT_DATA[cfg.n_bytes]
+    torch.manual_seed(cfg.seed)
+    model = text.TinyGPT(cfg)
+    m = Method(method)
+    params = list(model.parameters())
+
+    def build(lr, **c):
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, eps=c.get("eps", cfg.eps),
+                                 weight_decay=cfg.weight_decay,
+                                 amsgrad=c.get("amsgrad", False))
+
+    opt = m.optimizer("adam", params, cfg.lr, build)
+    m.attach(model, opt)
+    ev_it = text.batches(cfg, data, torch.Generator().manual_seed(10_000 + cfg.seed))
+    held = [next(ev_it) for _ in range(8)]
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return statistics.fmean(float(text.text_loss(model(x), y)[0]) for x, y in held)
+
+    first = eval_loss()
+    it = text.batches(cfg, data, torch.Generator().manual_seed(cfg.seed + 1))
+    for _ in range(steps or cfg.steps):
+        x, y = next(it)
+        opt.zero_grad(set_to_none=True)
+        ce, loss = text.text_loss(model(x), y, cfg.z_loss)
+        loss.backward()
+        if not math.isfinite(float(ce.detach())) and m.name in _NO_SKIP:
+            break
+        try:
+            if m.take(ce, model):
+                opt.step()
+        except Stopped:
+            break
+    return {"final": eval_loss(), "first": first, "actions": m.actions, "guard": m._guard}
+
+
+def _gpt2_motifs(seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                     attn_implementation="sdpa", bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    motifs = torch.randint(1, 64, (8, 4), generator=g)
+    return model, motifs, g
+
+
+def run_gpt2_blowup(lr: float, method: str, *, steps: int = 150, seed: int = 0) -> dict:
+    """HF GPT-2 (from a config, sdpa, 2 layers, d 32) with AdamW at ``lr`` on sequences
+    that repeat one of 8 random 4-token motifs: at lr 1.0 the loss jumps x15 within the
+    first steps; the final loss is the mean over all 8 motifs."""
+    model, motifs, g = _gpt2_motifs(seed)
+    m = Method(method)
+    params = list(model.parameters())
+    opt = m.optimizer("adam", params, lr, lambda lr, **c: torch.optim.AdamW(params, lr=lr, **c))
+    m.attach(model, opt)
+    ev = motifs.repeat(1, 4)
+
+    def eval_loss() -> float:
+        with torch.no_grad():
+            return float(model(input_ids=ev, labels=ev).loss)
+
+    first = eval_loss()
+    for _ in range(steps):
+        x = motifs[torch.randint(8, (8,), generator=g)].repeat(1, 4)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        if not math.isfinite(float(loss.detach())) and m.name in _NO_SKIP:
+            break
+        try:
+            if m.take(loss, model):
+                opt.step()
+        except Stopped:
+            break
+    return {"final": eval_loss(), "first": first, "actions": m.actions, "guard": m._guard}
+
+
+_NO_SKIP = ("none", "eps1e-3", "amsgrad", "lr/10") + REPLACES_ADAM
+
+
+def text_stories() -> list[tuple[str, object, object]]:
+    """The transformer failure stories: the lab's attention-logit growth (lr 1e-1, no
+    qk-layernorm; reference: qk-layernorm) and output-logit divergence (lr 3e-1 with
+    qk-layernorm; reference: lr 1e-1), and the HF GPT-2 blow-up at lr 1.0 (reference:
+    lr 1e-3)."""
+    from stablestep.lab import text
+
+    attn = text.scenario("attention-logit-growth").variants
+    logz = text.scenario("output-logit-divergence").variants
+    a_fail, a_fix = attn[0].config, attn[1].config
+    z_fail, z_fix = logz[0].config, logz[2].config
+    return [
+        ("attention-logits", lambda m: run_text(a_fail, m), lambda: run_text(a_fix, "none")),
+        ("output-logits", lambda m: run_text(z_fail, m), lambda: run_text(z_fix, "none")),
+        ("gpt2-lr1-blowup", lambda m: run_gpt2_blowup(1.0, m),
+         lambda: run_gpt2_blowup(1e-3, "none")),
+    ]
+
+
+# ------------------------------------------------- healthy runs through the callbacks
+def framework_corpus(base_seed: int = 1200) -> list[dict]:
+    """Healthy runs through the framework callbacks (seeds from 1200: disjoint from corpus
+    A, 500-535, and B, 900-935): the MLP and CNN kinds through the Lightning callback,
+    GPT-2 (from a config, sdpa) through the Hugging Face Trainer callback."""
+    out = []
+    lit_kinds = ("mlp-reg", "mlp-cls", "cnn")
+    for i in range(6):
+        opt = ("adam", "adamw", "sgd", "ss-adam-tf", "ss-adam-torch", "adam")[i]
+        lr = LRS["sgd" if opt == "sgd" else "adam"][i % 3]
+        out.append(dict(framework="lightning", kind=lit_kinds[i % 3], opt=opt,
+                        batch=(16, 64, 256)[i % 3], lr=lr, seed=base_seed + i,
+                        noise=i % 2 == 0, augment=False, steps=150))
+    for i in range(4):
+        out.append(dict(framework="hf", kind="gpt2", opt="adamw", batch=(8, 16)[i % 2],
+                        lr=(1e-3, 3e-3, 1e-2, 5e-4)[i], seed=base_seed + 10 + i,
+                        noise=i % 2 == 0, augment=False, steps=80))
+    return out
+
+
+def run_framework(spec: dict, guarded: bool) -> dict:
+    """One framework-corpus run, with the stablestep callback (``guard=True`` when
+    ``guarded``, else no guard); final whole-data loss and the guard's actions."""
+    import logging
+    import tempfile
+
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    kind = spec["kind"]
+    x, y = _data(kind, spec["seed"], spec["noise"])
+    model = _model(kind, spec["seed"] + 1)
+    ev = torch.arange(min(512, len(x)))
+    with torch.no_grad():
+        first = float(_loss(kind, model, x[ev], y[ev]))
+    tmp = tempfile.mkdtemp(prefix="guard-bench-")
+    if spec["framework"] == "lightning":
+        import lightning as L
+
+        from stablestep.integrations.lightning import StablestepCallback
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.net = model
+
+            def training_step(self, batch, batch_idx):
+                return _loss(kind, self.net, *batch)
+
+            def configure_optimizers(self):
+                return _build_opt(spec["opt"], list(self.net.parameters()), spec["lr"])
+
+        cb = StablestepCallback(store=f"{tmp}/s.db", run="r", guard=True if guarded else None)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x, y), batch_size=spec["batch"], shuffle=True,
+            drop_last=True, generator=torch.Generator().manual_seed(spec["seed"] + 2))
+        trainer = L.Trainer(max_steps=spec["steps"], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu", callbacks=[cb], default_root_dir=tmp)
+        trainer.fit(Module(), loader)
+    else:
+        import transformers
+
+        from stablestep.integrations.transformers import StablestepCallback
+
+        class Seqs(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(x)
+
+            def __getitem__(self, i):
+                return {"input_ids": x[i], "labels": x[i]}
+
+        transformers.logging.set_verbosity_error()
+        cb = StablestepCallback(store=f"{tmp}/s.db", run="r", guard=True if guarded else None)
+        args = transformers.TrainingArguments(
+            output_dir=f"{tmp}/out", max_steps=spec["steps"],
+            per_device_train_batch_size=spec["batch"], learning_rate=spec["lr"],
+            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+            use_cpu=True, seed=spec["seed"], data_seed=spec["seed"])
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Seqs(),
+                                       callbacks=[cb])
+        trainer.remove_callback(transformers.PrinterCallback)  # its end-of-train dict
+        trainer.train()
+    model.eval()
+    with torch.no_grad():
+        final = float(_loss(kind, model, x[ev], y[ev]))
+    g = cb.guard
+    acts = sum(v for k, v in g.counts.items() if k not in ("spike", "hold")) if g else 0
+    return {"final": final, "first": first, "actions": acts, "guard": g}
+
+
 def healthy(res: dict, ref: dict) -> bool:
     """Finite and within 3x of the reference's final loss (plus a floor)."""
     f = res["final"]
@@ -392,11 +610,18 @@ def healthy(res: dict, ref: dict) -> bool:
 
 
 # ------------------------------------------------------------------------ overhead
-def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -> dict:
+def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20,
+             with_monitor: bool = False) -> dict:
     """Per method: median over interleaved (plain, method) segment pairs of the ratio of
-    mean step times, on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4."""
+    mean step times, on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4.
+    ``with_monitor``: both sides carry a :class:`stablestep.Monitor` (default settings), so
+    the ratio is what the guard adds to a monitored step (it reuses the Monitor's norms)."""
+    import tempfile
+
     torch.manual_seed(0)
     x, y = torch.randn(4096, 64), torch.randn(4096, 1)
+    tmp = tempfile.mkdtemp(prefix="guard-overhead-")
+    made = [0]
 
     def make(method):
         torch.manual_seed(1)
@@ -407,8 +632,12 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
         params = list(model.parameters())
         opt = m.optimizer("adam", params, 1e-4, lambda lr, **c: torch.optim.Adam(params, lr=lr,
                                                                                   **c))
-        m.attach(model, opt)
-        return model, opt, m
+        mon = None
+        if with_monitor:
+            made[0] += 1
+            mon = stablestep.Monitor(model, opt, store=f"{tmp}/s.db", run=f"r{made[0]}")
+        m.attach(model, opt, monitor=mon)
+        return model, opt, m, mon
 
     gen = torch.Generator().manual_seed(2)
     out = {}
@@ -417,7 +646,7 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
         times: dict[bool, list[float]] = {False: [], True: []}
         for i in range(2 * segments + 2):
             b = i % 2 == 1
-            model, opt, m = runs[b]
+            model, opt, m, mon = runs[b]
             per = []
             for _ in range(seg_steps):
                 idx = torch.randint(len(x), (128,), generator=gen)
@@ -425,6 +654,8 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
                 opt.zero_grad()
                 loss = ((model(x[idx]) - y[idx]) ** 2).mean()
                 loss.backward()
+                if mon is not None:
+                    mon.observe(loss)
                 try:
                     ok = m.take(loss, model, count=False)
                 except Stopped:
@@ -434,6 +665,9 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20) -
                 per.append(time.perf_counter() - t0)
             if i >= 2:
                 times[b].append(statistics.fmean(per))
+        for _, _, _, mon in runs.values():
+            if mon is not None:
+                mon.close()
         out[method] = statistics.median(
             [bb / aa for aa, bb in zip(times[False], times[True], strict=True)])
     return out
@@ -446,26 +680,43 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--healthy-runs", type=int, default=36)
-    ap.add_argument("--overhead-only", action="store_true",
-                    help="only the step-time overhead (more segments)")
+    ap.add_argument("--overhead", "--overhead-only", action="store_true",
+                    dest="overhead_only",
+                    help="only the step-time overhead (more segments, about a minute): the "
+                         "guard alone against the plain step, and a monitored step with "
+                         "and without the guard")
     ap.add_argument("--corpus-seed", type=int, default=900,
                     help="first seed of the healthy corpus (500: corpus A, 900: corpus B)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a subset for iteration (3 stories, 8 healthy runs, 2 through the "
+                         "callbacks; a few minutes)")
+    ap.add_argument("--no-frameworks", action="store_true",
+                    help="leave out the healthy runs through the Lightning and HF callbacks")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     methods = tuple(args.methods)
     if args.overhead_only:
+        methods = tuple(m for m in methods if m != "none") or ("stablestep",)
         ov = overhead(methods, segments=24)
         for m in methods:
             print(f"{m:16s} step-time ratio against plain torch Adam {ov[m]:.3f}")
+        if "stablestep" in methods:
+            mon = overhead(("stablestep",), segments=24, with_monitor=True)["stablestep"]
+            print(f"Monitor + Guard against the Monitor alone (norms reused) {mon:.3f}")
         print(f"guarded/unguarded step time ratio (median of interleaved pairs): "
               f"{ov.get('stablestep', math.nan):.3f}")
         return 0
     col = {m: {"story_ok": 0, "healthy_ok": 0, "ratios": [], "actions": 0, "acted_runs": 0,
                "guard_kinds": {}} for m in methods}
+    all_stories = stories() + text_stories()
+    if args.quick:
+        all_stories = [s for s in all_stories
+                       if s[0] in ("nan-injection", "outlier-batches", "gpt2-lr1-blowup")]
     print("failure corpus (final loss; * = ended healthy)")
     print(f"{'story':20s} {'ref':>9s} " + " ".join(f"{m[:11]:>12s}" for m in methods))
-    for name, run, reference in stories():
+    guard_notes = []
+    for name, run, reference in all_stories:
         ref = reference()
         cells = []
         for m in methods:
@@ -475,8 +726,17 @@ def main(argv: list[str] | None = None) -> int:
             if math.isfinite(r["final"]) and ref["final"] > 0:
                 col[m]["ratios"].append(r["final"] / ref["final"])
             cells.append(f"{r['final']:11.2e}{'*' if ok else ' '}")
+            if r.get("guard") is not None:
+                g = r["guard"]
+                guard_notes.append(f"  {name}: " + ", ".join(
+                    f"{rec.action}({rec.reason})@{rec.step}" for rec in g.records[:6])
+                    + (" ..." if len(g.records) > 6 else "") + f"; lr scale {g.lr_scale:g}")
         print(f"{name:20s} {ref['final']:9.2e} " + " ".join(cells), flush=True)
-    specs = healthy_corpus(args.corpus_seed)[: args.healthy_runs]
+    if guard_notes:
+        print("stablestep's actions in the stories:")
+        print("\n".join(guard_notes))
+    n_stories = len(all_stories)
+    specs = healthy_corpus(args.corpus_seed)[: 8 if args.quick else args.healthy_runs]
     print(f"\nhealthy corpus: {len(specs)} runs (kinds {', '.join(sorted(set(KINDS)))}; "
           f"batch 8-512; "
           f"optimizers {', '.join(OPTIMIZERS)})")
@@ -503,6 +763,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {spec['kind']:8s} {spec['opt']:13s} b{spec['batch']:<4d} lr {spec['lr']:<6g} "
               f"final {ref['final']:.3g}  actions: {', '.join(acts) or 'none'}", flush=True)
     n_h = sum(1 for _ in specs)
+    fw = {"n": 0, "ok": 0, "actions": 0, "acted": 0, "kinds": {}}
+    if not args.no_frameworks and "stablestep" in methods:
+        fspecs = framework_corpus()
+        if args.quick:
+            fspecs = [fspecs[0], fspecs[6]]
+        print(f"\nhealthy runs through the callbacks: {len(fspecs)} (Lightning: MLP, CNN; "
+              "Hugging Face Trainer: GPT-2); unguarded vs guard=True")
+        for spec in fspecs:
+            ref = run_framework(spec, False)
+            if not healthy(ref, ref):
+                print(f"  excluded (diverges without any guard): {spec}")
+                continue
+            r = run_framework(spec, True)
+            fw["n"] += 1
+            fw["ok"] += healthy(r, ref)
+            fw["actions"] += r["actions"]
+            fw["acted"] += r["actions"] > 0
+            for rec in r["guard"].records:
+                k = f"{rec.action}:{rec.reason}"
+                fw["kinds"][k] = fw["kinds"].get(k, 0) + 1
+            print(f"  {spec['framework']:9s} {spec['kind']:8s} {spec['opt']:13s} "
+                  f"b{spec['batch']:<4d} lr {spec['lr']:<6g} final {ref['final']:.3g} -> "
+                  f"{r['final']:.3g}  actions: {r['actions'] or 'none'}", flush=True)
     ov = overhead(methods)
     print(f"\n{'method':16s} {'stories ok':>10s} {'healthy ok':>10s} {'loss/ref':>9s} "
           f"{'false actions':>14s} {'overhead':>9s}")
@@ -511,10 +794,13 @@ def main(argv: list[str] | None = None) -> int:
         gm = math.exp(statistics.fmean(math.log(max(r, 1e-300)) for r in c["ratios"])) \
             if c["ratios"] else math.nan
         fa = "-" if m in UNCOUNTED else f"{c['actions']} ({c['acted_runs']} runs)"
-        print(f"{m:16s} {c['story_ok']:>7d}/{len(stories())} {c['healthy_ok']:>7d}/{n_h} "
+        print(f"{m:16s} {c['story_ok']:>7d}/{n_stories} {c['healthy_ok']:>7d}/{n_h} "
               f"{gm:9.3f} {fa:>14s} {ov[m]:9.3f}")
     if "stablestep" in col and col["stablestep"]["guard_kinds"]:
-        print(f"stablestep actions on the healthy corpus: {col['stablestep']['guard_kinds']}")
+        print(f"stablestep records on the healthy corpus: {col['stablestep']['guard_kinds']}")
+    if fw["n"]:
+        print(f"stablestep through the callbacks: {fw['ok']}/{fw['n']} healthy, false actions "
+              f"{fw['actions']} ({fw['acted']} runs); records {fw['kinds'] or 'none'}")
     print(f"elapsed {time.perf_counter() - t0:.0f}s")
     ratio = ov.get("stablestep", math.nan)
     print(f"guarded/unguarded step time ratio (median of interleaved pairs): {ratio:.3f}")

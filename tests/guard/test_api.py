@@ -85,3 +85,34 @@ def test_public_name():
 
     assert g.Guard.__doc__ and g.GuardPolicy.__doc__ and g.GuardRecord.__doc__
     assert {"Guard", "GuardPolicy", "GuardRecord", "GuardError"} <= set(g.__all__)
+
+
+def test_public_start_step_numbers_monitor_and_guard_alike(tmp_path):
+    from stablestep.telemetry import Monitor, open_run
+
+    x, y = regression_data(n=32)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with Monitor(model, opt, store=tmp_path / "s.db", run="r", start_step=1) as mon:
+        guard = Guard(model, opt, monitor=mon, start_step=1)
+        assert mon.start_step == guard.start_step == 1 and mon.step == guard.step == 1
+        for t in range(5):
+            opt.zero_grad()
+            xb = x.clone()
+            if t == 2:
+                xb[0, 0] = float("nan")
+            loss = ((model(xb) - y) ** 2).mean()
+            loss.backward()
+            mon.observe(loss)
+            if guard.check(loss):
+                opt.step()
+        guard.close()
+    steps, _ = open_run(tmp_path / "s.db", "r").series("loss")
+    assert steps.tolist() == [1, 2, 4, 5]  # step 3 (the NaN batch) is an event, not a number
+    assert [(r.step, r.action) for r in guard.records] == [(3, "skip")]
+    assert guard.bad_batches == [3]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="start_step"):
+            Guard(model, opt, start_step=bad)
+        with pytest.raises(ValueError, match="start_step"):
+            Monitor(model, opt, store=tmp_path / "t.db", start_step=bad)

@@ -81,8 +81,9 @@ def test_blow_up_from_step_1_is_rolled_back_live_as_diagnose_reports(tmp_path):
     jumps = [i for i in guard.incidents if i.kind == "divergence" and i.rule == "jump"]
     assert jumps and jumps[0].onset <= 2, guard.incidents
     rb = [r for r in guard.records if r.action == "rollback" and r.reason == "divergence"]
-    assert rb and rb[0].data["to_step"] == 0 and rb[0].data["cause"] == "loss-jump"
-    assert guard.lr_scale < 1.0
+    assert rb and rb[0].data["to_step"] == 0 and rb[0].data["cause"] == "blow-up-from-start"
+    # far past the edge, not near it: the lr goes to its bound at once (restored when calm)
+    assert guard.lr_scale == guard.policy.min_lr_scale
     found = [f for f in diagnose(str(store)) if f.kind == "divergence"]
     assert any(f.step == jumps[0].onset for f in found), found
 
@@ -110,3 +111,50 @@ def test_healthy_noisy_stream_raises_no_jump_and_state_round_trips():
     with pytest.raises(ValueError):
         JumpConfig(factor=1.0)
     assert math.isfinite(j[0].score)
+
+
+def _feed(guard, model, opt, losses):
+    """Drive the guard with a given loss stream (a tiny model, gradients of a fixed batch)."""
+    x = torch.ones(4, 8)
+    out = []
+    for v in losses:
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        out.append(guard.check(float(v)))
+        opt.step()
+    return out
+
+
+def _stream(seed, n, level):
+    g = torch.Generator().manual_seed(seed)
+    return (level * torch.exp(0.1 * torch.randn(n, generator=g))).tolist()
+
+
+def test_a_jump_that_stays_high_after_the_rollback_is_rolled_back_again_then_a_person():
+    from stablestep.guard import GuardError, GuardPolicy
+    from tests.guard.conftest import mlp
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=20))
+    # calm at 1.0, then the loss jumps x10 and stays whatever the guard does
+    with pytest.raises(GuardError, match="stays .* above its best"):
+        _feed(guard, model, opt, _stream(0, 60, 1.0) + _stream(1, 200, 10.0))
+    rb = [r for r in guard.records if r.action == "rollback"]
+    assert len(rb) >= 2 and rb[1].data["cause"] == "stays-high-after-rollback"
+    assert all(r.data["to_step"] < 60 for r in rb)
+    cuts = [r.data["lr_scale"] for r in guard.records if r.action == "adapt"]
+    assert cuts == sorted(cuts, reverse=True) and cuts[-1] == guard.policy.min_lr_scale
+
+
+def test_a_jump_that_comes_back_after_the_rollback_is_left_alone():
+    from tests.guard.conftest import mlp
+
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    guard = Guard(model, opt)
+    # the jump stays for its hold window, then (after the rollback) the loss is back
+    _feed(guard, model, opt, _stream(0, 60, 1.0) + _stream(1, 12, 10.0) + _stream(2, 80, 1.1))
+    rb = [r for r in guard.records if r.action == "rollback"]
+    assert len(rb) == 1 and rb[0].data["cause"] == "loss-jump"
+    assert guard.lr_scale == 0.5 and guard._after_jump is None

@@ -71,3 +71,29 @@ def test_save_load_continue_identically():
     for i in sa["state"]:
         for k in sa["state"][i]:
             assert torch.equal(sa["state"][i][k], sb["state"][i][k])
+
+
+def test_a_saved_state_keeps_its_snapshots_when_the_guard_reuses_their_buffers():
+    x, y = regression_data(n=64)
+    model = mlp(width=16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=5, keep_snapshots=2))
+
+    def steps(n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            if guard.check(loss):
+                opt.step()
+
+    steps(12)
+    saved = guard.state_dict()
+    frozen = [{k: v.clone() for k, v in s["model"].items()} for s in saved["snapshots"]]
+    steps(20)  # four more snapshots, written into the buffers of the dropped ones
+    assert guard.snapshots == [25, 30]
+    for snap, ref in zip(saved["snapshots"], frozen, strict=True):
+        assert all(torch.equal(snap["model"][k], v) for k, v in ref.items())
+    live = guard._snaps[-1]  # a copy of step 30's state, never an alias of the model
+    assert not any(live.model[k].data_ptr() == v.data_ptr()
+                   for k, v in model.state_dict().items())

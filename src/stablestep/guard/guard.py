@@ -75,7 +75,9 @@ class Guard:
     :attr:`bad_batches` (the ``batch_id`` given to :meth:`check`, else the step), saved in
     :meth:`state_dict`; :func:`stablestep.guard.skip_batches` drops them on resume.
 
-    Steps are counted by :meth:`check` calls from 0, like the Monitor's :meth:`observe`.
+    Steps are counted by :meth:`check` calls from ``start_step`` (default 0; give the
+    Monitor's ``start_step`` too so both number a step alike), like the Monitor's
+    :meth:`observe`.
     A rollback does not rewind the step counter, the data or the scheduler: the run goes
     on from the restored weights with the next batches. With a ``monitor`` (and not under
     ``torch.distributed``) the loss and gradient norm the Monitor just read are reused:
@@ -90,7 +92,8 @@ class Guard:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  policy: GuardPolicy | None = None, monitor: Any = None,
-                 curvature_loss: Callable[[], torch.Tensor] | None = None) -> None:
+                 curvature_loss: Callable[[], torch.Tensor] | None = None,
+                 start_step: int = 0) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -103,6 +106,9 @@ class Guard:
                             "(a stablestep.Monitor)")
         if curvature_loss is not None and not callable(curvature_loss):
             raise TypeError("curvature_loss must be a callable returning the loss tensor")
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+            raise ValueError(f"Invalid start_step: {start_step!r} (need an int >= 0)")
+        self.start_step = start_step
         self.model, self.optimizer = model, optimizer
         self.policy = policy or GuardPolicy()
         self.monitor, self.curvature_loss = monitor, curvature_loss
@@ -113,7 +119,7 @@ class Guard:
                        "spike": 0}
         self.bad_batches: list[Any] = []
         self.lr_scale = 1.0
-        self._step = 0
+        self._step = start_step
         self._nonfinite_run = 0
         self._aeos: list[int] = []  # Adam spike steps since the last adaptation
         self._ladder = 0
@@ -123,7 +129,10 @@ class Guard:
         self._snaps: list[S.Snapshot] = []
         self._lrs: list[tuple[int, float]] = []  # (step, user's lr of group 0), recent
         self._saved_lr: list[Any] = []
+        self._losses: list[tuple[int, float]] = []  # (step, finite loss), the last 64
+        self._after_jump: dict[str, Any] | None = None  # a jump rolled back: did it work?
         self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
+        self._d: Any = None  # torch.distributed when initialised (read once per check)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
 
@@ -151,11 +160,15 @@ class Guard:
         self._step += 1
         check_state = (p.state_check_every is not None
                        and (step % p.state_check_every == 0 or self._nonfinite_run > 0))
+        self._d = _dist()  # once per check: torch.distributed's query is not free
         loss_v, gnorm, state_v = self._signals(loss, check_state)
         bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
         state_bad = not math.isfinite(state_v)
         incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
         self._note_lr(step)
+        if math.isfinite(loss_v):
+            self._losses.append((step, loss_v))
+            del self._losses[:-64]
         kinds = {i.kind: i for i in incs}
         bid = step if batch_id is None else batch_id
         if bad and self._nonfinite_run == 0:  # before any skip or rollback changes the model
@@ -195,7 +208,14 @@ class Guard:
             return True
         if "spike" in kinds:
             self._last_trouble = step
-            self._on_spike(step, kinds["spike"], gnorm)
+            sp = kinds["spike"]
+            if (getattr(sp, "rule", "") == "jump" and self._after_jump is None
+                    and "divergence" not in kinds):
+                # the loss jumped (x jump.factor over its best so far): watch whether it
+                # comes back near its best, as after a rollback (_still_high)
+                self._after_jump = {"step": step, "onset": int(sp.onset),
+                                    "ref": float(sp.baseline), "vals": [], "rolled": False}
+            self._on_spike(step, sp, gnorm)
         div = kinds.get("divergence")
         if div is not None:
             self._last_trouble = step
@@ -208,24 +228,41 @@ class Guard:
                 if math.isfinite(probe) and probe < 2.0 * ref:
                     self._record(step, "hold", "divergence-not-on-probe-batch", data)
                     div = None
+            if div is not None and getattr(div, "rule", "") == "jump":
+                noise = self._jump_in_noise(div.onset, step)
+                if noise is not None:  # the window is not above this run's own level
+                    self._record(step, "hold", "jump-within-noise", {**data, **noise})
+                    div = None
             if div is not None and p.rollback:
                 if getattr(div, "rule", "") == "jump":  # jumped and stays: the lr is too high
+                    self._after_jump = {"step": step, "onset": div.onset,
+                                        "ref": float(div.baseline), "vals": [],
+                                        "rolled": True}
                     lrj = self._lr_jump(div.onset, step)
+                    factor = (1.0 / lrj["factor"]) if lrj else p.lr_backoff
                     data["cause"] = "lr-jump" if lrj else "loss-jump"
                     if lrj:
                         data["lr_jump"] = lrj
+                    elif div.onset < p.stack.jump.warmup:
+                        # blew up from the first updates: the lr is far past the edge, not
+                        # near it; cut to the bound at once (restored after calm steps)
+                        data["cause"] = "blow-up-from-start"
+                        factor = p.min_lr_scale / self.lr_scale
                     self._rollback(step, "divergence", onset=div.onset, data=data,
-                                   lr_factor=(1.0 / lrj["factor"]) if lrj else p.lr_backoff)
+                                   lr_factor=factor)
                 else:
                     self._rollback(step, "divergence", onset=div.onset, data=data)
                 return False
+        if self._after_jump is not None and self._still_high(step, loss_v):
+            return False
         self._maybe_restore(step)
         last = self._snaps[-1].step if self._snaps else None
         if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
             probe = self._probe_loss()
             extra = {} if probe is None or not math.isfinite(probe) else {"probe_loss": probe}
-            self._snaps.append(S.capture(step, self.model, self.optimizer, extra))
-            del self._snaps[:-p.keep_snapshots]
+            # the oldest snapshot's CPU buffers are reused (no allocation every snapshot)
+            old = self._snaps.pop(0) if len(self._snaps) >= p.keep_snapshots else None
+            self._snaps.append(S.capture(step, self.model, self.optimizer, extra, into=old))
         return True
 
     def _nan_origin(self, step: int) -> None:
@@ -257,6 +294,62 @@ class Guard:
             d.all_reduce(tt)
             v = float(tt.item()) / d.get_world_size()
         return v
+
+    def _jump_in_noise(self, onset: int, step: int) -> dict[str, float] | None:
+        """Evidence that a jump-rule divergence is this run's own minibatch noise: the
+        last ``jump.hold`` losses since the onset (all but a fifth of them) are under
+        ``jump.factor`` times the median of the 20 losses before the onset, the run's
+        level rather than its best (minimum) running median, which noisy minibatch losses
+        near 0 push far down.
+        ``{"window_q20", "level"}`` then, else ``None`` (also with under 10 losses before
+        the onset: a blow-up from the first steps has no level to compare with)."""
+        pre = [v for s, v in self._losses if s < onset][-20:]
+        win = [v for s, v in self._losses if onset <= s <= step][-self.policy.stack.jump.hold:]
+        if len(pre) < 10 or not win:
+            return None
+        level = _median(pre)
+        q = sorted(win)[len(win) // 5]
+        if q < self.policy.stack.jump.factor * level:
+            return {"window_q20": q, "level": level}
+        return None
+
+    def _still_high(self, step: int, loss_v: float) -> bool:
+        """After the loss jumped (a jump-rule spike: x ``jump.factor`` over its best so far)
+        or after a rollback for a jump: once ``jump.hold`` records have passed, the loss
+        must be back under ``jump.rearm`` times the best level the jump was measured
+        against (all but a fifth of those records; the level the stack waits for before it
+        watches again). If it stays high, the run is unstable: roll back to the snapshot
+        before the onset and cut the lr (to ``min_lr_scale`` at once for a jump in the
+        first ``jump.warmup`` steps, a blow-up from the start; else by ``lr_backoff``),
+        then watch again. With the lr already at ``min_lr_scale``: :class:`GuardError`
+        (the run needs a person). Returns whether this step was rolled back."""
+        aj, p = self._after_jump, self.policy
+        if math.isfinite(loss_v):
+            aj["vals"].append(loss_v)
+        if len(aj["vals"]) < p.stack.jump.hold:
+            return False
+        vals = sorted(aj["vals"])
+        q = vals[len(vals) // 5]
+        self._after_jump = None
+        if q < p.stack.jump.rearm * aj["ref"] or not p.rollback:
+            return False  # back near its best: the remedy worked (or no rollback wanted)
+        if self.lr_scale <= p.min_lr_scale:
+            raise GuardError(
+                f"step {step}: the loss stays {q / aj['ref']:.3g}x above its best "
+                f"({aj['ref']:.4g}) with the lr cut to {self.lr_scale:.4g}x "
+                "(min_lr_scale); the run needs a person")
+        self._last_trouble = step
+        cause = "stays-high-after-rollback" if aj.get("rolled", True) else "jumped-stays-high"
+        data = {"loss": loss_v, "baseline": aj["ref"], "window_q20": q,
+                "factor": q / aj["ref"], "cause": cause}
+        factor = p.lr_backoff
+        if aj["onset"] < p.stack.jump.warmup:
+            data["cause"] = f"{cause}, blow-up-from-start"
+            factor = p.min_lr_scale / self.lr_scale
+        self._after_jump = {"step": step, "onset": aj["onset"], "ref": aj["ref"], "vals": [],
+                            "rolled": True}
+        self._rollback(step, "divergence", onset=aj["onset"], data=data, lr_factor=factor)
+        return True
 
     def _note_lr(self, step: int) -> None:
         """Keep the user's lr of the first param group for the last 64 checks (a float
@@ -458,52 +551,111 @@ class Guard:
 
     def _signals(self, loss: torch.Tensor | float,
                  check_state: bool) -> tuple[float, float, float]:
-        """(loss, gradient norm, norm of parameters and optimizer state or 0.0 when not
-        checked) in one host sync, all-reduced under torch.distributed (loss and replicated
-        gradients: mean over ranks; FSDP2 shards: squared norms summed over ranks).
-        With a Monitor that just read this step's loss and gradient norm, those are reused."""
-        reused = None if _dist() is not None else _monitor_reading(self.monitor)
+        """(loss, gradient norm, norm of parameters and optimizer state, or 0.0 when not
+        checked) in one host read. Under torch.distributed they are all-reduced (loss and
+        replicated gradients: mean over ranks; FSDP2 shards: squared norms summed over ranks).
+        With a Monitor that just read this step (not distributed), its loss and per-tensor
+        squared gradient norms, still on the device, are reused (no second gradient norm),
+        and on its detailed steps its parameter norms too; they go into the same read."""
+        if self._d is not None:
+            return self._signals_dist(loss, check_state)
+        pend = _monitor_partials(self.monitor)
+        scalars: list[torch.Tensor] = []  # 0-d tensors, read in one stack
+        vectors: list[torch.Tensor] = []  # 1-d tensors, appended after them
+        loss_f = None
+        if pend is not None and "loss" in pend:
+            scalars.append(pend["loss"])
+        elif isinstance(loss, torch.Tensor):
+            lt = loss.detach()
+            scalars.append(lt if lt.dim() == 0 else lt.reshape(()))
+        else:
+            loss_f = float(loss)
+        if pend is not None:
+            vectors.append(pend["grad_sq"])  # per-tensor squared norms
+            n_grad = 0
+        else:
+            gnorms = _norms([g for g in (q.grad for q in self._params) if g is not None])
+            scalars += gnorms
+            n_grad = len(gnorms)
+        n_state = 0
+        if check_state:
+            params = []
+            if pend is not None and "param_sq" in pend:
+                vectors.append(pend["param_sq"])
+            else:
+                params = [q.data for q in self._params]
+            st = _norms(params + self._state_tensors())
+            scalars += st
+            n_state = len(st)
+        parts = []
+        if scalars:
+            dev = scalars[-1].device  # the gradients' (the loss may live elsewhere)
+            if scalars[0].device != dev:
+                scalars[0] = scalars[0].to(dev)
+            parts.append(torch.stack(scalars))
+        if vectors:
+            dev = parts[0].device if parts else vectors[0].device
+            parts = [x.to(dev, torch.float64) for x in parts + vectors]
+        if not parts:
+            return float(loss_f), 0.0, 0.0  # no gradients, no state: nothing to read
+        vals = parts[0] if len(parts) == 1 else torch.cat(parts)
+        host = vals.tolist()  # the one host read of the step (float32 values are exact)
+        k = 0
+        if loss_f is None:
+            loss_f, k = host[0], 1
+        if pend is not None:
+            gsq = math.fsum(host[k + n_grad + n_state:][:pend["grad_sq"].numel()])
+            extra = host[k + n_state + pend["grad_sq"].numel():]
+        else:
+            gsq = math.fsum(x * x for x in host[k:k + n_grad])
+            extra = []
+        state_v = 0.0
+        if check_state:
+            state = host[k + n_grad:k + n_grad + n_state]
+            state_v = math.sqrt(math.fsum(x * x for x in state) + math.fsum(extra))
+        return float(loss_f), math.sqrt(gsq), float(state_v)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's floating-point state tensors (moments, AMSGrad's max, momentum
+        buffers), as local shards."""
+        out = []
+        for q in self._params:
+            st = self.optimizer.state.get(q)
+            if st:
+                out += [local(v) for k, v in st.items() if isinstance(v, torch.Tensor)
+                        and k != "step" and v.is_floating_point() and v.dim() > 0]
+        return out
+
+    def _signals_dist(self, loss: torch.Tensor | float,
+                      check_state: bool) -> tuple[float, float, float]:
+        """:meth:`_signals` under torch.distributed: one all-reduce, then one host read."""
+        d = self._d
         tensors: list[torch.Tensor] = []
         if check_state:
-            tensors = [local(q.detach()) for q in self._params]
-            for q in self._params:
-                st = self.optimizer.state.get(q) or {}
-                tensors += [local(v) for k, v in st.items() if isinstance(v, torch.Tensor)
-                            and k != "step" and v.is_floating_point() and v.dim() > 0]
-        dev = self._device()
-        parts: list[torch.Tensor] = []
-        if reused is None:
-            grads = [q.grad.detach() for q in self._params if q.grad is not None]
-            # FSDP2 gradients are DTensor shards: this rank's part, squared norms summed
-            shard = [local(g) for g in grads if is_sharded(g)]
-            grads = [local(g) for g in grads if not is_sharded(g)]
-            dev = (grads or shard)[0].device if grads or shard else dev
-            zero = torch.zeros((), dtype=torch.float64, device=dev)
-            gn = (stack_scalars([n.to(dev) for n in torch._foreach_norm(grads)]).square()
-                  .sum().sqrt() if grads else zero)
-            gs = (stack_scalars([n.to(dev) for n in torch._foreach_norm(shard)]).square().sum()
-                  if shard else zero)
-            lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
-                  else torch.tensor(float(loss), dtype=torch.float64, device=dev))
-            parts += [lt, gn, gs]
+            tensors = [local(q.detach()) for q in self._params] + self._state_tensors()
+        grads = [q.grad.detach() for q in self._params if q.grad is not None]
+        # FSDP2 gradients are DTensor shards: this rank's part, squared norms summed
+        shard = [local(g) for g in grads if is_sharded(g)]
+        grads = [local(g) for g in grads if not is_sharded(g)]
+        dev = (grads or shard)[0].device if grads or shard else self._device()
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        gn = (stack_scalars([n.to(dev) for n in _norms(grads)]).square().sum().sqrt()
+              if grads else zero)
+        gs = (stack_scalars([n.to(dev) for n in _norms(shard)]).square().sum()
+              if shard else zero)
+        lt = (loss.detach().double().reshape(()).to(dev) if isinstance(loss, torch.Tensor)
+              else torch.tensor(float(loss), dtype=torch.float64, device=dev))
+        parts = [lt, gn, gs]
         if tensors:
-            parts.append(stack_scalars([n.to(dev) for n in torch._foreach_norm(tensors)])
-                         .double().sum())
-        vals = torch.stack(parts) if parts else None
-        d = _dist()
-        if d is not None and vals is not None:  # then reused is None: parts start [lt, gn, gs]
-            d.all_reduce(vals)  # NaN/Inf on any rank reaches every rank
-            vals[:2] /= d.get_world_size()
-            vals[3:] /= d.get_world_size()
-        host = vals.tolist() if vals is not None else []  # the one host sync
-        if reused is None:
-            loss_v, gnorm, shard_sq = host[:3]
-            gnorm = math.sqrt(gnorm * gnorm + shard_sq)
-            host = host[3:]
-        else:
-            loss_v, gnorm = reused
-        state_v = host[0] if tensors else 0.0
-        return float(loss_v), float(gnorm), float(state_v)
+            parts.append(stack_scalars([n.to(dev) for n in _norms(tensors)]).double().sum())
+        vals = torch.stack(parts)
+        d.all_reduce(vals)  # NaN/Inf on any rank reaches every rank
+        vals[:2] /= d.get_world_size()
+        vals[3:] /= d.get_world_size()
+        host = vals.tolist()  # the one host read
+        loss_v, gnorm, shard_sq = host[:3]
+        state_v = host[3] if tensors else 0.0
+        return float(loss_v), math.sqrt(gnorm * gnorm + shard_sq), float(state_v)
 
     # ------------------------------------------------------------- lr multiplier
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -541,6 +693,9 @@ class Guard:
                 "ladder": self._ladder, "last_adapt": self._last_adapt,
                 "last_outlier": self._last_outlier, "last_trouble": self._last_trouble,
                 "stack": self.stack.state_dict(), "lrs": [list(x) for x in self._lrs],
+                "losses": [list(x) for x in self._losses],
+                "after_jump": None if self._after_jump is None else {
+                    **self._after_jump, "vals": list(self._after_jump["vals"])},
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
 
@@ -562,6 +717,9 @@ class Guard:
         self._last_trouble = int(state.get("last_trouble", -1))
         self.stack.load_state_dict(state["stack"])
         self._lrs = [(int(a), float(b)) for a, b in state.get("lrs", [])]
+        self._losses = [(int(a), float(b)) for a, b in state.get("losses", [])]
+        aj = state.get("after_jump")
+        self._after_jump = None if aj is None else {**aj, "vals": list(aj["vals"])}
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
     def close(self) -> None:
@@ -609,16 +767,45 @@ class _Handle:
         self._hooks.pop(self._key, None)
 
 
-def _monitor_reading(monitor: Any) -> tuple[float, float] | None:
-    """The (loss, grad_norm) a :class:`stablestep.Monitor` read at its last ``observe`` and
-    has not yet written (the step being decided), or ``None``."""
+def _monitor_partials(monitor: Any) -> dict[str, torch.Tensor] | None:
+    """What a :class:`stablestep.Monitor` read at its last ``observe`` for the step being
+    decided, still on the device: ``grad_sq`` (squared gradient norm per tensor, 1-d),
+    ``loss`` (0-d, when it was given one) and on its detailed steps ``param_sq`` (squared
+    parameter norm per tensor, 1-d); ``None`` when the Monitor did not record this step
+    (``every`` > 1) or there is no Monitor. Not used under torch.distributed, where the
+    Monitor's partials are this rank's own (the guard all-reduces its own)."""
     pending = getattr(monitor, "_pending", None)
     if not isinstance(pending, dict) or pending.get("step") != getattr(monitor, "step", 0) - 1:
         return None  # nothing read at the latest observe()
-    m = pending.get("metrics") or {}
-    if names.LOSS in m and names.GRAD_NORM in m:
-        return float(m[names.LOSS]), float(m[names.GRAD_NORM])
-    return None
+    part = pending.get("part")
+    sums = getattr(part, "sums", None)
+    if not isinstance(sums, dict) or not isinstance(sums.get("grad_sq"), torch.Tensor):
+        return None
+    out = {"grad_sq": sums["grad_sq"]}
+    loss = getattr(part, "ranks", {}).get("loss")
+    if isinstance(loss, torch.Tensor):
+        out["loss"] = loss
+    detail = pending.get("detail")
+    if detail is not None and detail[2]:
+        out["param_sq"] = torch.stack(list(detail[2]))
+    return out
+
+
+@torch.no_grad()
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One L2 norm per tensor (0-d, float32 or wider: a half-precision norm would overflow
+    at 65504), in one fused call, outside autograd (no ``detach`` per tensor needed)."""
+    if not tensors:
+        return []
+    low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32) if low
+                else torch._foreach_norm(tensors))
+
+
+def _median(xs: list[float]) -> float:
+    v = sorted(xs)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def _brief(data: dict) -> str:

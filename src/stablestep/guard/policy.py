@@ -45,7 +45,15 @@ class GuardPolicy:
       jumped ``factor`` x over the best loss so far and stays there, from step 0 on) is
       rolled back the same way and then adapted by the lr alone: divided by the lr jump
       seen at the onset (the cause, named in the record's ``lr_jump``), else times
-      ``lr_backoff``; never under ``min_lr_scale``.
+      ``lr_backoff``, and straight to ``min_lr_scale`` for a jump in the first
+      ``stack.jump.warmup`` steps (a blow-up from the start); never under
+      ``min_lr_scale``. Such a divergence whose last ``stack.jump.hold`` losses are under
+      ``stack.jump.factor`` times the median of the 20 losses before its onset (the run's
+      own level: minibatch noise) is recorded as ``hold`` and not acted on. After a jump
+      (rolled back, or an early jump the stack calls a spike) the loss must be back under
+      ``stack.jump.rearm`` times its best within ``stack.jump.hold`` steps; if it stays
+      high, the guard rolls back and cuts the lr again, and at ``min_lr_scale`` raises
+      :class:`GuardError`.
     - **recurring spikes** of Adam (``adapt_after`` spike incidents within
       ``adapt_window`` steps, none within ``stack.spike.window`` steps of a gradient outlier,
       none within ``adapt_cooldown`` steps of the last adaptation, none in the first
@@ -137,7 +145,8 @@ class GuardRecord:
     :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``,
     ``restore``, ``hold``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
     ``repeated-non-finite``, ``non-finite-state``, ``adaptive-edge-of-stability``,
-    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``) and ``data``: the
+    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``,
+    ``jump-within-noise``) and ``data``: the
     numbers behind it (plain floats/ints/strings)."""
 
     step: int

@@ -90,13 +90,31 @@ def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
 
+def _cpu_into(x: Any, buf: Any) -> Any:
+    """:func:`_cpu` of ``x``, copied into ``buf`` (an older snapshot's entry) when it is a
+    plain CPU tensor of the same shape and dtype (no new allocation), else fresh."""
+    if (isinstance(x, torch.Tensor) and not _is_dtensor(x) and isinstance(buf, torch.Tensor)
+            and buf.shape == x.shape and buf.dtype == x.dtype and buf is not x):
+        return buf.copy_(x.detach())
+    return _cpu(x)
+
+
 def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            guard: dict[str, Any]) -> Snapshot:
-    """Copy model and optimizer state to the CPU."""
+            guard: dict[str, Any], *, into: Snapshot | None = None) -> Snapshot:
+    """Copy model and optimizer state to the CPU (into the buffers of ``into``, a
+    snapshot no longer needed, where they fit)."""
+    params = _params(optimizer)
     with torch.no_grad():
-        model_sd = {k: _cpu(v) for k, v in model.state_dict().items()}
-        optim = [{k: _cpu(v) for k, v in optimizer.state.get(p, {}).items()}
-                 for p in _params(optimizer)]
+        if into is None:
+            model_sd = {k: _cpu(v) for k, v in model.state_dict().items()}
+            optim = [{k: _cpu(v) for k, v in optimizer.state.get(p, {}).items()}
+                     for p in params]
+        else:
+            model_sd = {k: _cpu_into(v, into.model.get(k))
+                        for k, v in model.state_dict().items()}
+            old = into.optim if len(into.optim) == len(params) else [{}] * len(params)
+            optim = [{k: _cpu_into(v, o.get(k)) for k, v in optimizer.state.get(p, {}).items()}
+                     for p, o in zip(params, old, strict=True)]
     return Snapshot(step=step, model=model_sd, optim=optim, guard=guard)
 
 
@@ -122,9 +140,20 @@ def restore(snap: Snapshot, model: torch.nn.Module, optimizer: torch.optim.Optim
                     state[k] = _rebuild(v, p)
 
 
+def _copy(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, dict) and isinstance(v.get(LOCAL), torch.Tensor):
+        return {LOCAL: v[LOCAL].clone()}
+    return v
+
+
 def to_state(snap: Snapshot) -> dict[str, Any]:
-    """Plain form for :meth:`Guard.state_dict` (tensors stay CPU tensors)."""
-    return {"step": snap.step, "model": snap.model, "optim": snap.optim, "guard": snap.guard}
+    """Plain form for :meth:`Guard.state_dict`: copies of the CPU tensors (the guard reuses
+    a snapshot's buffers for a later one, a checkpoint must not change with them)."""
+    return {"step": snap.step, "model": {k: _copy(v) for k, v in snap.model.items()},
+            "optim": [{k: _copy(v) for k, v in s.items()} for s in snap.optim],
+            "guard": snap.guard}
 
 
 def from_state(d: dict[str, Any]) -> Snapshot:

@@ -52,12 +52,6 @@ def log_dir(args: Any) -> str:
     return getattr(args, "logging_dir", None) or args.output_dir
 
 
-def _start_at(obj: Any, step: int) -> None:
-    """Make a fresh Monitor or Guard count steps from ``step`` (the Trainer's 1-based
-    ``global_step``) instead of 0, before it has recorded anything."""
-    obj._step = int(step)
-
-
 class StablestepCallback(TrainerCallback):
     """Record the Trainer's optimizer step by step in a stablestep run store.
 
@@ -189,16 +183,15 @@ class StablestepCallback(TrainerCallback):
         config = self.config
         if state.global_step > 0:  # resuming continues the run: nothing to overwrite
             config = config.replace(overwrite=False)
-        self.monitor = Monitor(
-            model, _unwrap(optimizer), store=self.store, run=self.run_name, config=config
-        )
         next_step = int(state.global_step) + 1  # the step the Trainer's logs will show
+        self.monitor = Monitor(
+            model, _unwrap(optimizer), store=self.store, run=self.run_name, config=config,
+            start_step=next_step,
+        )
         if state.global_step > 0:
             mstate = saved["monitor"] if saved is not None else {
                 "version": 1, "run": self.run_name, "store": self.store, "curvature": None}
             self.monitor.load_state_dict({**mstate, "step": next_step})
-        else:
-            _start_at(self.monitor, next_step)
         if self._policy is not None:
             from stablestep.guard import Guard
 
@@ -208,11 +201,10 @@ class StablestepCallback(TrainerCallback):
                 policy=self._policy,
                 monitor=self.monitor,
                 curvature_loss=self.config.curvature_loss,
+                start_step=next_step,
             )
             if saved is not None and saved.get("guard") is not None:
                 self.guard.load_state_dict(saved["guard"])
-            else:
-                _start_at(self.guard, next_step)
             self._report.attach(self.guard)
         self._hook = model.register_forward_hook(self._capture, with_kwargs=True)
         self._losses = []

@@ -93,7 +93,7 @@ class Monitor:
     (which replaces the group dicts) is followed. Every rank must build the Monitor and
     call :meth:`observe` for every step (a recorded step is one collective); to watch a
     single process of a distributed job, pass ``MonitorConfig(distributed=False)``. Steps are
-    counted by :meth:`observe` calls from 0. Resume a run with
+    counted by :meth:`observe` calls from ``start_step`` (0 unless given). Resume a run with
     ``monitor.load_state_dict(sd)`` before the first ``observe``: the run continues
     under the same name, and anything stored at or after the checkpoint's step (an
     abandoned continuation) is replaced, so no step is duplicated or missing.
@@ -112,6 +112,9 @@ class Monitor:
         curvature_every, curvature_loss, sinks, overwrite: the fields of
             :class:`~stablestep.telemetry.config.MonitorConfig`, as keywords; a keyword given
             here wins over the same field of ``config``.
+        start_step: the step number of the first :meth:`observe` (default 0), e.g. 1 to
+            number steps as a framework's 1-based global step does (the Hugging Face
+            callback). Kept as :attr:`start_step`.
 
     When ``run`` already exists in the store (and the Monitor is not resuming it), the run
     is recorded under a new name with a visible suffix, logged at INFO and kept in
@@ -138,6 +141,7 @@ class Monitor:
         overwrite: bool = UNSET,
         model_probes: Any = None,
         secant_every: int | None = UNSET,
+        start_step: int = 0,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -185,7 +189,10 @@ class Monitor:
             global_numels=[p.numel() for _, p in self._params],
         )
         self.sinks = self._rec.sinks
-        self._step = 0
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+            raise ValueError(f"Invalid start_step: {start_step!r} (need an int >= 0)")
+        self.start_step = start_step
+        self._step = start_step
         self._pending: dict | None = None
         self._snaps: dict[int, torch.Tensor] = {}
         self._probe: Any = None
@@ -453,7 +460,7 @@ class Monitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` (call before the first ``observe``)."""
-        if self._rec.writer is not None or self._step != 0:
+        if self._rec.writer is not None or self._step != self.start_step:
             raise RuntimeError(
                 "Monitor.load_state_dict() must be called before the first observe()"
             )
