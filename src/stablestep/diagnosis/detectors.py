@@ -100,6 +100,68 @@ class DivergenceDetector:
         s["n"] += 1
         return alarm
 
+    @property
+    def quiet(self) -> bool:
+        """Whether :meth:`advance_quiet` may take the next record (seen one, not fired)."""
+        return self._s["n"] > 0 and not self._s["fired"]
+
+    def advance_quiet(self, steps: list[int], ys: list[float], limit: int) -> int:
+        """The fast path of :meth:`update` for a stored trace (``diagnosis.stack.replay``):
+        feed records ``0 .. limit-1`` (``steps``, log losses ``ys``, all finite) while
+        :attr:`quiet` holds and no alarm would fire; returns how many were fed.
+
+        The state afterwards equals :meth:`update`'s on each record, bit for bit: the
+        running medians are the same selections (``numpy.sort`` of each window, the same
+        element picked), the rest is :meth:`update`'s arithmetic in locals
+        (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
+        if not self.quiet or limit <= 0:
+            return 0
+        c, s = self.config, self._s
+        ys = ys[:limit]
+        if c.smooth > 1:
+            old = list(s.get("buf", []))
+            ext = old + ys
+            meds = [0.0] * len(ys)
+            k0 = 0
+            while k0 < len(ys) and len(old) + k0 + 1 < c.smooth:  # window still filling
+                w = ext[:len(old) + k0 + 1]
+                meds[k0] = sorted(w)[len(w) // 2]
+                k0 += 1
+            if k0 < len(ys):
+                import numpy as np
+                from numpy.lib.stride_tricks import sliding_window_view
+
+                a = np.asarray(ext[len(old) + k0 + 1 - c.smooth:], dtype=np.float64)
+                meds[k0:] = np.sort(sliding_window_view(a, c.smooth), axis=1)[
+                    :, c.smooth // 2].tolist()
+        else:
+            meds = ys
+        lf = math.log(c.factor)
+        lfw = math.log(c.factor) / c.window
+        n, m, prev = s["n"], s["min"], s["prev"]
+        rising, rise_start = s["rising"], s["rise_start"]
+        warmup, min_steps = c.warmup, c.min_steps
+        i = 0
+        while i < limit:
+            y = meds[i]
+            if y > prev:
+                nrs = steps[i] if rising == 0 else rise_start
+                nr = rising + 1
+            else:
+                nrs, nr = rise_start, 0
+            if n >= warmup and y >= m + lf and nr >= min_steps:
+                break  # an alarm: update() takes this record
+            rising, rise_start = nr, nrs
+            t = m + lfw
+            m = t if t < y else y
+            prev = y
+            n += 1
+            i += 1
+        if c.smooth > 1:
+            s["buf"] = (list(s.get("buf", [])) + ys[:i])[-c.smooth:]
+        s["n"], s["min"], s["prev"], s["rising"], s["rise_start"] = n, m, prev, rising, rise_start
+        return i
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state for checkpoints."""
         return {"config": asdict(self.config),
@@ -244,6 +306,34 @@ class PrecursorDetector:
         s["mean"] += a * excess
         s["n"] += 1
         return None
+
+    def advance_logs(self, positions: list[int], logs: list[float], limit: int) -> int:
+        """The fast path of :meth:`update` for a stored trace (``diagnosis.stack.replay``):
+        of records ``0 .. limit-1``, those at ``positions`` carry a positive value whose
+        log is ``logs``; feed them until one would alarm. Returns how many records were
+        fed (the alarming one is left to :meth:`update`). :meth:`update`'s arithmetic in
+        locals, bit for bit the same state."""
+        s = self._s
+        n, mean, dev = s["n"], s["mean"], s["dev"]
+        a = 2.0 / (self.window + 1)
+        warmup, z, min_rise = self.warmup, self.z, self.min_rise
+        fed = limit
+        for pos, y in zip(positions, logs, strict=True):
+            if pos >= limit:
+                break
+            if n == 0:
+                n, mean, dev = 1, y, 0.0
+                continue
+            excess = y - mean
+            zd = z * dev
+            if n >= warmup and excess >= (zd if zd > min_rise else min_rise):
+                fed = pos
+                break
+            dev += a * (abs(excess) - dev)
+            mean += a * excess
+            n += 1
+        s["n"], s["mean"], s["dev"] = n, mean, dev
+        return fed
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state for checkpoints."""
