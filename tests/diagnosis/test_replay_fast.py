@@ -97,3 +97,35 @@ def test_fast_replay_continues_identically_after_a_state_round_trip() -> None:
     b.load_state_dict(a.state_dict())
     assert _state(a) == _state(b)
     assert _state(replay(half)) == _state(_slow(half))
+
+
+def _feed(det, steps, losses, fast: bool) -> str:
+    """Feed a detector by ``update`` only, or by ``advance_quiet`` with ``update`` taking
+    the records it leaves; returns the state."""
+    i = 0
+    while i < len(losses):
+        if fast and det.quiet:
+            i += det.advance_quiet(steps[i:], [math.log(v) for v in losses[i:]],
+                                   len(losses) - i)
+            if i >= len(losses):
+                break
+        det.update(steps[i], losses[i])
+        i += 1
+    return json.dumps(det.state_dict(), sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("smooth", [1, 4, 5])
+def test_divergence_fast_path_long_chains(smooth: int) -> None:
+    """A 33x step up leaves the running minimum climbing for ~76 records (longer than
+    the vectorised passes settle at once): the chain is finished record by record."""
+    from stablestep.diagnosis.detectors import DivergenceConfig, DivergenceDetector
+
+    rng = np.random.default_rng(smooth)
+    loss = np.exp(0.02 * rng.standard_normal(1500))
+    loss[300:700] *= 33.0  # under the alarm (x100), the minimum climbs ~76 records
+    loss[1400:] *= np.exp(np.linspace(0, 30, 100))  # a blow-up: the alarm fires
+    steps, losses = list(range(1500)), loss.tolist()
+    cfg = DivergenceConfig(factor=100.0, min_steps=3, smooth=smooth)
+    a, b = DivergenceDetector(cfg), DivergenceDetector(cfg)
+    assert _feed(a, steps, losses, fast=True) == _feed(b, steps, losses, fast=False)
+    assert a._s["fired"]

@@ -116,50 +116,68 @@ class DivergenceDetector:
         (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
         if not self.quiet or limit <= 0:
             return 0
+        import numpy as np
+        from numpy.lib.stride_tricks import sliding_window_view
+
         c, s = self.config, self._s
         ys = ys[:limit]
         if c.smooth > 1:
             old = list(s.get("buf", []))
             ext = old + ys
-            meds = [0.0] * len(ys)
+            y = np.empty(limit)
             k0 = 0
-            while k0 < len(ys) and len(old) + k0 + 1 < c.smooth:  # window still filling
+            while k0 < limit and len(old) + k0 + 1 < c.smooth:  # window still filling
                 w = ext[:len(old) + k0 + 1]
-                meds[k0] = sorted(w)[len(w) // 2]
+                y[k0] = sorted(w)[len(w) // 2]
                 k0 += 1
-            if k0 < len(ys):
-                import numpy as np
-                from numpy.lib.stride_tricks import sliding_window_view
-
+            if k0 < limit:
                 a = np.asarray(ext[len(old) + k0 + 1 - c.smooth:], dtype=np.float64)
-                meds[k0:] = np.sort(sliding_window_view(a, c.smooth), axis=1)[
-                    :, c.smooth // 2].tolist()
+                y[k0:] = np.sort(sliding_window_view(a, c.smooth), axis=1)[:, c.smooth // 2]
         else:
-            meds = ys
+            y = np.asarray(ys, dtype=np.float64)
         lf = math.log(c.factor)
         lfw = math.log(c.factor) / c.window
-        n, m, prev = s["n"], s["min"], s["prev"]
-        rising, rise_start = s["rising"], s["rise_start"]
-        warmup, min_steps = c.warmup, c.min_steps
-        i = 0
-        while i < limit:
-            y = meds[i]
-            if y > prev:
-                nrs = steps[i] if rising == 0 else rise_start
-                nr = rising + 1
-            else:
-                nrs, nr = rise_start, 0
-            if n >= warmup and y >= m + lf and nr >= min_steps:
-                break  # an alarm: update() takes this record
-            rising, rise_start = nr, nrs
-            t = m + lfw
-            m = t if t < y else y
-            prev = y
-            n += 1
-            i += 1
-        if c.smooth > 1:
-            s["buf"] = (list(s.get("buf", [])) + ys[:i])[-c.smooth:]
-        s["n"], s["min"], s["prev"], s["rising"], s["rise_start"] = n, m, prev, rising, rise_start
+        k = np.arange(limit)
+        prev = np.empty(limit)
+        prev[0] = s["prev"]
+        prev[1:] = y[:-1]
+        last_flat = np.maximum.accumulate(np.where(~(y > prev), k, -1))
+        rising = np.where(last_flat >= 0, k - last_flat, s["rising"] + k + 1)
+        starts = np.maximum.accumulate(np.where(rising == 1, k, -1))
+        step_arr = np.asarray(steps[:limit], dtype=np.int64)
+        rise_start = np.where(starts >= 0, step_arr[np.maximum(starts, 0)], s["rise_start"])
+        # the running minimum m_k = min(y_k, m_{k-1} + log(factor)/window): a fixed point,
+        # each pass settling one more record of every chain (min() returns the chained
+        # value only where it is below y, as here); a long chain finishes record by record
+        m = y.copy()
+        mprev = np.empty(limit)
+        settled = 0
+        while settled < limit:
+            mprev[0] = s["min"]
+            mprev[1:] = m[:-1]
+            chained = mprev + lfw
+            new = np.where(chained < y, chained, y)
+            settled += 1
+            if np.array_equal(new, m):
+                settled = limit
+                break
+            m = new
+            if settled >= 64:
+                for j in range(settled, limit):
+                    t = m[j - 1] + lfw
+                    m[j] = t if t < y[j] else y[j]
+                settled = limit
+        mprev[0] = s["min"]
+        mprev[1:] = m[:-1]
+        alarm = (s["n"] + k >= c.warmup) & (y >= mprev + lf) & (rising >= c.min_steps)
+        hit = np.flatnonzero(alarm)
+        i = int(hit[0]) if hit.size else limit
+        if i:
+            if c.smooth > 1:
+                s["buf"] = (list(s.get("buf", [])) + ys[:i])[-c.smooth:]
+            s["n"] += i
+            s["min"], s["prev"] = float(m[i - 1]), float(y[i - 1])
+            s["rising"], s["rise_start"] = int(rising[i - 1]), int(rise_start[i - 1])
         return i
 
     def state_dict(self) -> dict[str, Any]:

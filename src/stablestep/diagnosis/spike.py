@@ -336,15 +336,22 @@ class SpikeDetector:
             steady = False
         if steady:  # the statistics' steady state: a fixed rate, the noise capped
             a = aw
-            for y, b0, d in zip(ys[i:limit], b0s[i:], ds[i:], strict=True):
-                b1 = level - 2 * noise
-                base = b1 if b1 > b0 else b0
-                zn = z * noise
-                if y - base >= (zn if zn > min_rise else min_rise) and self._alarms(
-                        y - base, zn if zn > min_rise else min_rise, int(rl_arr[i]),
-                        ys[i - 1] if i else s.prev_y, base, steps[i], int(rss_arr[i])):
-                    break
-                up = (0.0 if 0.0 > d else d) - (0.0 if 0.0 > trend else trend)
+            # an alarm needs y - base >= min_rise, and base >= b0: where y - b0 is under
+            # min_rise no test is needed (the rise from the run's start is too small)
+            near = (y_arr[i:] - b0_arr[i:] >= min_rise).tolist()
+            dps = np.where(0.0 > d_arr[i:], 0.0, d_arr[i:]).tolist()  # max(d, 0.0)
+            for y, d, dp, test in zip(ys[i:limit], ds[i:], dps, near, strict=True):
+                if test:
+                    b0 = b0s[i]
+                    b1 = level - 2 * noise
+                    base = b1 if b1 > b0 else b0
+                    zn = z * noise
+                    thr = zn if zn > min_rise else min_rise
+                    if y - base >= thr and self._alarms(
+                            y - base, thr, int(rl_arr[i]), ys[i - 1] if i else s.prev_y, base,
+                            steps[i], int(rss_arr[i])):
+                        break
+                up = dp - (0.0 if 0.0 > trend else trend)
                 if 0.0 > up:
                     up = 0.0
                 trend += a * (d - trend)
