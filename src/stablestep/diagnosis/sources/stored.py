@@ -26,13 +26,14 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
     if names.LOSS not in available and not nonfinite:
         raise SourceError(f"{source or run.name}: the run {run.name!r} has no "
                           f"'{names.LOSS}' metric")
-    if names.LOSS in available:
-        steps, loss = run.series(names.LOSS)
+    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
+    wanted = [n for n in available if "/" not in n or n.startswith(per_layer)]
+    series = dict(zip(wanted, _read_all(run, wanted), strict=True))
+    if names.LOSS in series:
+        steps, loss = series.pop(names.LOSS)
     else:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
-    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
-    metrics = {n: run.series(n) for n in available
-               if n != names.LOSS and ("/" not in n or n.startswith(per_layer))}
+    metrics = series
     config = run.config if isinstance(run.config, dict) else {}
     hyper = config.get("hyper")
     hyper = dict(hyper) if isinstance(hyper, dict) else {}
@@ -49,6 +50,19 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
                     int(trace.steps[-1]) if len(trace) else None,
                     int((~np.isfinite(trace.loss)).sum())), infos)
     return trace
+
+
+def _read_all(run: Any, wanted: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``run.series(name)`` for each name, a few at a time: SQLite steps through its rows
+    without Python's lock, so two readers on two cores read a 1M-step run in about two
+    thirds of the time of one (each series is its own connection and transaction, as when
+    read one after the other)."""
+    if len(wanted) < 2:
+        return [run.series(n) for n in wanted]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(wanted))) as pool:
+        return list(pool.map(run.series, wanted))
 
 
 def store_path(path: str) -> str | None:
