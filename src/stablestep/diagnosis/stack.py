@@ -450,30 +450,62 @@ class DetectorStack:
         return None
 
     def _outlier_quiet(self, glogs: list[float | None], limit: int) -> int:
-        """:meth:`_outlier` on records ``0 .. limit-1`` (``glogs``: log gradient norm, None
+        r""":meth:`_outlier` on records ``0 .. limit-1`` (``glogs``: log gradient norm, None
         where not fed) until one would alarm; returns how many were fed. The same
-        arithmetic in locals (``max(a, b)`` written as what it returns), bit for bit."""
+        arithmetic in locals (``max(a, b)`` written as what it returns), bit for bit.
+
+        :math:`z \ge z_{alarm}` needs :math:`y - \mu \ge z_{alarm}\,\sigma_{\min}`
+        (:math:`\sigma \ge \sigma_{\min}`), so :math:`z` is formed only where
+        :math:`y - \mu` reaches that (and for the last record, whose :math:`z` the state
+        keeps)."""
         c, st = self.config.outlier, self._out
         n, mean, var, prev_z = st["n"], st["mean"], st["var"], st["prev_z"]
         a = 2.0 / (c.window + 1)
         b = 1 - a
         cz, half, warmup, smin, sqrt = c.z, c.z / 2, c.warmup, c.sigma_min, math.sqrt
+        glogs = glogs[:limit]
         i = 0
-        for y in glogs[:limit]:
-            if y is not None:
-                if n == 0:
-                    prev_z, mean = 0.0, y
-                else:
+        if n == 0 or None in glogs:  # the general form, record by record
+            for y in glogs:
+                if y is not None:
+                    if n == 0:
+                        prev_z, mean = 0.0, y
+                    else:
+                        sd = sqrt(var)
+                        z = (y - mean) / (smin if smin > sd else sd)
+                        if z >= cz and prev_z < half and n >= warmup:
+                            break
+                        prev_z = z
+                        d = y - mean
+                        mean += a * d
+                        var = b * (var + a * d * d)
+                    n += 1
+                i += 1
+        else:
+            # below this, d / sigma < cz whatever sigma >= smin (a margin for rounding)
+            near = cz * smin * (1 - 1e-9)
+            pd = pv = None  # the last record's d and var: its z, formed when needed
+            for y in glogs:
+                d = y - mean
+                if d >= near:
+                    if pd is not None:
+                        sd = sqrt(pv)
+                        prev_z = pd / (smin if smin > sd else sd)
                     sd = sqrt(var)
-                    z = (y - mean) / (smin if smin > sd else sd)
+                    z = d / (smin if smin > sd else sd)
                     if z >= cz and prev_z < half and n >= warmup:
+                        pd = None
                         break
-                    prev_z = z
-                    d = y - mean
-                    mean += a * d
-                    var = b * (var + a * d * d)
+                    prev_z, pd = z, None
+                else:
+                    pd, pv = d, var
+                mean += a * d
+                var = b * (var + a * d * d)
                 n += 1
-            i += 1
+                i += 1
+            if pd is not None:
+                sd = sqrt(pv)
+                prev_z = pd / (smin if smin > sd else sd)
         st["n"], st["mean"], st["var"], st["prev_z"] = n, mean, var, prev_z
         return i
 

@@ -28,7 +28,7 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
                           f"'{names.LOSS}' metric")
     per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
     wanted = [n for n in available if "/" not in n or n.startswith(per_layer)]
-    series = dict(zip(wanted, _read_all(run, wanted), strict=True))
+    series = {n: run.series(n) for n in wanted}
     if names.LOSS in series:
         steps, loss = series.pop(names.LOSS)
     else:
@@ -50,19 +50,6 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
                     int(trace.steps[-1]) if len(trace) else None,
                     int((~np.isfinite(trace.loss)).sum())), infos)
     return trace
-
-
-def _read_all(run: Any, wanted: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``run.series(name)`` for each name, a few at a time: SQLite steps through its rows
-    without Python's lock, so two readers on two cores read a 1M-step run in about two
-    thirds of the time of one (each series is its own connection and transaction, as when
-    read one after the other)."""
-    if len(wanted) < 2:
-        return [run.series(n) for n in wanted]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(wanted))) as pool:
-        return list(pool.map(run.series, wanted))
 
 
 def store_path(path: str) -> str | None:
