@@ -44,6 +44,7 @@ def _stream(seed: int, n: int) -> Trace:
     for s in range(400, min(n, 1200), 150):  # periodic spikes
         loss[s:s + 3] *= 4.0
     gn[rng.choice(n, 5, replace=False)] *= 50.0  # outlier batches
+    gn[n // 3] = np.nan  # a step without a gradient norm
     g2v[rng.choice(np.arange(0, n, 10), 3, replace=False)] *= 100.0  # precursors
     nf = set()
     if n > 2000:
