@@ -9,8 +9,15 @@ before reading). Times are given against an anchor measured in the same run: pan
 
     python benchmarks/readers.py            # 1M and 10M rows (a few minutes)
     python benchmarks/readers.py --quick    # 1M rows only
+    python benchmarks/readers.py --store    # only `diagnose` and `report` of a 1M-step store
 
-The last line is the peak-memory / file-size ratio of the 10M-row CSV (goal <= 3).
+The store case also runs the two commands a user runs, ``stablestep diagnose STORE`` and
+``stablestep report STORE -o OUT.html``, each in a fresh process, and gives their wall time
+(interpreter start and imports included) and the process's peak resident set (goal: under
+10 s and 1 GB each).
+
+The last line is the peak-memory / file-size ratio of the 10M-row CSV (goal <= 3); with
+``--store``, the two commands' times and peaks.
 """
 
 from __future__ import annotations
@@ -56,6 +63,45 @@ CHILD = textwrap.dedent(
     print(json.dumps({"n": n, "read_s": t_read, "diag_s": t_diag, "peak_mb": peak - base}))
     """
 )
+
+
+CLI_CHILD = textwrap.dedent(
+    """
+    import json, resource, runpy, sys
+    sys.argv = ["stablestep", *sys.argv[1:]]
+    try:
+        runpy.run_module("stablestep", run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+    print(json.dumps({"rc": code, "peak_mb": peak}), file=sys.stderr)
+    """
+)
+
+
+def command(*args: str) -> dict:
+    """Run ``stablestep ARGS`` in a fresh process: ``{"s": wall seconds (start-up
+    included), "peak_mb": peak resident set (MB), "rc": exit status}``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CLI_CHILD, *args], capture_output=True,
+                         text=True, env=env, check=False)
+    wall = time.perf_counter() - t
+    res = json.loads(out.stderr.strip().splitlines()[-1])
+    if res["rc"]:
+        raise RuntimeError(f"stablestep {' '.join(args)} failed: {out.stderr[-2000:]}")
+    return {"s": wall, "peak_mb": res["peak_mb"], "rc": res["rc"]}
+
+
+def store_commands(store: str, tmp: str) -> str:
+    """``diagnose`` and ``report`` of the store as a user runs them; returns the line."""
+    d = command("diagnose", store)
+    r = command("report", store, "-o", os.path.join(tmp, "report.html"))
+    return (f"1M-step store: stablestep diagnose {d['s']:.2f} s, peak {d['peak_mb']:.0f} MB; "
+            f"stablestep report {r['s']:.2f} s, peak {r['peak_mb']:.0f} MB "
+            "(goal < 10 s and < 1000 MB each)")
 
 
 def measure(what: str, path: str) -> dict:
@@ -142,8 +188,10 @@ def doubling(kind: str, sizes: list[int], tmp: str) -> list[tuple[int, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1M rows only")
+    ap.add_argument("--store", action="store_true",
+                    help="only diagnose and report of a 1M-step store")
     args = ap.parse_args()
-    rows = [1_000_000] if args.quick else [1_000_000, 10_000_000]
+    rows = [] if args.store else [1_000_000] if args.quick else [1_000_000, 10_000_000]
     ratio = None
     with tempfile.TemporaryDirectory() as tmp:
         for n in rows:
@@ -169,6 +217,10 @@ def main() -> None:
         print(f"store 1M steps: load {st['read_s']:.2f} s, diagnose_trace {st['diag_s']:.2f} s,"
               f" total {st['read_s'] + st['diag_s']:.2f} s, peak +{st['peak_mb']:.0f} MB",
               flush=True)
+        line = store_commands(store, tmp)
+        print(line, flush=True)
+        if args.store:
+            return
         for kind, sizes in (("line", [20_000, 40_000, 80_000, 160_000]),
                             ("header", [25_000, 50_000, 100_000, 200_000])):
             res = doubling(kind, sizes, tmp)

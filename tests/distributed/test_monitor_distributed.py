@@ -35,7 +35,8 @@ def _worker(rank, world, mode, store, nan=None):
     x, y = data()
     half = len(x) // world
     xl, yl = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
-    mon = Monitor(model, opt, store=store, run=mode, state_every=2, flush_every=4)
+    mon = Monitor(model, opt, store=store, run=mode, state_every=2, flush_every=4,
+                  secant_every=1)
     stop_at = nan[1] if nan is not None else None  # every rank stops there
     _train(model, opt, mon, xl, yl, stop_at=stop_at, nan=nan is not None and nan[0] == rank)
 
@@ -44,10 +45,10 @@ def _reference(store):
     model = tiny_model()
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     x, y = data()
-    # the secant curvature is not recorded under torch.distributed (its dot products are
-    # local); the one-process reference leaves it out too
+    # the secant curvature at every step: its dot products are summed over ranks (DDP:
+    # the tensors rank 0 counts; FSDP2: every rank's shards)
     _train(model, opt, Monitor(model, opt, store=store, run="one", state_every=2,
-                               secant_every=None), x, y)
+                               secant_every=1), x, y)
     return open_run(store, "one")
 
 
@@ -62,6 +63,8 @@ def test_two_ranks_store_the_numbers_of_one_process_on_the_whole_batch(tmp_path,
     names = set(run.names())
     want = set(ref.names())
     assert want <= names, want - names  # same names: DDP's "module." prefix is not added
+    assert {"secant_curvature", "secant_cos"} <= want
+    assert len(run.series("secant_curvature")[0]) == STEPS - 1  # every step after the first
     assert "loss_spread" in names
     for name in sorted(want):
         steps, values = run.series(name)

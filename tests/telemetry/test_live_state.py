@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -81,14 +82,12 @@ def test_a_nan_step_count_is_an_event_not_an_exception(tmp_path, info):
     assert steps.tolist() == [0, 1, 2]  # the NaN statistics are not stored as numbers
 
 
-def test_host_transfers_only_when_the_store_is_written(tmp_path, monkeypatch):
-    """No device-to-host transfer on a step; one per write. Counted on the CPU: calls of
-    .item()/.tolist()/float()/int()/bool()/.numpy() made from the telemetry's code (a CPU
-    step counter read as a float, and probes._cpu_read, which only ever reads CPU tensors,
-    are host memory, not a sync, and are left out)."""
-    model, x, y = tiny_problem()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    calls = []
+def _count_host_reads(monkeypatch, opt) -> list[str]:
+    """Calls of .item()/.tolist()/float()/int()/bool()/.numpy()/.cpu() made from the
+    telemetry's code, the secant curvature's included (a CPU step counter read as a float,
+    and probes._cpu_read, which only ever reads CPU tensors, are host memory, not a sync,
+    and are left out)."""
+    calls: list[str] = []
 
     def counting(name):
         orig = getattr(torch.Tensor, name)
@@ -109,6 +108,15 @@ def test_host_transfers_only_when_the_store_is_written(tmp_path, monkeypatch):
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return calls
+
+
+def test_host_transfers_only_when_the_store_is_written(tmp_path, monkeypatch):
+    """No device-to-host transfer on a step; one per write (counted on the CPU:
+    :func:`_count_host_reads`), the secant curvature's steps included."""
+    model, x, y = tiny_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = _count_host_reads(monkeypatch, opt)
     per_step = []
     start = P.HOST_TRANSFERS[0]
     with Monitor(model, opt, store=tmp_path / "s.db", run="sync", state_every=5,
@@ -125,10 +133,49 @@ def test_host_transfers_only_when_the_store_is_written(tmp_path, monkeypatch):
     # step s's record completes in opt.step(): a write every 10 recorded steps, then close
     assert per_step == [1 if (s + 1) % 10 == 0 else 0 for s in range(30)]
     assert P.HOST_TRANSFERS[0] - start == 3
-    assert len(open_run(tmp_path / "s.db", "sync").series("loss")[0]) == 30
+    run = open_run(tmp_path / "s.db", "sync")
+    assert len(run.series("loss")[0]) == 30
+    # the secant path ran (secant_every=10 by default: measured at steps 1, 11, 21)
+    assert run.series("secant_curvature")[0].tolist() == [1, 11, 21]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
+@pytest.mark.parametrize("kw", [{}, {"every": 3}], ids=["default", "every-3"])
+def test_the_default_monitor_reads_the_host_only_to_write(tmp_path, monkeypatch, kw):
+    """The Monitor as the README builds it (no Guard, default MonitorConfig: loss every
+    step, state every 10, secant every 10, a write every 100 recorded steps or 10 s), and
+    with steps that record nothing: no host read outside the store's writes, at most one
+    transfer on a step, none on a step that records nothing."""
+    model, x, y = tiny_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = _count_host_reads(monkeypatch, opt)
+    every = kw.get("every", 1)
+    per_step, n = [], 240
+    t0 = time.monotonic()
+    with Monitor(model, opt, store=tmp_path / "s.db", run="default", **kw) as mon:
+        for _ in range(n):
+            before = P.HOST_TRANSFERS[0]
+            _steps(mon, model, opt, x, y, 1)
+            per_step.append(P.HOST_TRANSFERS[0] - before)
+    elapsed = time.monotonic() - t0
+    assert not calls, calls[:5]
+    assert max(per_step) <= 1
+    # writes: every 100 recorded steps, or after 10 s; a step that records nothing never
+    writes = n // every // 100 + int(elapsed // 10) + 1
+    assert sum(per_step) <= writes
+    run = open_run(tmp_path / "s.db", "default")
+    recorded = set(run.series("loss")[0].tolist())
+    # step s's record completes in the optimizer step of step s: a step that records
+    # nothing transfers nothing
+    assert all(c == 0 for s, c in enumerate(per_step) if s not in recorded)
+    assert len(recorded) == n if every == 1 else len(recorded) < n * 0.6
+    if every == 1:  # the secant curvature and the Adam state were recorded too
+        assert len(run.series("secant_curvature")[0]) == n // 10
+        assert len(run.series("eff_step_max")[0]) == n // 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: torch.cuda.set_sync_debug_mode needs one (the CPU "
+                    "tests above count host transfers instead)")
 def test_no_cuda_sync_on_steps_that_do_not_write(tmp_path):
     """torch's CUDA sync debug mode raises on any synchronising call inside the Monitor's
     per-step work (observe and the step hook), except on the steps that write the store."""

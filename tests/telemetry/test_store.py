@@ -271,3 +271,29 @@ def test_export_writes_csv_by_default_and_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith(f"no run 'zz' in {path}; runs: r")
     assert main(["export", str(path), "-o", str(tmp_path)]) == 2
     assert "it is a directory" in capsys.readouterr().err
+
+
+def test_series_steps_with_and_without_gaps(tmp_path):
+    """Steps every integer from first to last are not read (the count proves them); with
+    gaps, strides or non-finite values left out they are read as stored."""
+    path = tmp_path / "s.db"
+    w = RunWriter(path, "r", config={})
+    for s in range(5, 105):
+        m = {"loss": float(s), "every": float(s)}
+        if s % 10 == 0:
+            m["tenth"] = -float(s)
+        if s != 50:
+            m["gap"] = 1.0
+        w.add(s, m)
+    w.add(105, {"loss": float("nan")})
+    w.close()
+    run = open_run(path, "r")
+    steps, values = run.series("every")
+    assert steps.dtype == np.int64 and steps.tolist() == list(range(5, 105))
+    assert values.tolist() == [float(s) for s in range(5, 105)]
+    assert run.series("tenth")[0].tolist() == list(range(10, 105, 10))
+    assert run.series("tenth")[1].tolist() == [-float(s) for s in range(10, 105, 10)]
+    assert run.series("gap")[0].tolist() == [s for s in range(5, 105) if s != 50]
+    assert run.series("loss")[0].tolist() == list(range(5, 105))  # the NaN step is absent
+    with pytest.raises(KeyError):
+        run.series("nothing")

@@ -100,6 +100,86 @@ class DivergenceDetector:
         s["n"] += 1
         return alarm
 
+    @property
+    def quiet(self) -> bool:
+        """Whether :meth:`advance_quiet` may take the next record (seen one, not fired)."""
+        return self._s["n"] > 0 and not self._s["fired"]
+
+    def advance_quiet(self, steps: list[int], ys: list[float], limit: int) -> int:
+        """The fast path of :meth:`update` for a stored trace (``diagnosis.stack.replay``):
+        feed records ``0 .. limit-1`` (``steps``, log losses ``ys``, all finite) while
+        :attr:`quiet` holds and no alarm would fire; returns how many were fed.
+
+        The state afterwards equals :meth:`update`'s on each record, bit for bit: the
+        running medians are the same selections (``numpy.sort`` of each window, the same
+        element picked), the rest is :meth:`update`'s arithmetic in locals
+        (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
+        if not self.quiet or limit <= 0:
+            return 0
+        import numpy as np
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        c, s = self.config, self._s
+        ys = ys[:limit]
+        if c.smooth > 1:
+            old = list(s.get("buf", []))
+            ext = old + ys
+            y = np.empty(limit)
+            k0 = 0
+            while k0 < limit and len(old) + k0 + 1 < c.smooth:  # window still filling
+                w = ext[:len(old) + k0 + 1]
+                y[k0] = sorted(w)[len(w) // 2]
+                k0 += 1
+            if k0 < limit:
+                a = np.asarray(ext[len(old) + k0 + 1 - c.smooth:], dtype=np.float64)
+                y[k0:] = np.sort(sliding_window_view(a, c.smooth), axis=1)[:, c.smooth // 2]
+        else:
+            y = np.asarray(ys, dtype=np.float64)
+        lf = math.log(c.factor)
+        lfw = math.log(c.factor) / c.window
+        k = np.arange(limit)
+        prev = np.empty(limit)
+        prev[0] = s["prev"]
+        prev[1:] = y[:-1]
+        last_flat = np.maximum.accumulate(np.where(~(y > prev), k, -1))
+        rising = np.where(last_flat >= 0, k - last_flat, s["rising"] + k + 1)
+        starts = np.maximum.accumulate(np.where(rising == 1, k, -1))
+        step_arr = np.asarray(steps[:limit], dtype=np.int64)
+        rise_start = np.where(starts >= 0, step_arr[np.maximum(starts, 0)], s["rise_start"])
+        # the running minimum m_k = min(y_k, m_{k-1} + log(factor)/window): a fixed point,
+        # each pass settling one more record of every chain (min() returns the chained
+        # value only where it is below y, as here); a long chain finishes record by record
+        m = y.copy()
+        mprev = np.empty(limit)
+        settled = 0
+        while settled < limit:
+            mprev[0] = s["min"]
+            mprev[1:] = m[:-1]
+            chained = mprev + lfw
+            new = np.where(chained < y, chained, y)
+            settled += 1
+            if np.array_equal(new, m):
+                settled = limit
+                break
+            m = new
+            if settled >= 64:
+                for j in range(settled, limit):
+                    t = m[j - 1] + lfw
+                    m[j] = t if t < y[j] else y[j]
+                settled = limit
+        mprev[0] = s["min"]
+        mprev[1:] = m[:-1]
+        alarm = (s["n"] + k >= c.warmup) & (y >= mprev + lf) & (rising >= c.min_steps)
+        hit = np.flatnonzero(alarm)
+        i = int(hit[0]) if hit.size else limit
+        if i:
+            if c.smooth > 1:
+                s["buf"] = (list(s.get("buf", [])) + ys[:i])[-c.smooth:]
+            s["n"] += i
+            s["min"], s["prev"] = float(m[i - 1]), float(y[i - 1])
+            s["rising"], s["rise_start"] = int(rising[i - 1]), int(rise_start[i - 1])
+        return i
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state for checkpoints."""
         return {"config": asdict(self.config),
@@ -244,6 +324,34 @@ class PrecursorDetector:
         s["mean"] += a * excess
         s["n"] += 1
         return None
+
+    def advance_logs(self, positions: list[int], logs: list[float], limit: int) -> int:
+        """The fast path of :meth:`update` for a stored trace (``diagnosis.stack.replay``):
+        of records ``0 .. limit-1``, those at ``positions`` carry a positive value whose
+        log is ``logs``; feed them until one would alarm. Returns how many records were
+        fed (the alarming one is left to :meth:`update`). :meth:`update`'s arithmetic in
+        locals, bit for bit the same state."""
+        s = self._s
+        n, mean, dev = s["n"], s["mean"], s["dev"]
+        a = 2.0 / (self.window + 1)
+        warmup, z, min_rise = self.warmup, self.z, self.min_rise
+        fed = limit
+        for pos, y in zip(positions, logs, strict=True):
+            if pos >= limit:
+                break
+            if n == 0:
+                n, mean, dev = 1, y, 0.0
+                continue
+            excess = y - mean
+            zd = z * dev
+            if n >= warmup and excess >= (zd if zd > min_rise else min_rise):
+                fed = pos
+                break
+            dev += a * (abs(excess) - dev)
+            mean += a * excess
+            n += 1
+        s["n"], s["mean"], s["dev"] = n, mean, dev
+        return fed
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state for checkpoints."""

@@ -261,6 +261,130 @@ class SpikeDetector:
         self._shift(y, step)
         return alarm
 
+    @property
+    def quiet(self) -> bool:
+        """Whether the next record takes :meth:`update`'s ordinary branch (statistics
+        learning, no excursion, no aftermath): the only branch :meth:`advance_quiet` runs."""
+        s = self._s
+        return s.n > 0 and s.excursion is None and s.after_left <= 0
+
+    def advance_quiet(self, steps: list[int], ys: list[float], limit: int) -> int:
+        """The fast path of :meth:`update` for a stored trace (``diagnosis.stack.replay``):
+        feed records ``0 .. limit-1`` (``steps``, log losses ``ys``, all finite) while
+        :attr:`quiet` holds and no alarm would fire; returns how many were fed (the record
+        that would alarm is left to :meth:`update`).
+
+        The state afterwards equals :meth:`update`'s on each record, bit for bit: what
+        depends on the losses alone (the rising run, its start, the one-step rises) is
+        computed with numpy's exact comparisons and subtractions, and the moving
+        statistics with :meth:`update`'s operations in the same order in locals (``max(a,
+        b)`` written ``b if b > a else a``, which is what ``max`` returns;
+        ``tests/diagnosis/test_replay_fast.py`` compares the states)."""
+        if not self.quiet or limit <= 0:
+            return 0
+        import numpy as np
+
+        c, s = self.config, self._s
+        y_arr = np.asarray(ys[:limit], dtype=np.float64)
+        prev_arr = np.empty(limit)
+        prev_arr[0] = s.prev_y
+        prev_arr[1:] = y_arr[:-1]
+        k = np.arange(limit)
+        falls = np.where(~(y_arr > prev_arr), k, -1)
+        last_fall = np.maximum.accumulate(falls)
+        rl_arr = np.where(last_fall >= 0, k - last_fall, s.rise_len + k + 1)
+        starts = np.maximum.accumulate(np.where(rl_arr == 1, k, -1))
+        step_arr = np.asarray(steps[:limit], dtype=np.int64)
+        rsy_arr = np.where(starts >= 0, prev_arr[np.maximum(starts, 0)], s.rise_start_y)
+        rss_arr = np.where(starts >= 0, step_arr[np.maximum(starts, 0)], s.rise_start_step)
+        b0_arr = np.where(rl_arr > 0, rsy_arr, prev_arr)
+        d_arr = y_arr - prev_arr
+        n, level, trend, noise = s.n, s.level, s.trend, s.noise
+        aw = 2.0 / (c.window + 1)
+        warmup, z, min_rise, jump = c.warmup, c.z, c.min_rise, c.jump
+        b0s, ds = b0_arr.tolist(), d_arr.tolist()
+        i = 0
+        while i < limit:
+            y, b0, d = ys[i], b0s[i], ds[i]
+            steady = n >= warmup and not 1.0 / (n + 1) > aw  # a == aw from here on
+            if steady:
+                break
+            b1 = level - 2 * noise
+            base = b1 if b1 > b0 else b0
+            excess = y - base
+            zn = z * noise
+            thr = zn if zn > min_rise else min_rise
+            if n >= warmup and excess >= thr and self._alarms(
+                    excess, thr, int(rl_arr[i]), ys[i - 1] if i else s.prev_y, base,
+                    steps[i], int(rss_arr[i])):
+                break
+            inv = 1.0 / (n + 1)
+            a = inv if inv > aw else aw
+            dp = 0.0 if 0.0 > d else d
+            up = dp - (0.0 if 0.0 > trend else trend)
+            up = 0.0 if 0.0 > up else up
+            trend += a * (d - trend)
+            if n >= warmup:
+                cap = 4.0 * noise
+                cap = jump if jump > cap else cap
+                up = cap if cap < up else up
+            noise += a * (2.0 * up - noise)
+            level += trend + a * (y - level - trend)
+            n += 1
+            i += 1
+        else:
+            steady = False
+        if steady:  # the statistics' steady state: a fixed rate, the noise capped
+            a = aw
+            # an alarm needs y - base >= min_rise, and base >= b0: where y - b0 is under
+            # min_rise no test is needed (the rise from the run's start is too small)
+            near = (y_arr[i:] - b0_arr[i:] >= min_rise).tolist()
+            dps = np.where(0.0 > d_arr[i:], 0.0, d_arr[i:]).tolist()  # max(d, 0.0)
+            for y, d, dp, test in zip(ys[i:limit], ds[i:], dps, near, strict=True):
+                if test:
+                    b0 = b0s[i]
+                    b1 = level - 2 * noise
+                    base = b1 if b1 > b0 else b0
+                    zn = z * noise
+                    thr = zn if zn > min_rise else min_rise
+                    if y - base >= thr and self._alarms(
+                            y - base, thr, int(rl_arr[i]), ys[i - 1] if i else s.prev_y, base,
+                            steps[i], int(rss_arr[i])):
+                        break
+                up = dp - (0.0 if 0.0 > trend else trend)
+                if 0.0 > up:
+                    up = 0.0
+                trend += a * (d - trend)
+                cap = 4.0 * noise
+                if jump > cap:
+                    cap = jump
+                if cap < up:
+                    up = cap
+                noise += a * (2.0 * up - noise)
+                level += trend + a * (y - level - trend)
+                i += 1
+        fed = i
+        if fed:
+            s.n = s.n + fed
+            s.prev2_y = ys[fed - 2] if fed >= 2 else s.prev_y
+            s.prev_y, s.prev_step = ys[fed - 1], steps[fed - 1]
+            s.level, s.trend, s.noise = level, trend, noise
+            s.rise_len = int(rl_arr[fed - 1])
+            s.rise_start_y = float(rsy_arr[fed - 1])
+            s.rise_start_step = int(rss_arr[fed - 1])
+        return fed
+
+    def _alarms(self, excess: float, thr: float, rise_len: int, prev_y: float, base: float,
+                step: int, rise_start_step: int) -> bool:
+        """:meth:`update`'s alarm test past its threshold (confirmed, not an early
+        overshoot), for :meth:`advance_quiet`."""
+        c = self.config
+        prev_excess = prev_y - base
+        confirmed = excess >= c.jump or (rise_len >= 2 and prev_excess >= thr / 3)
+        is_jump = rise_len < 2 or prev_excess < thr / 3
+        onset = step if is_jump else rise_start_step
+        return confirmed and not (onset < c.settle and excess < c.jump)
+
     def _shift(self, y: float, step: int) -> None:
         self._s.prev2_y, self._s.prev_y, self._s.prev_step = self._s.prev_y, y, step
 

@@ -59,6 +59,7 @@ identically.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import math
 from dataclasses import asdict, dataclass, field
@@ -207,6 +208,69 @@ class JumpDetector:
                 s["armed"], s["pending"], s["ref"] = False, [], p["best"]
                 break
         return out
+
+    def advance_quiet(self, steps: list[int], losses: list[float], limit: int,
+                      loss_arr: Any = None) -> int:
+        """The fast path of :meth:`update` for a stored trace (:func:`replay`): feed records
+        ``0 .. limit-1`` (finite losses; ``loss_arr`` the same as a float64 array) while
+        the rule is armed with nothing pending and no record is high; returns how many
+        were fed (a high record is left to :meth:`update`).
+
+        Vectorised, with the same numbers as :meth:`update`: each running median is the
+        same selection (or the same ``0.5 * (a + b)``) from a sorted window, the best is a
+        running minimum (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
+        c, s = self.config, self._s
+        if not s["armed"] or s["pending"] or limit <= 0:
+            return 0
+        import numpy as np
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        sm, isfinite = c.smooth, math.isfinite
+        lvec = (np.asarray(losses[:limit], dtype=np.float64) if loss_arr is None
+                else np.asarray(loss_arr[:limit], dtype=np.float64))
+        old_h = [v for _, v in s["hist"][-sm:]]
+        old_m = list(s["meds"][-sm:])
+        med_arr = np.empty(limit)
+        k0 = min(sm - 1, limit)  # windows that reach into the records before the chunk
+        head = old_h + losses[:k0]
+        for k in range(k0):
+            fin = [v for v in head[max(0, len(old_h) + k + 1 - sm):len(old_h) + k + 1]
+                   if isfinite(v)]
+            med_arr[k] = _median(fin) if fin else math.nan
+        if k0 < limit:
+            w = np.sort(sliding_window_view(lvec, sm), axis=1)
+            med_arr[k0:] = (w[:, sm // 2] if sm % 2
+                            else 0.5 * (w[:, sm // 2 - 1] + w[:, sm // 2]))
+        # the best before each record: the previous record's median folded in
+        best0 = s["best"]
+        if s["meds"] and isfinite(s["meds"][-1]):
+            best0 = min(best0, s["meds"][-1])
+        fin_meds = np.where(np.isfinite(med_arr), med_arr, np.inf)
+        best = np.minimum.accumulate(np.concatenate([[best0], fin_meds[:-1]]))
+        # the lowest of the previous `smooth` medians (finite ones), else the best
+        low = np.empty(limit)
+        k1 = min(sm, limit)
+        ext_m = old_m + med_arr[:k1].tolist()
+        for k in range(k1):
+            rec = [m for m in ext_m[max(0, len(old_m) + k - sm):len(old_m) + k] if isfinite(m)]
+            low[k] = min(rec) if rec else best[k]
+        if k1 < limit:
+            mins = sliding_window_view(fin_meds[:limit - 1], sm).min(axis=1)
+            low[k1:] = np.where(np.isinf(mins), best[k1:], mins)
+        kk = s["n"] + np.arange(limit)
+        high = ((kk >= 1) & (best > 0) & np.isfinite(best) & (lvec >= c.factor * best)
+                & (lvec >= c.factor * low))
+        hit = np.flatnonzero(high)
+        stop = int(hit[0]) if hit.size else limit
+        if stop:
+            keep = max(c.hold, c.smooth, 50) + 1
+            j = max(0, stop - keep)
+            s["n"] += stop
+            s["hist"] = (s["hist"] + list(zip(steps[j:stop], losses[j:stop],
+                                              strict=True)))[-keep:]
+            s["meds"] = (s["meds"] + med_arr[j:stop].tolist())[-keep:]
+            s["best"] = float(best[stop - 1])
+        return stop
 
     def outlier_spike(self, loss: float) -> float | None:
         """The median of the 20 records before this one when ``loss`` left it by
@@ -385,6 +449,120 @@ class DetectorStack:
         st["n"] += 1
         return None
 
+    def _outlier_quiet(self, glogs: list[float | None], limit: int) -> int:
+        r""":meth:`_outlier` on records ``0 .. limit-1`` (``glogs``: log gradient norm, None
+        where not fed) until one would alarm; returns how many were fed. The same
+        arithmetic in locals (``max(a, b)`` written as what it returns), bit for bit.
+
+        :math:`z \ge z_{alarm}` needs :math:`y - \mu \ge z_{alarm}\,\sigma_{\min}`
+        (:math:`\sigma \ge \sigma_{\min}`), so :math:`z` is formed only where
+        :math:`y - \mu` reaches that (and for the last record, whose :math:`z` the state
+        keeps)."""
+        c, st = self.config.outlier, self._out
+        n, mean, var, prev_z = st["n"], st["mean"], st["var"], st["prev_z"]
+        a = 2.0 / (c.window + 1)
+        b = 1 - a
+        cz, half, warmup, smin, sqrt = c.z, c.z / 2, c.warmup, c.sigma_min, math.sqrt
+        glogs = glogs[:limit]
+        i = 0
+        if n == 0 or None in glogs:  # the general form, record by record
+            for y in glogs:
+                if y is not None:
+                    if n == 0:
+                        prev_z, mean = 0.0, y
+                    else:
+                        sd = sqrt(var)
+                        z = (y - mean) / (smin if smin > sd else sd)
+                        if z >= cz and prev_z < half and n >= warmup:
+                            break
+                        prev_z = z
+                        d = y - mean
+                        mean += a * d
+                        var = b * (var + a * d * d)
+                    n += 1
+                i += 1
+        else:
+            # below this, d / sigma < cz whatever sigma >= smin (a margin for rounding)
+            near = cz * smin * (1 - 1e-9)
+            pd = pv = None  # the last record's d and var: its z, formed when needed
+            for y in glogs:
+                d = y - mean
+                if d >= near:
+                    if pd is not None:
+                        sd = sqrt(pv)
+                        prev_z = pd / (smin if smin > sd else sd)
+                    sd = sqrt(var)
+                    z = d / (smin if smin > sd else sd)
+                    if z >= cz and prev_z < half and n >= warmup:
+                        pd = None
+                        break
+                    prev_z, pd = z, None
+                else:
+                    pd, pv = d, var
+                mean += a * d
+                var = b * (var + a * d * d)
+                n += 1
+                i += 1
+            if pd is not None:
+                sd = sqrt(pv)
+                prev_z = pd / (smin if smin > sd else sd)
+        st["n"], st["mean"], st["var"], st["prev_z"] = n, mean, var, prev_z
+        return i
+
+    def _quiet(self) -> bool:
+        """Whether every detector would take the next ordinary record without a change of
+        mode (no excursion or aftermath, no divergence fired, the jump rule armed with
+        nothing pending): the state :func:`replay`'s fast path starts from."""
+        return (self._spike.quiet and self._div.quiet
+                and (not self.config.jump.enabled or (self._jump.watching
+                                                      and not self._jump._s["pending"])))
+
+    def _advance_quiet(self, steps: list[int], losses: list[float], loss_arr: Any,
+                       glogs: list[float | None] | None,
+                       g2v: tuple[list[int], list[float]] | None) -> int:
+        """Feed the leading ordinary records of a chunk (finite positive losses, nothing
+        non-finite) through every detector at once, up to the first record on which any
+        of them would raise or change mode; returns how many were fed. The state is then
+        what :meth:`update` on each of them leaves (the detectors' ``advance_quiet``).
+        ``g2v``: the chunk positions with a positive ``g2v_rms`` and its log there."""
+        limit = len(losses)
+        ys = list(map(math.log, losses))
+        dets: list[tuple[Any, Any]] = []
+        if self.config.jump.enabled:
+            dets.append((self._jump,
+                         lambda m: self._jump.advance_quiet(steps, losses, m, loss_arr)))
+        dets.append((self._spike, lambda m: self._spike.advance_quiet(steps, ys, m)))
+        dets.append((self._div, lambda m: self._div.advance_quiet(steps, ys, m)))
+        if glogs is not None:
+            dets.append((None, lambda m: self._outlier_quiet(glogs, m)))
+        if g2v is not None and g2v[0]:
+            dets.append((self._pre, lambda m: self._pre.advance_logs(*g2v, m)))
+        saved = [self._snapshot(d) for d, _ in dets]
+        reached = []
+        for _, run in dets:
+            limit = run(limit)
+            reached.append(limit)
+        for (d, run), snap, r in zip(dets, saved, reached, strict=True):
+            if r > limit:  # an earlier detector went past a later one's stop: redo it
+                self._restore(d, snap)
+                run(limit)
+        if limit:
+            self._nf._s["bad"] = False
+        return limit
+
+    def _snapshot(self, det: Any) -> Any:
+        if det is None:
+            return dict(self._out)
+        if det is self._spike:
+            return copy.copy(det._s)
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in det._s.items()}
+
+    def _restore(self, det: Any, snap: Any) -> None:
+        if det is None:
+            self._out = snap
+        else:
+            det._s = snap
+
     def _loss(self, step: int, loss: float) -> list[StackIncident]:
         out = []
         open_before = self._spike._s.excursion
@@ -458,16 +636,73 @@ def replay(trace: Any, *, config: StackConfig | None = None) -> DetectorStack:
     """Feed a stored :class:`~stablestep.diagnosis.trace.Trace` through a fresh stack, record
     by record, exactly as the guard fed it live: ``loss``, ``grad_norm`` (where recorded),
     non-finite marks (``trace.nonfinite_steps`` and ``grad_nonfinite > 0``) and ``g2v_rms``.
-    Returns the stack (``.incidents``, ``.excursions``)."""
+    Returns the stack (``.incidents``, ``.excursions``).
+
+    Stretches of ordinary records (every detector learning, none raising) go through the
+    detectors' fast paths (``advance_quiet``: the same arithmetic without a call per record
+    and detector; a 1M-step store in seconds), every other record through
+    :meth:`DetectorStack.update`; the incidents and the final state are the same, bit for
+    bit, as feeding every record to :meth:`DetectorStack.update`."""
+    import numpy as np
+
     stack = DetectorStack(config)
     gn = trace.metric("grad_norm")
     gnf = trace.metric("grad_nonfinite")
     g2v = trace.metric(G2V_RMS)
-    for i, (st, loss) in enumerate(zip(trace.steps.tolist(), trace.loss.tolist(), strict=True)):
+    steps, losses = trace.steps.tolist(), trace.loss.tolist()
+    n = len(steps)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(trace.loss) & (trace.loss > 0)
+        if trace.nonfinite_steps:
+            ok &= ~np.isin(trace.steps, np.fromiter(trace.nonfinite_steps, dtype=np.int64))
+        if gnf is not None:
+            ok &= ~(gnf > 0)
+        if gn is not None:
+            ok &= ~np.isinf(gn)
+    # where the next record the fast path may not take lies, from each index on
+    bad_at = np.flatnonzero(~ok).tolist() + [n]
+    gl = gfed = None
+    if gn is not None:
+        with np.errstate(invalid="ignore"):
+            gfed = np.isfinite(gn) & (gn > 0)
+        gl = gn.tolist()
+    g2pos, g2log = [], []
+    if g2v is not None:
+        with np.errstate(invalid="ignore"):
+            g2pos = np.flatnonzero(np.isfinite(g2v) & (g2v > 0))
+        g2log = list(map(math.log, g2v[g2pos].tolist()))
+        g2pos = g2pos.tolist()
+    log = math.log
+    chunk, nb, i, p2 = 64, 0, 0, 0
+    while i < n:
+        while bad_at[nb] < i:
+            nb += 1
+        end = min(bad_at[nb], i + chunk)
+        if end > i and stack._quiet():
+            glogs = None
+            if gl is not None:
+                part = gl[i:end]
+                glogs = (list(map(log, part)) if gfed[i:end].all()
+                         else [log(g) if f else None for g, f in zip(part, gfed[i:end].tolist(),
+                                                                     strict=True)])
+            g2 = None
+            if g2v is not None:
+                p2 = bisect.bisect_left(g2pos, i, p2)
+                q2 = bisect.bisect_left(g2pos, end, p2)
+                g2 = ([k - i for k in g2pos[p2:q2]], g2log[p2:q2])
+            fed = stack._advance_quiet(steps[i:end], losses[i:end], trace.loss[i:end], glogs,
+                                       g2)
+            i += fed
+            if i == end:  # the whole chunk was ordinary: take a longer one next
+                chunk = min(chunk * 2, 1 << 16)
+                continue
+            chunk = 64  # record i would raise or change a mode: update() takes it
+        st, loss = steps[i], losses[i]
         bad = st in trace.nonfinite_steps or (gnf is not None and gnf[i] > 0)
         g = None if gn is None else float(gn[i])
         m = None
         if g2v is not None and math.isfinite(g2v[i]):
             m = {G2V_RMS: float(g2v[i])}
         stack.update(st, loss, grad_norm=g, nonfinite=bool(bad), metrics=m)
+        i += 1
     return stack

@@ -176,12 +176,51 @@ def _positive(v: np.ndarray) -> np.ndarray:
 
 
 def _rolling_mean(v: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the last ``k`` values at each point (fewer at the start), from a cumsum."""
     c = np.cumsum(np.insert(v, 0, 0.0))
-    out = np.empty_like(v)
-    for i in range(len(v)):
-        lo = max(0, i - k + 1)
-        out[i] = (c[i + 1] - c[lo]) / (i + 1 - lo)
-    return out
+    i = np.arange(len(v))
+    lo = np.maximum(0, i - k + 1)
+    return (c[i + 1] - c[lo]) / (i + 1 - lo)
+
+
+THIN = 2000  # buckets a long line is drawn from (the panels are 720 px wide)
+
+
+def _thin_index(n: int, ys: Sequence[np.ndarray], buckets: int = THIN) -> np.ndarray:
+    """Indices that draw a line of ``n`` points like all of them: up to ``2 * buckets``
+    points, each bucket of consecutive points keeping its lowest and highest finite value
+    of every ``y`` in ``ys`` (the exact extrema: a one-step spike is drawn at its true
+    height) and its first non-finite point (the gap stays a gap). All indices when
+    ``n <= 2 * buckets``."""
+    if n <= 2 * buckets:
+        return np.arange(n)
+    size = -(-n // buckets)
+    rows = -(-n // size)
+    keep = []
+    for y in ys:
+        pad = np.full(rows * size, np.nan)
+        pad[:n] = y
+        grid = pad.reshape(rows, size)
+        fin = np.isfinite(grid)
+        base = np.arange(rows) * size
+        lo = np.where(fin, grid, np.inf).argmin(axis=1)
+        hi = np.where(fin, grid, -np.inf).argmax(axis=1)
+        has = fin.any(axis=1)
+        keep += [(base + lo)[has], (base + hi)[has]]
+        gap = ~fin
+        gap[-1, n - base[-1]:] = False  # the padding is not a gap
+        any_gap = gap.any(axis=1)
+        keep.append((base + gap.argmax(axis=1))[any_gap])
+    return np.unique(np.concatenate(keep)) if keep else np.arange(n)
+
+
+def _thin(s: np.ndarray, *ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(s, *ys)`` at :func:`_thin_index`'s points: what a line plot of a long series
+    draws, in a few thousand points instead of a million."""
+    idx = _thin_index(len(s), ys)
+    if idx.size == len(s):
+        return (s, *ys)
+    return (s[idx], *(y[idx] for y in ys))
 
 
 def first_nonfinite(r: Series) -> int | None:
@@ -251,10 +290,11 @@ def loss_panel(runs: Sequence[Series], *, smooth: int = 0) -> bytes | None:
         if not len(s):
             continue
         if smooth > 0:
-            ax.plot(s, _positive(v), color=c, lw=0.5, alpha=0.15)
-            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=plot_label(r.label))
+            ax.plot(*_thin(s, _positive(v)), color=c, lw=0.5, alpha=0.15)
+            ax.plot(*_thin(s, _rolling_mean(v, smooth)), color=c, lw=1.5,
+                    label=plot_label(r.label))
         else:
-            ax.plot(s, _positive(v), color=c, lw=1.0, label=plot_label(r.label))
+            ax.plot(*_thin(s, _positive(v)), color=c, lw=1.0, label=plot_label(r.label))
         good = np.isfinite(v) & (v > 0)
         fallback = float(v[good].max()) if good.any() else 1.0
         bad = first_nonfinite(r)
@@ -289,10 +329,13 @@ def eff_step_panel(runs: Sequence[Series]) -> bytes | None:
         if not len(s):
             continue
         s99, p99 = r.get(N.EFF_STEP_P99)
-        ax.plot(s, _positive(p50), color=c, lw=1.4, label=plot_label(r.label))
         if len(s99) == len(s):  # band edge drawn too: overlapping bands stay tellable apart
-            ax.fill_between(s, _positive(p50), _positive(p99), color=c, alpha=0.10, lw=0)
-            ax.plot(s, _positive(p99), color=c, lw=0.6, ls=":")
+            st, a50, a99 = _thin(s, _positive(p50), _positive(p99))
+            ax.plot(st, a50, color=c, lw=1.4, label=plot_label(r.label))
+            ax.fill_between(st, a50, a99, color=c, alpha=0.10, lw=0)
+            ax.plot(st, a99, color=c, lw=0.6, ls=":")
+        else:
+            ax.plot(*_thin(s, _positive(p50)), color=c, lw=1.4, label=plot_label(r.label))
     _legend(ax, len(runs))
     return _png(fig)
 
@@ -396,10 +439,11 @@ def line_panel(
         if np.isfinite(v).any():
             top = max(top, float(np.nanmax(np.where(np.isfinite(v), v, np.nan))))
         if smooth > 0:
-            ax.plot(s, y, color=c, lw=0.5, alpha=0.15)
-            ax.plot(s, _rolling_mean(v, smooth), color=c, lw=1.5, label=plot_label(r.label))
+            ax.plot(*_thin(s, y), color=c, lw=0.5, alpha=0.15)
+            ax.plot(*_thin(s, _rolling_mean(v, smooth)), color=c, lw=1.5,
+                    label=plot_label(r.label))
         else:
-            ax.plot(s, y, color=c, lw=1.0, label=plot_label(r.label))
+            ax.plot(*_thin(s, y), color=c, lw=1.0, label=plot_label(r.label))
     if ylim is not None:
         ax.set_ylim(*ylim)
     elif from_zero and not logy and top > 0:

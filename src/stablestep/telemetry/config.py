@@ -53,8 +53,9 @@ class MonitorConfig:
         curvature_loss: a closure returning the loss on a fixed probe batch.
         secant_every: record the free secant curvature along the update every
             ``secant_every`` steps (at the step after; no Hessian-vector product:
-            :mod:`stablestep.telemetry.secant`), or ``None`` for never (default 10; not
-            recorded under ``torch.distributed``).
+            :mod:`stablestep.telemetry.secant`), or ``None`` for never (default 10; under
+            ``torch.distributed`` the one-process value, its dot products summed over
+            ranks).
         sinks: extra destinations (``write``/``event``/``close``), e.g.
             :class:`stablestep.telemetry.TensorBoardSink`. Under ``torch.distributed``
             only rank 0 writes to them.

@@ -58,7 +58,8 @@ class Monitor:
       ``secant_curvature``, the free curvature along the update
       (:mod:`stablestep.telemetry.secant`, no Hessian-vector product; one extra copy of the
       parameters; every step costs ~1.7x on an optimizer-bound toy MLP, every 10 steps is
-      within noise: ``benchmarks/secant.py``); not under ``torch.distributed``;
+      within noise: ``benchmarks/secant.py``); under ``torch.distributed`` its dot
+      products are summed over ranks with the step's other sums (FSDP2 shards included);
     * every ``curvature_every`` steps when ``curvature_loss`` (a closure returning the loss
       on a fixed probe batch) is given: the metrics of
       ``stablestep.curvature.CurvatureProbe(params, optimizer)(curvature_loss)``.
@@ -200,8 +201,9 @@ class Monitor:
         self._closed = False
         from stablestep.telemetry.secant import SecantTracker  # free curvature (#11)
 
-        # local dot products: not under torch.distributed (they would need a reduction)
-        self._secant = SecantTracker(cfg.secant_every if self._rec.world == 1 else None)
+        # the dot products of the tensors this rank counts, summed over ranks with the
+        # other sums of a recorded step (telemetry.secant.from_parts)
+        self._secant = SecantTracker(cfg.secant_every)
         self._handle = optimizer.register_step_post_hook(self._post_step)
         #: where a NaN was born: the kept replay closure and the incidents replayed
         self.nan_watch = OriginWatch(model, keep_batch=cfg.keep_batch)
@@ -271,11 +273,12 @@ class Monitor:
             self._nan_check(s, part)
         host = {N.LR: inspect._as_float(self.optimizer.param_groups[0]["lr"])} if cheap else {}
         host.update(extra)
-        live = [i for i, g in enumerate(grads) if g is not None]
-        sec = self._secant.observe(s, [local(self._params[i][1].detach()) for i in live],
-                                   [grads[i] for i in live], as_tensors=True)
+        w = self._rec.weights
+        live = [i for i, g in enumerate(grads) if g is not None and w[i]]
+        sec = self._secant.observe_parts(s, [self._params[i][1] for i in live],
+                                         [grads[i] for i in live], device=dev)
         if sec is not None:  # curvature along the previous step's update (telemetry.secant)
-            part.maxs["secant"] = torch.stack([sec["q"], sec["cos"]])
+            part.sums["secant"] = sec
         pending = {"step": s, "part": part, "dev": dev, "host": host, "grads": grads,
                    "curv": curv, "detail": None}
         if detail:  # a replica another rank counts (DDP) is not copied here
@@ -351,8 +354,10 @@ class Monitor:
         pending = self._pending
         if pending is None:
             return
-        self._secant.after_step(optimizer, [local(p) for _, p in self._params
-                                            if p.grad is not None])
+        self._secant.after_step(optimizer, [p for (_, p), w in zip(self._params,
+                                                                    self._rec.weights,
+                                                                    strict=True)
+                                            if p.grad is not None and w])
         if pending["detail"] is not None:
             params, snaps, param_sq, neg = pending["detail"]
             part, dev, grads = pending["part"], pending["dev"], pending["grads"]

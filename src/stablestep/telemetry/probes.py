@@ -37,6 +37,7 @@ import torch
 from stablestep import formulas as F
 from stablestep.optim import inspect
 from stablestep.telemetry import names as N
+from stablestep.telemetry.secant import from_parts
 
 QUANTILES = ((0.5, N.EFF_STEP_P50), (0.9, N.EFF_STEP_P90), (0.99, N.EFF_STEP_P99))
 
@@ -453,8 +454,10 @@ def finish(
             ranks = [r for r, x in enumerate(per_rank.tolist()) if not math.isfinite(x)]
             if not ranks:
                 out[N.LOSS_SPREAD] = float(per_rank.max() - per_rank.min())
-    if "secant" in red:  # telemetry.secant: [q, cos], one process only; NaN when the
-        q, c = (float(x) for x in np.ravel(red["secant"])[:2])  # update was 0: not recorded
+    if "secant" in red:  # telemetry.secant: its six sums over every rank's tensors; q is
+        # NaN when nothing moved (or nothing was measured): not recorded
+        q, c = _cpu_read(from_parts(torch.from_numpy(np.ravel(red["secant"]).astype(
+            np.float64))))
         if math.isfinite(q):
             out[N.SECANT], out[N.SECANT_COS] = q, c
     gsq, gbad = red["grad_sq"], red["grad_bad"]

@@ -282,30 +282,50 @@ class Run:
         """``(steps, values)`` of metric ``name``: int64 and float64 arrays sorted by step.
 
         Steps where the value was non-finite are absent (see :attr:`events`). Raises
-        ``KeyError`` when the run has no value at all for ``name``. Streams the rows into
-        the arrays (16 bytes a step, no per-row Python objects kept).
+        ``KeyError`` when the run has no value at all for ``name``. Streams one column at
+        a time into the arrays (16 bytes a step, no per-row Python objects kept); steps
+        that are every integer from the first to the last (the primary key makes them
+        unique, so the count proves it) are not read at all. One read transaction: a
+        concurrent writer's flush lands wholly before or after.
         """
         con = _connect(self.path, create=False)
         try:
             with _guard(self.path):
-                row = con.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()
-                steps = np.zeros(0, dtype=np.int64)
-                values = np.zeros(0)
-                if row is not None:
-                    sql = ("SELECT step, value FROM metrics WHERE run_id = ? AND name_id = ? "
-                           "ORDER BY step")
-                    try:  # the fast path: rows flattened in C
-                        flat = np.fromiter(itertools.chain.from_iterable(
-                            con.execute(sql, (self._id, row[0]))), dtype=np.float64)
-                    except (ValueError, TypeError):  # a hand-edited value that is text
-                        flat = np.fromiter(_numbers(con.execute(sql, (self._id, row[0]))),
-                                           dtype=np.float64)
-                    steps = flat[0::2].astype(np.int64)
-                    values = flat[1::2].copy()
+                con.execute("BEGIN")
+                try:
+                    steps, values = self._series(con, name)
+                finally:
+                    con.execute("COMMIT")
         finally:
             con.close()
         if steps.size == 0:
             raise KeyError(f"run {self.name!r} has no metric {name!r}")
+        return steps, values
+
+    def _series(self, con: sqlite3.Connection, name: str) -> tuple[np.ndarray, np.ndarray]:
+        row = con.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        key = (self._id, row[0])
+        where = "FROM metrics WHERE run_id = ? AND name_id = ?"
+        try:  # the fast path: one column flattened in C
+            values = np.fromiter(itertools.chain.from_iterable(
+                con.execute(f"SELECT value {where} ORDER BY step", key)), dtype=np.float64)
+        except (ValueError, TypeError):  # a hand-edited value that is text
+            values = np.fromiter((_as_float(v) for (v,) in con.execute(
+                f"SELECT value {where} ORDER BY step", key)), dtype=np.float64)
+        count = values.size
+        if not count:
+            return np.zeros(0, dtype=np.int64), values
+        # one index lookup each (min and max alone in a query)
+        lo = con.execute(f"SELECT min(step) {where}", key).fetchone()[0]
+        hi = con.execute(f"SELECT max(step) {where}", key).fetchone()[0]
+        if isinstance(lo, int) and isinstance(hi, int) and hi - lo + 1 == count:
+            steps = np.arange(lo, hi + 1, dtype=np.int64)
+        else:
+            steps = np.fromiter(itertools.chain.from_iterable(
+                con.execute(f"SELECT step {where} ORDER BY step", key)), dtype=np.float64,
+                count=count).astype(np.int64)
         return steps, values
 
     @property
@@ -341,12 +361,6 @@ class Run:
         wide = pd.DataFrame(cols).sort_index() if cols else pd.DataFrame()
         wide.index.name = "step"
         return wide
-
-
-def _numbers(cur: sqlite3.Cursor) -> Iterator[float]:
-    for step, value in cur:
-        yield step
-        yield value if isinstance(value, float) else _as_float(value)
 
 
 def _as_float(value: object) -> float:

@@ -26,13 +26,14 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
     if names.LOSS not in available and not nonfinite:
         raise SourceError(f"{source or run.name}: the run {run.name!r} has no "
                           f"'{names.LOSS}' metric")
-    if names.LOSS in available:
-        steps, loss = run.series(names.LOSS)
+    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
+    wanted = [n for n in available if "/" not in n or n.startswith(per_layer)]
+    series = {n: run.series(n) for n in wanted}
+    if names.LOSS in series:
+        steps, loss = series.pop(names.LOSS)
     else:
         steps, loss = np.zeros(0, dtype=np.int64), np.zeros(0)
-    per_layer = (names.ATTN_LOGIT_MAX + "/",)  # the diagnosis names the layers it blames
-    metrics = {n: run.series(n) for n in available
-               if n != names.LOSS and ("/" not in n or n.startswith(per_layer))}
+    metrics = series
     config = run.config if isinstance(run.config, dict) else {}
     hyper = config.get("hyper")
     hyper = dict(hyper) if isinstance(hyper, dict) else {}
