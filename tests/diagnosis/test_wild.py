@@ -187,11 +187,32 @@ def test_verified_remedies_in_the_lab():
 
 
 def test_benchmark_sets_are_disjoint():
-    from benchmarks import wild_heldout, wild_tuning
+    """The held-out set shares no seed and no setting with either tuning file: seeds, data
+    generators, widths, learning rates, batch sizes (full batch aside), lr jumps and
+    outlier scales and steps; and it has Keras runs and every kind of run."""
+    from benchmarks import wild_heldout, wild_tuning, wild_tuning2
 
-    seeds = lambda runs: {r["seed"] for r in runs}  # noqa: E731
-    assert not seeds(wild_tuning.RUNS) & seeds(wild_heldout.RUNS)
+    tuning = wild_tuning.RUNS + wild_tuning2.RUNS
+    held = wild_heldout.RUNS
+    assert len(held) >= 40
+
+    def values(runs, key, default=None):
+        return {r.get(key, default) for r in runs}
+
+    assert not values(tuning, "seed") & values(held, "seed")
+    assert not values(tuning, "lr") & values(held, "lr")
+    assert not (values(tuning, "batch") & values(held, "batch")) - {None}
+    assert not values(tuning, "data", "default") & values(held, "data", "default")
+    for key in ("factor", "at"):
+        inc = lambda runs: [r for r in runs if r["kind"] in ("jump", "outlier")]  # noqa: E731
+        assert not values(inc(tuning), key) & values(inc(held), key)
+    width = lambda runs: {(r.get("model", "mlp"), r.get("width", 32), r.get("depth", 2))  # noqa: E731
+                          for r in runs}
+    assert not width(tuning) & width(held)
     key = ("kind", "model", "opt", "lr", "batch", "width", "momentum", "at", "factor")
     sig = lambda runs: {tuple(r.get(k) for k in key) for r in runs}  # noqa: E731
-    assert not sig(wild_tuning.RUNS) & sig(wild_heldout.RUNS)
-    assert len(wild_heldout.RUNS) >= 40
+    assert not sig(tuning) & sig(held)
+    kinds = {r["kind"] for r in held}
+    assert kinds >= {"healthy", "blowup0", "jump", "plateau", "sgd-high", "aeos", "outlier"}
+    keras_kinds = {r["kind"] for r in held if r.get("model") == "keras"}
+    assert {"healthy", "blowup0", "jump", "outlier"} <= keras_kinds
