@@ -321,8 +321,10 @@ def fits(spec: Spec, remedy: dict) -> str | None:
 
 
 def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True,
-             labels_only: bool = False) -> dict:
-    """Record and diagnose every spec; return the scores (module docstring)."""
+             labels_only: bool = False, keep: str | None = None) -> dict:
+    """Record and diagnose every spec; return the scores (module docstring). ``keep``: a
+    store path that keeps the recorded runs; runs already in it are not recorded again
+    (re-diagnosing after a detector change without training again)."""
     from stablestep import diagnose
 
     tp = fp = fn = 0
@@ -332,10 +334,16 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
     episodes = 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = str(Path(tmp) / "wild.db")
+        store = keep or str(Path(tmp) / "wild.db")
+        have = set()
+        if keep and Path(keep).exists():
+            from stablestep.telemetry import list_runs
+
+            have = set(list_runs(keep))
         invalid = []
         for spec in specs:
-            record(spec, store, curvature=curvature)
+            if spec.name not in have:
+                record(spec, store, curvature=curvature)
             from stablestep.diagnosis.sources import load
 
             if not label_holds(spec, load(store, run=spec.name)[0].loss):
@@ -386,7 +394,10 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
                 got = [(f["step"], f["mechanism"]) for f in fs]
                 mark = "ok" if (want is None and not fs) or (
                     match is not None and match["mechanism"] == want and not extra) else "XX"
-                print(f"{mark} {spec.name:48s} want={want} got={got} {bad or ''}", flush=True)
+                delay = ("" if match is None or spec.kind in ANY_ONSET else
+                         f" delay={int(match['evidence'].get('detected_at', match['step'])) - spec.at}")
+                print(f"{mark} {spec.name:48s} want={want} got={got}{delay} {bad or ''}",
+                      flush=True)
     prec = tp / (tp + fp) if tp + fp else 1.0
     rec = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
@@ -409,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="record and check the labels, diagnose nothing")
     ap.add_argument("--secant-every", type=int, default=None,
                     help="Monitor(secant_every=N) instead of its default")
+    ap.add_argument("--keep", default=None,
+                    help="keep the recorded runs in this store and reuse those already there")
     args = ap.parse_args(argv)
     if args.secant_every is not None:
         SECANT_EVERY[:] = [args.secant_every]
@@ -419,7 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         specs = [s for s in specs if args.only in s.name]
     t0 = time.perf_counter()
-    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only)
+    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only,
+                   keep=args.keep)
     res.pop("rows")
     print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
           f"secant_every={args.secant_every or 'default'} "

@@ -147,7 +147,18 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         return any(a - 2 <= d.onset and (b is None or d.onset <= b + 2) for a, b in spans)
 
     alarm_steps = {e.detected for e in excs}
-    for d in raised:  # the loss grew far / jumped and stayed, but no spike alarm framed it
+    # the jump rule's early alarm (a spike at the first step of a blow-up) and the
+    # divergence it raises when the loss stays high are one incident, alarmed at the first
+    jump_div = {d.onset: d for d in raised if d.kind == "divergence" and d.rule == "jump"}
+    for d in raised:
+        if d.kind == "spike" and d.rule == "jump" and d.onset in jump_div \
+                and jump_div[d.onset].step > d.step and not framed(d):
+            v = jump_div[d.onset]
+            incidents.append(Incident(onset=d.onset, detected=d.step, kind="divergence",
+                                      peak=max(v.value, d.value), peak_step=v.step,
+                                      baseline=v.baseline, recovered=False, jump=True))
+            spans.append((d.onset, None))
+            continue  # the loss grew far / jumped and stayed, but no spike alarm framed it
         if d.kind == "divergence" and not any(
                 e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs) \
                 and not framed(d):

@@ -42,7 +42,10 @@ Kinds, each measured against this run's own statistics:
   step 0-1 that came back, ``factor`` above the highest loss before it) raises ``spike``.
   The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule
   waits until a loss is back under ``rearm`` :math:`b` (a rollback, an lr cut), then
-  watches again. Its incidents carry ``rule="jump"``.
+  watches again. A jump inside the first ``warmup`` records that already clears every
+  loss before it by ``factor`` is raised at once as ``spike`` (its first step), and the
+  ``divergence`` follows ``hold`` records later if it stays (same onset: one incident for
+  the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``.
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
@@ -186,8 +189,15 @@ class JumpDetector:
                 # an early jump that comes back must clear every loss before it, the rise
                 # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
                 before = [v for _, v in h[max(0, i - c.hold):-1] if math.isfinite(v)]
+                top = max(before) if before else best
+                # the first high record of a blow-up in the first records that already
+                # clears every loss before it is raised at once (a spike, upgraded to a
+                # divergence if it stays): the alarm at the first step it can be seen
+                now = (k < c.warmup and not s["pending"] and loss >= c.factor * top)
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
-                                     "top": max(before) if before else best, "vals": []})
+                                     "top": top, "vals": [], "alarmed": now})
+                if now:
+                    out = ("spike", int(h[i][0]), loss, ref)
         for p in s["pending"]:
             p["vals"].append(loss)
         while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
@@ -203,7 +213,8 @@ class JumpDetector:
             if stays or early:
                 kind = "divergence" if stays else "spike"
                 peak = max(fv) if fv else math.nan
-                out = (kind, p["onset"], peak, p["best"])
+                if stays or not p.get("alarmed"):  # an early spike is raised once
+                    out = (kind, p["onset"], peak, p["best"])
                 s["armed"], s["pending"], s["ref"] = False, [], p["best"]
                 break
         return out
