@@ -274,7 +274,9 @@ def label_holds(spec: Spec, loss) -> bool:
     incident, the loss reaches 2x the lowest running median (5 steps) before the onset within
     20 steps of it (or goes non-finite); for ``aeos``/``sgd-high``, anywhere after step 5.
     A healthy run must show none of this: every loss finite and, in full batch (no noise),
-    no loss after step 10 at 2x the lowest before it; with minibatches, whose losses near 0
+    no loss after step 10 at 1.1x the lowest before it (the 10% that makes an episode in
+    the labelled detection benchmark; a full-batch AMSGrad run at lr 3e-3 that bumps 17%
+    at the edge of stability is not healthy); with minibatches, whose losses near 0
     swing 2x from batch to batch, the running median of 25 steps never at 2x its lowest
     value before (full windows only). A run that spikes on its own is not healthy, whatever
     it was meant to be. Runs whose label does not hold are reported, not scored."""
@@ -284,9 +286,9 @@ def label_holds(spec: Spec, loss) -> bool:
     if spec.kind == "healthy":
         if not np.isfinite(loss).all():
             return False
-        if spec.batch is None:
+        if spec.batch is None:  # no noise: a 10% rise is an episode (benchmarks/detection.py)
             low = np.minimum.accumulate(loss)
-            return not bool((loss[11:] >= 2 * low[10:-1]).any())
+            return not bool((loss[11:] >= 1.1 * low[10:-1]).any())
         m25 = np.array([np.median(loss[k - 24: k + 1]) for k in range(24, loss.size)])
         low = np.minimum.accumulate(m25)
         return not bool((m25[1:] >= 2 * low[:-1]).any())
@@ -394,8 +396,8 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
                 got = [(f["step"], f["mechanism"]) for f in fs]
                 mark = "ok" if (want is None and not fs) or (
                     match is not None and match["mechanism"] == want and not extra) else "XX"
-                delay = ("" if match is None or spec.kind in ANY_ONSET else
-                         f" delay={int(match['evidence'].get('detected_at', match['step'])) - spec.at}")
+                delay = "" if match is None or spec.kind in ANY_ONSET else (
+                    f" delay={int(match['evidence'].get('detected_at', match['step'])) - spec.at}")
                 print(f"{mark} {spec.name:48s} want={want} got={got}{delay} {bad or ''}",
                       flush=True)
     prec = tp / (tp + fp) if tp + fp else 1.0

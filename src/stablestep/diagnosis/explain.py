@@ -360,7 +360,10 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     early = from_start and inc.onset - first <= 2  # a blow-up from the first steps
     b1 = float(trace.hyper.get("beta1", 0.9) or 0.9)
     young = from_start and inc.onset - first < 2.0 / (1.0 - b1)  # m, v_hat: few gradients
-    if (gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True
+    # the record before the batch may be a little noisy itself (heavy-ball SGD's gradient
+    # norm swings): it must stay well under the outlier, not under a fixed 3
+    if (gs is not None and gs["z"] >= 6 and gs["z_before"] < max(3.0, gs["z"] / 4)
+            and curv_high is not True
             and fb is not True and lrj is None and not early):
         return "gradient-outlier", 0.9 if curv_high is False else 0.75, ev
     if lrj is not None:
