@@ -130,9 +130,13 @@ def verify_lab(config: Any, onset: int, remedies: list[Any], *, lead: int = 20,
             if not math.isfinite(seq[t]):
                 break
         at = _first_incident(seq, start)
-        what = "the run as is" if action == "control" else f"{action} {value}"
-        summary = (f"verified: {what}, no incident in the next {horizon} steps" if at is None
-                   else f"not verified: {what}, incident again at step {at}")
+        if action == "control":  # the replay must show the incident for the check to mean
+            summary = (f"replayed unchanged: no incident in the next {horizon} steps"
+                       if at is None else f"replayed unchanged: the incident again at step {at}")
+        else:
+            what = f"{action} {value:.3g}" if isinstance(value, float) else f"{action} {value}"
+            summary = (f"verified: {what}, no incident in the next {horizon} steps"
+                       if at is None else f"not verified: {what}, incident again at step {at}")
         out.append(Verification(action, value, at, horizon, summary))
         log.info(summary)
     return out
