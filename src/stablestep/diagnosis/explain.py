@@ -83,6 +83,8 @@ class Incident:
     jump: bool = False
     nonfinite_at: int | None = None
     follow_on: tuple[int, ...] = ()  # later alarms of the same episode
+    end: int | None = None  # where the episode ended (None: open or not known)
+    longest: int | None = None  # records of its longest excursion (None: not known)
 
 
 def _sig(x: float, digits: int = 2) -> float:

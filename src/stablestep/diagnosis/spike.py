@@ -293,7 +293,7 @@ class SpikeDetector:
         # (a fast fall at the start) inflates the first, not the second
         sigma = min(spread([r[i] - r[i - 1] for i in range(1, len(r))], 2.0),
                     spread([r[i] - 2 * r[i - 1] + r[i - 2] for i in range(2, len(r))], 6.0))
-        before = r[:len(r) - self._s.rise_len + 1] if self._s.rise_len else r
+        before = r[:max(1, len(r) - self._s.rise_len + 1)] if self._s.rise_len else r
         ref = min(_med(sorted(before[-5:])), self._s.level)  # the level follows a fast fall
         return y - ref < c.mad_z * sigma
 

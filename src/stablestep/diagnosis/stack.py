@@ -43,7 +43,8 @@ Kinds, each measured against this run's own statistics:
   The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule
   waits until a loss is back under ``rearm`` :math:`b` (a rollback, an lr cut), then
   watches again. A jump inside the first ``warmup`` records that already clears every
-  loss before it by ``factor`` is raised at once as ``spike`` (its first step), and the
+  loss before it by ``factor`` (or climbs three records in a row to ``factor`` over every
+  loss before the rise) is raised at once as ``spike`` (its first step), and the
   ``divergence`` follows ``hold`` records later if it stays (same onset: one incident for
   the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``.
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
@@ -193,7 +194,15 @@ class JumpDetector:
                 # the first high record of a blow-up in the first records that already
                 # clears every loss before it is raised at once (a spike, upgraded to a
                 # divergence if it stays): the alarm at the first step it can be seen
-                now = (k < c.warmup and not s["pending"] and loss >= c.factor * top)
+                # (or a steady climb: three rising records in a row, ``factor`` over every
+                # loss before the rise began: a noisy first minibatch rises once or twice)
+                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
+                last = [v for _, v in h[-4:]]
+                climb = (len(last) == 4 and all(math.isfinite(v) for v in last)
+                         and all(b > a for a, b in zip(last[:-1], last[1:], strict=False))
+                         and bool(pre) and loss >= c.factor * max(pre))
+                now = (k < c.warmup and not any(q.get("alarmed") for q in s["pending"])
+                       and (loss >= c.factor * top or climb))
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
                                      "top": top, "vals": [], "alarmed": now})
                 if now:
