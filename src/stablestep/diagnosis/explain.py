@@ -394,6 +394,19 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         if adam is False and (inc.kind == "divergence" or fb):
             # plain/momentum SGD has one instability besides bad batches (none in full batch)
             return "lr-too-high", 0.6, ev
+        i0 = _index(trace, inc.onset)
+        before = trace.loss[:i0]
+        before = before[np.isfinite(before)]
+        fell = (float(before[0] / before.min()) if before.size >= 10 and before.min() > 0
+                else 1.0)
+        if (adam and fb and inc.kind == "divergence" and not young and lrj is None
+                and fell >= 10):
+            # full batch, constant lr, a loss that had trained well for many steps: the
+            # late explosion of the README's first story (v decayed with the gradients)
+            ev["reason"] = (f"full-batch Adam, no lr change, the loss had fallen {fell:.3g}x "
+                            "before it blew up: the preconditioned curvature crossed the "
+                            "bound as v decayed")
+            return "adaptive-edge-of-stability", 0.5, ev
         if adam and fb and inc.recovered and not young:
             # full batch: no outlier batch; constant lr: a spike that recovers by itself
             ev["reason"] = ("full-batch Adam, no lr change, the spike recovered by itself: "
