@@ -100,9 +100,15 @@ def test_jump_then_stay_high_is_measured_against_the_best_loss():
     loss = np.r_[[5.4, 3.0, 2.6, 2.5, 2.4, 2.3], np.full(40, 16.0) + np.sin(np.arange(40))]
     tr = Trace(np.arange(loss.size), loss, hyper={"kind": "adam", "beta1": 0.9})
     extra = [i for i in replay(tr).incidents if i.rule == "jump"]
-    assert extra and extra[0].kind == "divergence" and 5 <= extra[0].onset <= 6
-    assert extra[0].baseline <= 2.6
-    assert any(f.kind == "divergence" and 5 <= f.step <= 6 for f in diagnose_trace(tr))
+    div = [i for i in extra if i.kind == "divergence"]
+    assert div and 5 <= div[0].onset <= 6
+    assert div[0].baseline <= 2.6
+    # an early jump is alarmed at once (a spike at its first steps), the divergence
+    # follows when it stays: one divergence finding, alarmed at the first
+    assert extra[0].step <= div[0].step and extra[0].onset == div[0].onset
+    fs = [f for f in diagnose_trace(tr) if f.kind == "divergence"]
+    assert len(fs) == 1 and 5 <= fs[0].step <= 6
+    assert fs[0].evidence["detected_at"] == extra[0].step < div[0].step
     healthy = Trace(np.arange(60), 3.0 * np.exp(-np.arange(60) / 20) + 0.1 *
                     np.random.default_rng(0).random(60))
     assert [i for i in replay(healthy).incidents if i.rule == "jump"] == []
