@@ -37,7 +37,7 @@ Kinds, each measured against this run's own statistics:
   the finite :math:`L_t \dots L_{t+hold-1}` (more than half of them finite; NaN/Inf are the
   ``non-finite`` detector's) all but a fifth still at ``factor`` :math:`r_t` raise
   ``divergence`` (the loss jumped and stays high), with :math:`r_t = \max(b_t,` the median
-  of the ``hold`` losses before the onset) (the minimum of noisy minibatch medians alone is
+  of the 50 losses before the onset) (the minimum of noisy minibatch medians alone is
   too low a floor); otherwise a jump inside the first ``warmup`` records (a blow-up from
   step 0-1 that came back, ``factor`` above the highest loss before it) raises ``spike``.
   The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule
@@ -185,7 +185,10 @@ class JumpDetector:
                 i = len(h) - 1
                 while i > 1 and math.isfinite(h[i - 1][1]) and h[i - 1][1] > 1.2 * best:
                     i -= 1
-                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
+                # the level before: the median of up to 50 records before the onset (a
+                # minibatch loss near 0 swings 10x: the walk back stops at a lucky batch,
+                # and the median of the few records before it is no level)
+                pre = [v for _, v in h[max(0, i - 50):i] if math.isfinite(v)]
                 ref = max(best, _median(pre)) if pre else best
                 # an early jump that comes back must clear every loss before it, the rise
                 # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
@@ -196,7 +199,7 @@ class JumpDetector:
                 # divergence if it stays): the alarm at the first step it can be seen
                 # (or a steady climb: three rising records in a row, ``factor`` over every
                 # loss before the rise began: a noisy first minibatch rises once or twice)
-                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
+                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]  # the rise's
                 last = [v for _, v in h[-4:]]
                 climb = (len(last) == 4 and all(math.isfinite(v) for v in last)
                          and all(b > a for a, b in zip(last[:-1], last[1:], strict=False))
