@@ -218,21 +218,26 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
 BATCH_SPIKE_RECORDS = 3
 """A minibatch loss spike over within this many records is one hard batch (see
 :func:`_one_bad_batch`)."""
+HARD_BATCH_MAX = 10.0
+"""...unless it peaks this far above its baseline: a batch whose loss is 10x and more is a
+corrupted batch, an incident (a Keras run records no gradient norm on most steps, so its
+outlier batch has only its loss to show)."""
 
 
 def _one_bad_batch(trace: Trace, inc: Incident, mechanism: str) -> bool:
     """Whether a spike is the loss of a hard batch, not an incident of the training: in a run
     whose config says it trained on minibatches, a spike that no mechanism explains (no
-    gradient outlier, no lr change, no curvature), each of whose excursions (the spike and
-    the rises while the loss rang after it) was over within ``BATCH_SPIKE_RECORDS``
-    records of its onset. Minibatch losses near 0 jump 2-5x from one batch to the next;
-    the training did not move. Not dropped where the run's batching is unknown (a
-    foreign log)."""
+    gradient outlier, no lr change, no curvature), under ``HARD_BATCH_MAX`` x its baseline,
+    each of whose excursions (the spike and the rises while the loss rang after it) was
+    over within ``BATCH_SPIKE_RECORDS`` records of its onset. Minibatch losses near 0
+    jump 2-5x from one batch to the next; the training did not move. Not dropped where
+    the run's batching is unknown (a foreign log)."""
     from stablestep.diagnosis.infer import full_batch
 
     return (full_batch(trace) is False and inc.kind == "spike" and mechanism == "unknown"
             and inc.recovered and inc.longest is not None
-            and inc.longest <= BATCH_SPIKE_RECORDS)
+            and inc.longest <= BATCH_SPIKE_RECORDS
+            and 0 < inc.baseline and inc.peak < HARD_BATCH_MAX * inc.baseline)
 
 
 def _attach_guard_actions(trace: Trace, findings: list[Finding]) -> None:

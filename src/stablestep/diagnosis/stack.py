@@ -480,14 +480,18 @@ class DetectorStack:
 def replay(trace: Any, *, config: StackConfig | None = None) -> DetectorStack:
     """Feed a stored :class:`~stablestep.diagnosis.trace.Trace` through a fresh stack, record
     by record, exactly as the guard fed it live: ``loss``, ``grad_norm`` (where recorded),
-    non-finite marks (``trace.nonfinite_steps`` and ``grad_nonfinite > 0``) and ``g2v_rms``.
+    non-finite marks (``trace.nonfinite_steps`` and ``grad_nonfinite > 0``, the last
+    recorded value holding until the next) and ``g2v_rms``.
     Returns the stack (``.incidents``, ``.excursions``)."""
     stack = DetectorStack(config)
     gn = trace.metric("grad_norm")
     gnf = trace.metric("grad_nonfinite")
     g2v = trace.metric(G2V_RMS)
+    last_gnf = 0.0  # grad_nonfinite is recorded every state_every steps: between two
     for i, (st, loss) in enumerate(zip(trace.steps.tolist(), trace.loss.tolist(), strict=True)):
-        bad = st in trace.nonfinite_steps or (gnf is not None and gnf[i] > 0)
+        if gnf is not None and math.isfinite(gnf[i]):  # records, the last one holds (one run
+            last_gnf = float(gnf[i])  # of non-finite gradients is one incident, not one
+        bad = st in trace.nonfinite_steps or last_gnf > 0  # per recorded step)
         g = None if gn is None else float(gn[i])
         m = None
         if g2v is not None and math.isfinite(g2v[i]):
