@@ -82,3 +82,23 @@ def test_late_explosion_of_full_batch_adam_is_the_edge_of_stability():
     with_jump = Trace(tr.steps, loss, hyper={**tr.hyper},
                       metrics={"lr": np.r_[np.full(400, 1e-2), np.full(24, 1.0)]})
     assert diagnose_trace(with_jump)[-1].mechanism == "lr-too-high"
+
+
+def test_a_corrupted_batch_without_gradient_norm_is_still_a_finding():
+    loss = np.r_[np.linspace(2.0, 0.5, 60), np.full(140, 0.5)]
+    loss[120] = 0.5 * 40  # the loss alone shows it (Keras records no gradient norm here)
+    tr = Trace(np.arange(loss.size), loss, hyper={"kind": "adam", "full_batch": False})
+    assert any(f.step == 120 for f in diagnose_trace(tr))
+
+
+def test_non_finite_gradients_recorded_every_tenth_step_are_one_incident():
+    from stablestep.telemetry import names
+
+    n = 60
+    loss = np.full(n, 1.0)
+    gnf = np.full(n, np.nan)
+    gnf[::10] = 0.0
+    gnf[20::10] = 5.0  # from step 20 on, every recorded step holds non-finite gradients
+    tr = Trace(np.arange(n), loss, metrics={names.GRAD_NONFINITE: gnf})
+    nf = [i for i in replay(tr).incidents if i.kind == "non-finite"]
+    assert len(nf) == 1 and nf[0].step == 20
