@@ -27,9 +27,36 @@ batches (``skip-batch``, ``clip-grad-norm`` on a bad batch) on full-batch traini
 advice (``loss-scaling``) on an fp32 run, ``set-eps``/``amsgrad`` on SGD, a ``set-lr`` above
 the lr in use.
 
-The runs live in two files with disjoint seeds and settings: ``wild_tuning.py`` (what the
-rules were looked at on) and ``wild_heldout.py`` (the default; the figures to report).
-``python benchmarks/wild.py [--set tuning|heldout] [--curvature]``; the last line prints F1.
+Keras runs (``model="keras"``) train a Keras 3 MLP (torch backend) with ``model.fit``,
+recorded by :class:`stablestep.integrations.keras.StablestepCallback` with its defaults
+(``keras-adam``, ``keras-adamw``, ``keras-sgd``; TF's epsilon-hat convention).
+
+The runs live in separate files with disjoint seeds and settings: ``wild_tuning.py`` and
+``wild_tuning2.py`` (what the rules were looked at on; the second is the first held-out
+set, no longer blind once its failures led to fixes) and ``wild_heldout.py`` (the default;
+the figures to report: a new set written before the detectors were tuned again, run once
+after the last change). ``python benchmarks/wild.py [--set tuning|heldout] [--curvature]``;
+the last line prints F1, median delay, mechanism accuracy and the share of remedies that fit.
+
+Figures (second round, December 2026). Tuning (both tuning files, 57 runs; 2 whose label
+does not hold are not scored), after the detector changes of this round: F1 0.989, median
+delay 1, mechanism 1.000, remedies fit 1.000, with the default Monitor and with curvature.
+Held-out (``wild_heldout.py``, 48 runs, 11 of them Keras), run once at commit 8200560 after
+the last change made on the tuning runs, the blind figures:
+
+- default Monitor: F1 0.840 (34 found, 8 false alarms, 5 missed), median delay 1,
+  mechanism 0.971, remedies fit 1.000;
+- curvature on: F1 0.840, median delay 1, mechanism 0.941, remedies fit 1.000.
+
+Goal F1 0.97 not reached. Changed AFTER seeing the held-out runs (so the figures below are
+no longer blind): the hard-batch rule of ``diagnosis/core.py`` dropped two Keras outlier
+batches (2000x losses: Keras records no gradient norm on most steps) and now keeps any
+batch 10x over its baseline; the replay carries ``grad_nonfinite`` between the steps it is
+recorded at (this did not remove the five repeated non-finite findings of the CNN SGD
+lr 12 blow-up, whose cause was not found in time). Post-hoc, default Monitor: F1 0.867,
+median delay 1, mechanism 0.917 (the two Keras outliers are now found but named
+"unknown"), remedies fit 1.000; curvature on: F1 0.867, median delay 1, mechanism 0.889,
+remedies fit 1.000.
 """
 
 from __future__ import annotations
@@ -47,7 +74,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* importable
 
-from benchmarks import wild_heldout, wild_tuning  # noqa: E402
+from benchmarks import wild_heldout, wild_tuning, wild_tuning2  # noqa: E402
 
 ANY_ONSET = ("aeos", "sgd-high")  # no onset by construction (label_holds: anywhere after 5)
 MECH = {"healthy": None, "blowup0": "lr-too-high", "jump": "lr-too-high",
@@ -68,6 +95,8 @@ class Spec:
     batch: int | None = 32  # None: full batch
     n: int = 256
     width: int = 32
+    depth: int = 2  # hidden layers of the MLP (torch or Keras)
+    data: str = "default"  # the data generator (see _data)
     momentum: float = 0.0
     amsgrad: bool = False
     eps: float = 1e-8
@@ -83,7 +112,13 @@ class Spec:
 
 
 def _data(spec: Spec):
+    """The run's data. ``data="default"``: MLP ``y = sin(sum x) + x0 x1 / 2`` on Gaussian
+    inputs; CNN top-vs-bottom half sums (10% label noise); GPT-2 a random bigram table, 10%
+    of tokens redrawn. ``data="alt"`` (the second held-out set's generators): MLP
+    ``y = x0^2/2 - x1 x2 + cos(2 x3)`` on uniform inputs in [-2, 2]; CNN left-vs-right
+    quadrant means (5% label noise); GPT-2 the bigram table with 25% of tokens redrawn."""
     g = torch.Generator().manual_seed(1000 + spec.seed)
+    alt = spec.data == "alt"
     if spec.model == "gpt2":
         # sequences from a fixed random bigram table: learnable, not trivial
         vocab, length = 32, 16
@@ -92,14 +127,21 @@ def _data(spec: Spec):
         seq = [start]
         for _ in range(length - 1):
             nxt = table[seq[-1]]
-            flip = torch.rand(nxt.shape, generator=g) < 0.1
+            flip = torch.rand(nxt.shape, generator=g) < (0.25 if alt else 0.1)
             seq.append(torch.where(flip, torch.randint(vocab, nxt.shape, generator=g), nxt))
         return torch.cat(seq, 1), None
     if spec.model == "cnn":
         x = torch.randn(spec.n, 1, 8, 8, generator=g)
-        y = (x[:, 0, :4].sum((1, 2)) > x[:, 0, 4:].sum((1, 2))).long()
-        y = torch.where(torch.rand(spec.n, generator=g) < 0.1, 1 - y, y)  # 10% label noise
+        if alt:
+            y = (x[:, 0, :4, :4].mean((1, 2)) > x[:, 0, 4:, 4:].mean((1, 2))).long()
+            y = torch.where(torch.rand(spec.n, generator=g) < 0.05, 1 - y, y)
+        else:
+            y = (x[:, 0, :4].sum((1, 2)) > x[:, 0, 4:].sum((1, 2))).long()
+            y = torch.where(torch.rand(spec.n, generator=g) < 0.1, 1 - y, y)  # label noise
         return x, y
+    if alt:
+        x = 4 * torch.rand(spec.n, 4, generator=g) - 2
+        return x, (0.5 * x[:, :1] ** 2 - x[:, 1:2] * x[:, 2:3] + torch.cos(2 * x[:, 3:4]))
     x = torch.randn(spec.n, 4, generator=g)
     return x, torch.sin(x.sum(1, keepdim=True)) + 0.5 * x[:, :1] * x[:, 1:2]
 
@@ -118,9 +160,10 @@ def _model(spec: Spec) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Conv2d(1, w // 4, 3, padding=1), torch.nn.ReLU(),
                                    torch.nn.Conv2d(w // 4, w // 4, 3, padding=1), torch.nn.ReLU(),
                                    torch.nn.Flatten(), torch.nn.Linear(w // 4 * 64, 2))
-    return torch.nn.Sequential(torch.nn.Linear(4, spec.width), torch.nn.Tanh(),
-                               torch.nn.Linear(spec.width, spec.width), torch.nn.Tanh(),
-                               torch.nn.Linear(spec.width, 1))
+    layers: list = [torch.nn.Linear(4, spec.width), torch.nn.Tanh()]
+    for _ in range(spec.depth - 1):
+        layers += [torch.nn.Linear(spec.width, spec.width), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(spec.width, 1))
 
 
 def _optimizer(spec: Spec, params):
@@ -150,8 +193,63 @@ def _loss(spec: Spec, model, x, y):
 SECANT_EVERY: list = []  # [] : the Monitor's default; [n]: secant_every=n (--secant-every)
 
 
+def record_keras(spec: Spec, store: str) -> None:
+    """Train ``spec`` (``model="keras"``: a Keras 3 tanh MLP on the MLP data, torch backend)
+    with ``model.fit`` and :class:`stablestep.integrations.keras.StablestepCallback` (its
+    defaults) into ``store``. The batches are drawn as for the torch runs and laid out in
+    order (one epoch, ``shuffle=False``), so the outlier batch and the lr jump land on the
+    labelled step; the jump is a callback that sets the optimizer's lr at that batch."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    import numpy as np
+
+    from stablestep.integrations.keras import StablestepCallback
+
+    x, y = _data(Spec(**{**spec.__dict__, "model": "mlp"}))
+    gen = torch.Generator().manual_seed(spec.seed + 7)
+    xs, ys = [], []
+    for t in range(spec.steps):
+        idx = (torch.randint(spec.n, (spec.batch,), generator=gen) if spec.batch is not None
+               else torch.arange(spec.n))
+        xb, yb = x[idx], y[idx]
+        if spec.kind == "outlier" and t == spec.at:
+            xb, yb = xb * spec.factor, yb * spec.factor
+        xs.append(xb.numpy())
+        ys.append(yb.numpy())
+    keras.utils.set_random_seed(spec.seed)
+    layers = [keras.Input((4,))] + [keras.layers.Dense(spec.width, activation="tanh")
+                                    for _ in range(spec.depth)] + [keras.layers.Dense(1)]
+    model = keras.Sequential(layers)
+    if spec.opt == "keras-sgd":
+        opt = keras.optimizers.SGD(spec.lr, momentum=spec.momentum)
+    elif spec.opt == "keras-adamw":
+        opt = keras.optimizers.AdamW(spec.lr, epsilon=spec.eps, amsgrad=spec.amsgrad)
+    else:
+        opt = keras.optimizers.Adam(spec.lr, epsilon=spec.eps, amsgrad=spec.amsgrad)
+    model.compile(optimizer=opt, loss="mse")
+
+    class _Jump(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if spec.kind == "jump" and batch == spec.at:
+                self.model.optimizer.learning_rate.assign(spec.lr * spec.factor)
+
+    cfg = {"full_batch": spec.batch is None, "batch_size": spec.batch or spec.n}
+    cb = StablestepCallback(store=store, run=spec.name, config=cfg, log_metrics=())
+    try:
+        model.fit(np.concatenate(xs), np.concatenate(ys), batch_size=spec.batch or spec.n,
+                  epochs=1, shuffle=False, verbose=0,
+                  callbacks=[_Jump(), cb, keras.callbacks.TerminateOnNaN()])
+    finally:
+        cb.close()
+
+
 def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
-    """Train ``spec`` under ``stablestep.Monitor`` (defaults) into ``store``, run ``spec.name``."""
+    """Train ``spec`` under ``stablestep.Monitor`` (defaults) into ``store``, run ``spec.name``
+    (Keras runs: :func:`record_keras`, without curvature: Keras' optimizer is not torch's)."""
+    if spec.model == "keras":
+        return record_keras(spec, store)
     from stablestep import Monitor
 
     x, y = _data(spec)
@@ -195,12 +293,25 @@ def label_holds(spec: Spec, loss) -> bool:
     """Detector-free check that the construction produced what it is labelled with: for an
     incident, the loss reaches 2x the lowest running median (5 steps) before the onset within
     20 steps of it (or goes non-finite); for ``aeos``/``sgd-high``, anywhere after step 5.
-    Healthy runs are taken as built. Runs whose label does not hold are reported, not scored."""
+    A healthy run must show none of this: every loss finite and, in full batch (no noise),
+    no loss after step 10 at 1.1x the lowest before it (the 10% that makes an episode in
+    the labelled detection benchmark; a full-batch AMSGrad run at lr 3e-3 that bumps 17%
+    at the edge of stability is not healthy); with minibatches, whose losses near 0
+    swing 2x from batch to batch, the running median of 25 steps never at 2x its lowest
+    value before (full windows only). A run that spikes on its own is not healthy, whatever
+    it was meant to be. Runs whose label does not hold are reported, not scored."""
     import numpy as np
 
     loss = np.asarray(loss, dtype=float)
     if spec.kind == "healthy":
-        return True
+        if not np.isfinite(loss).all():
+            return False
+        if spec.batch is None:  # no noise: a 10% rise is an episode (benchmarks/detection.py)
+            low = np.minimum.accumulate(loss)
+            return not bool((loss[11:] >= 1.1 * low[10:-1]).any())
+        m25 = np.array([np.median(loss[k - 24: k + 1]) for k in range(24, loss.size)])
+        low = np.minimum.accumulate(m25)
+        return not bool((m25[1:] >= 2 * low[:-1]).any())
     med = np.array([np.median(loss[max(0, k - 4): k + 1]) for k in range(loss.size)])
     if spec.kind in ("aeos", "sgd-high"):
         for k in range(6, loss.size):
@@ -215,7 +326,7 @@ def label_holds(spec: Spec, loss) -> bool:
 def fits(spec: Spec, remedy: dict) -> str | None:
     """Why ``remedy`` does not fit ``spec`` (``None``: it fits)."""
     a, v = remedy["action"], remedy["value"]
-    adam = spec.opt != "sgd"
+    adam = not spec.opt.endswith("sgd")
     if a == "amsgrad" and (spec.amsgrad or not adam):
         return "amsgrad on a run that has it / is not Adam"
     if a in ("skip-batch", "clip-grad-norm", "batch-size") and spec.batch is None:
@@ -232,8 +343,10 @@ def fits(spec: Spec, remedy: dict) -> str | None:
 
 
 def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True,
-             labels_only: bool = False) -> dict:
-    """Record and diagnose every spec; return the scores (module docstring)."""
+             labels_only: bool = False, keep: str | None = None) -> dict:
+    """Record and diagnose every spec; return the scores (module docstring). ``keep``: a
+    store path that keeps the recorded runs; runs already in it are not recorded again
+    (re-diagnosing after a detector change without training again)."""
     from stablestep import diagnose
 
     tp = fp = fn = 0
@@ -243,10 +356,16 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
     episodes = 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        store = str(Path(tmp) / "wild.db")
+        store = keep or str(Path(tmp) / "wild.db")
+        have = set()
+        if keep and Path(keep).exists():
+            from stablestep.telemetry import list_runs
+
+            have = set(list_runs(keep))
         invalid = []
         for spec in specs:
-            record(spec, store, curvature=curvature)
+            if spec.name not in have:
+                record(spec, store, curvature=curvature)
             from stablestep.diagnosis.sources import load
 
             if not label_holds(spec, load(store, run=spec.name)[0].loss):
@@ -297,7 +416,10 @@ def evaluate(specs: list[Spec], *, curvature: bool = False, verbose: bool = True
                 got = [(f["step"], f["mechanism"]) for f in fs]
                 mark = "ok" if (want is None and not fs) or (
                     match is not None and match["mechanism"] == want and not extra) else "XX"
-                print(f"{mark} {spec.name:48s} want={want} got={got} {bad or ''}", flush=True)
+                delay = "" if match is None or spec.kind in ANY_ONSET else (
+                    f" delay={int(match['evidence'].get('detected_at', match['step'])) - spec.at}")
+                print(f"{mark} {spec.name:48s} want={want} got={got}{delay} {bad or ''}",
+                      flush=True)
     prec = tp / (tp + fp) if tp + fp else 1.0
     rec = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
@@ -320,15 +442,20 @@ def main(argv: list[str] | None = None) -> None:
                     help="record and check the labels, diagnose nothing")
     ap.add_argument("--secant-every", type=int, default=None,
                     help="Monitor(secant_every=N) instead of its default")
+    ap.add_argument("--keep", default=None,
+                    help="keep the recorded runs in this store and reuse those already there")
     args = ap.parse_args(argv)
     if args.secant_every is not None:
         SECANT_EVERY[:] = [args.secant_every]
     torch.set_num_threads(1)
-    specs = [Spec(**r) for r in (wild_heldout if args.set == "heldout" else wild_tuning).RUNS]
+    runs = (wild_heldout.RUNS if args.set == "heldout"
+            else wild_tuning.RUNS + wild_tuning2.RUNS)
+    specs = [Spec(**r) for r in runs]
     if args.only:
         specs = [s for s in specs if args.only in s.name]
     t0 = time.perf_counter()
-    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only)
+    res = evaluate(specs, curvature=args.curvature, labels_only=args.labels_only,
+                   keep=args.keep)
     res.pop("rows")
     print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
           f"secant_every={args.secant_every or 'default'} "

@@ -19,8 +19,11 @@ def _slow(trace: Trace, config: StackConfig | None = None) -> DetectorStack:
     """The reference: every record through ``DetectorStack.update``."""
     stack = DetectorStack(config)
     gn, gnf, g2v = (trace.metric(k) for k in ("grad_norm", "grad_nonfinite", G2V_RMS))
+    last_gnf = 0.0  # recorded every state_every steps: the last record holds until the next
     for i, (st, loss) in enumerate(zip(trace.steps.tolist(), trace.loss.tolist(), strict=True)):
-        bad = st in trace.nonfinite_steps or (gnf is not None and gnf[i] > 0)
+        if gnf is not None and math.isfinite(gnf[i]):
+            last_gnf = float(gnf[i])
+        bad = st in trace.nonfinite_steps or last_gnf > 0
         m = {G2V_RMS: float(g2v[i])} if g2v is not None and math.isfinite(g2v[i]) else None
         stack.update(st, loss, grad_norm=None if gn is None else float(gn[i]),
                      nonfinite=bool(bad), metrics=m)
@@ -130,3 +133,23 @@ def test_divergence_fast_path_long_chains(smooth: int) -> None:
     a, b = DivergenceDetector(cfg), DivergenceDetector(cfg)
     assert _feed(a, steps, losses, fast=True) == _feed(b, steps, losses, fast=False)
     assert a._s["fired"]
+
+
+def test_fast_replay_on_noisy_minibatch_losses_and_sparse_nonfinite_records() -> None:
+    """Minibatch noise (the spike detector's robust noise gate holds back many would-be
+    alarms, each of which leaves the fast path) and ``grad_nonfinite`` recorded every 10th
+    step (NaN between: the last record holds) give the same stack both ways."""
+    rng = np.random.default_rng(7)
+    n = 4000
+    t = np.arange(n)
+    loss = (2.0 * np.exp(-t / 500) + 0.3) * np.exp(0.6 * rng.standard_normal(n))
+    loss[rng.choice(np.arange(200, n), 4, replace=False)] *= 30.0  # corrupted batches
+    gnf = np.full(n, np.nan)
+    gnf[::10] = 0.0
+    gnf[2500:2560:10] = 2.0  # a run of non-finite gradients, seen at its recorded steps
+    tr = Trace(steps=t, loss=loss, metrics={"grad_nonfinite": gnf,
+                                            "grad_norm": np.exp(0.3 * rng.standard_normal(n))})
+    fast, slow = replay(tr), _slow(tr)
+    assert any(i.kind == "non-finite" for i in slow.incidents)
+    assert repr(fast.incidents) == repr(slow.incidents)
+    assert _state(fast) == _state(slow)

@@ -100,9 +100,15 @@ def test_jump_then_stay_high_is_measured_against_the_best_loss():
     loss = np.r_[[5.4, 3.0, 2.6, 2.5, 2.4, 2.3], np.full(40, 16.0) + np.sin(np.arange(40))]
     tr = Trace(np.arange(loss.size), loss, hyper={"kind": "adam", "beta1": 0.9})
     extra = [i for i in replay(tr).incidents if i.rule == "jump"]
-    assert extra and extra[0].kind == "divergence" and 5 <= extra[0].onset <= 6
-    assert extra[0].baseline <= 2.6
-    assert any(f.kind == "divergence" and 5 <= f.step <= 6 for f in diagnose_trace(tr))
+    div = [i for i in extra if i.kind == "divergence"]
+    assert div and 5 <= div[0].onset <= 6
+    assert div[0].baseline <= 2.6
+    # an early jump is alarmed at once (a spike at its first steps), the divergence
+    # follows when it stays: one divergence finding, alarmed at the first
+    assert extra[0].step <= div[0].step and extra[0].onset == div[0].onset
+    fs = [f for f in diagnose_trace(tr) if f.kind == "divergence"]
+    assert len(fs) == 1 and 5 <= fs[0].step <= 6
+    assert fs[0].evidence["detected_at"] == extra[0].step < div[0].step
     healthy = Trace(np.arange(60), 3.0 * np.exp(-np.arange(60) / 20) + 0.1 *
                     np.random.default_rng(0).random(60))
     assert [i for i in replay(healthy).incidents if i.rule == "jump"] == []
@@ -187,11 +193,32 @@ def test_verified_remedies_in_the_lab():
 
 
 def test_benchmark_sets_are_disjoint():
-    from benchmarks import wild_heldout, wild_tuning
+    """The held-out set shares no seed and no setting with either tuning file: seeds, data
+    generators, widths, learning rates, batch sizes (full batch aside), lr jumps and
+    outlier scales and steps; and it has Keras runs and every kind of run."""
+    from benchmarks import wild_heldout, wild_tuning, wild_tuning2
 
-    seeds = lambda runs: {r["seed"] for r in runs}  # noqa: E731
-    assert not seeds(wild_tuning.RUNS) & seeds(wild_heldout.RUNS)
+    tuning = wild_tuning.RUNS + wild_tuning2.RUNS
+    held = wild_heldout.RUNS
+    assert len(held) >= 40
+
+    def values(runs, key, default=None):
+        return {r.get(key, default) for r in runs}
+
+    assert not values(tuning, "seed") & values(held, "seed")
+    assert not values(tuning, "lr") & values(held, "lr")
+    assert not (values(tuning, "batch") & values(held, "batch")) - {None}
+    assert not values(tuning, "data", "default") & values(held, "data", "default")
+    for key in ("factor", "at"):
+        inc = lambda runs: [r for r in runs if r["kind"] in ("jump", "outlier")]  # noqa: E731
+        assert not values(inc(tuning), key) & values(inc(held), key)
+    width = lambda runs: {(r.get("model", "mlp"), r.get("width", 32), r.get("depth", 2))  # noqa: E731
+                          for r in runs}
+    assert not width(tuning) & width(held)
     key = ("kind", "model", "opt", "lr", "batch", "width", "momentum", "at", "factor")
     sig = lambda runs: {tuple(r.get(k) for k in key) for r in runs}  # noqa: E731
-    assert not sig(wild_tuning.RUNS) & sig(wild_heldout.RUNS)
-    assert len(wild_heldout.RUNS) >= 40
+    assert not sig(tuning) & sig(held)
+    kinds = {r["kind"] for r in held}
+    assert kinds >= {"healthy", "blowup0", "jump", "plateau", "sgd-high", "aeos", "outlier"}
+    keras_kinds = {r["kind"] for r in held if r.get("model") == "keras"}
+    assert {"healthy", "blowup0", "jump", "outlier"} <= keras_kinds

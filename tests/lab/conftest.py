@@ -16,7 +16,7 @@ def _one_thread():
 
 def _run(tmp_path_factory, name, variants):
     out = tmp_path_factory.mktemp(name)
-    return run_scenario(name, out=out, variants=variants, report=False)
+    return run_scenario(name, out=out, variants=variants, report=False, verify=False)
 
 
 @pytest.fixture(scope="session")

@@ -81,7 +81,9 @@ def _incident(chain: list[Excursion], kind: str, nonfinite_at: int | None = None
     return Incident(onset=chain[0].onset, detected=chain[0].detected, kind=kind,
                     peak=peak.peak, peak_step=peak.peak_step, baseline=chain[0].baseline,
                     recovered=chain[-1].recovered, jump=chain[0].jump, nonfinite_at=nonfinite_at,
-                    follow_on=tuple(e.detected for e in chain[1:]))
+                    follow_on=tuple(e.detected for e in chain[1:]), end=chain[-1].end,
+                    longest=None if any(e.end is None for e in chain)
+                    else max(e.end - e.onset for e in chain))
 
 
 def _unrecovered_kind(trace: Trace, chain: list[Excursion], nf_at: int | None,
@@ -148,7 +150,18 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
         return any(a - 2 <= d.onset and (b is None or d.onset <= b + 2) for a, b in spans)
 
     alarm_steps = {e.detected for e in excs}
-    for d in raised:  # the loss grew far / jumped and stayed, but no spike alarm framed it
+    # the jump rule's early alarm (a spike at the first step of a blow-up) and the
+    # divergence it raises when the loss stays high are one incident, alarmed at the first
+    jump_div = {d.onset: d for d in raised if d.kind == "divergence" and d.rule == "jump"}
+    for d in raised:
+        if d.kind == "spike" and d.rule == "jump" and d.onset in jump_div \
+                and jump_div[d.onset].step > d.step and not framed(d):
+            v = jump_div[d.onset]
+            incidents.append(Incident(onset=d.onset, detected=d.step, kind="divergence",
+                                      peak=max(v.value, d.value), peak_step=v.step,
+                                      baseline=v.baseline, recovered=False, jump=True))
+            spans.append((d.onset, None))
+            continue  # the loss grew far / jumped and stayed, but no spike alarm framed it
         if d.kind == "divergence" and not any(
                 e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs) \
                 and not framed(d):
@@ -171,6 +184,7 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
 
     incidents.sort(key=lambda i: i.onset)
     explained = fold(trace, [(inc, *classify(trace, inc)) for inc in incidents])
+    explained = [x for x in explained if not _one_bad_batch(trace, x[0], x[1])]
     findings: list[Finding] = []
     recurring = [x for x in explained if x[0].kind == "spike"
                  and x[1] not in ("gradient-outlier", "non-finite")]
@@ -201,6 +215,31 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
             f.evidence["short_excerpt_records"] = len(trace)
     findings.sort(key=lambda f: f.step)
     return findings
+
+
+BATCH_SPIKE_RECORDS = 3
+"""A minibatch loss spike over within this many records is one hard batch (see
+:func:`_one_bad_batch`)."""
+HARD_BATCH_MAX = 10.0
+"""...unless it peaks this far above its baseline: a batch whose loss is 10x and more is a
+corrupted batch, an incident (a Keras run records no gradient norm on most steps, so its
+outlier batch has only its loss to show)."""
+
+
+def _one_bad_batch(trace: Trace, inc: Incident, mechanism: str) -> bool:
+    """Whether a spike is the loss of a hard batch, not an incident of the training: in a run
+    whose config says it trained on minibatches, a spike that no mechanism explains (no
+    gradient outlier, no lr change, no curvature), under ``HARD_BATCH_MAX`` x its baseline,
+    each of whose excursions (the spike and the rises while the loss rang after it) was
+    over within ``BATCH_SPIKE_RECORDS`` records of its onset. Minibatch losses near 0
+    jump 2-5x from one batch to the next; the training did not move. Not dropped where
+    the run's batching is unknown (a foreign log)."""
+    from stablestep.diagnosis.infer import full_batch
+
+    return (full_batch(trace) is False and inc.kind == "spike" and mechanism == "unknown"
+            and inc.recovered and inc.longest is not None
+            and inc.longest <= BATCH_SPIKE_RECORDS
+            and 0 < inc.baseline and inc.peak < HARD_BATCH_MAX * inc.baseline)
 
 
 def _attach_guard_actions(trace: Trace, findings: list[Finding]) -> None:

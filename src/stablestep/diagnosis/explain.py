@@ -83,6 +83,8 @@ class Incident:
     jump: bool = False
     nonfinite_at: int | None = None
     follow_on: tuple[int, ...] = ()  # later alarms of the same episode
+    end: int | None = None  # where the episode ended (None: open or not known)
+    longest: int | None = None  # records of its longest excursion (None: not known)
 
 
 def _sig(x: float, digits: int = 2) -> float:
@@ -360,7 +362,18 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
     early = from_start and inc.onset - first <= 2  # a blow-up from the first steps
     b1 = float(trace.hyper.get("beta1", 0.9) or 0.9)
     young = from_start and inc.onset - first < 2.0 / (1.0 - b1)  # m, v_hat: few gradients
-    if (gs is not None and gs["z"] >= 6 and gs["z_before"] < 3 and curv_high is not True
+    # how far the loss had fallen before the onset (a run that trained well for a while)
+    i0 = _index(trace, inc.onset)
+    before = trace.loss[:i0]
+    before = before[np.isfinite(before)]
+    fell = (float(before[0] / before.min()) if from_start and before.size >= 10
+            and before.min() > 0 else 1.0)
+    # the record before the batch may be a little noisy itself (heavy-ball SGD's gradient
+    # norm swings): it must stay well under the outlier, not under a fixed 3
+    # (a minibatch gradient 12 sigmas out is the batch, whatever the curvature probe
+    # measured on its fixed batch: minibatch SGD sits above 2/lr for long stretches)
+    if (gs is not None and gs["z"] >= 6 and gs["z_before"] < max(3.0, gs["z"] / 4)
+            and (curv_high is not True or (fb is False and gs["z"] >= 12))
             and fb is not True and lrj is None and not early):
         return "gradient-outlier", 0.9 if curv_high is False else 0.75, ev
     if lrj is not None:
@@ -373,7 +386,8 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         # did not grow, the lr itself is too large for the curvature (seed 003). Later,
         # the same crossing is the adaptive edge of stability (seeds 000 and 001).
         fresh_v = inc.onset < 1.0 / (1.0 - float(trace.hyper.get("beta2", 0.999) or 0.999))
-        if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v):
+        if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v
+                             and fell < 10):  # (not after training well: a late explosion)
             return "lr-too-high", 0.8, ev
         if early or young:  # crossed within the first steps: m, v_hat hold a few gradients,
             return "lr-too-high", 0.75, ev  # no edge to drift to (same rule as the secant)
@@ -389,6 +403,14 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         if adam is False and (inc.kind == "divergence" or fb):
             # plain/momentum SGD has one instability besides bad batches (none in full batch)
             return "lr-too-high", 0.6, ev
+        if (adam and fb and inc.kind == "divergence" and not young and lrj is None
+                and fell >= 10):
+            # full batch, constant lr, a loss that had trained well for many steps: the
+            # late explosion of the README's first story (v decayed with the gradients)
+            ev["reason"] = (f"full-batch Adam, no lr change, the loss had fallen {fell:.3g}x "
+                            "before it blew up: the preconditioned curvature crossed the "
+                            "bound as v decayed")
+            return "adaptive-edge-of-stability", 0.5, ev
         if adam and fb and inc.recovered and not young:
             # full batch: no outlier batch; constant lr: a spike that recovers by itself
             ev["reason"] = ("full-batch Adam, no lr change, the spike recovered by itself: "

@@ -70,6 +70,13 @@ class SpikeConfig:
     the first record) raises no alarm until it reaches ``jump``: Adam's and heavy ball's
     first steps overshoot the first minimum the loss falls into by 10-25% (an early
     transient, not an incident), while an early blow-up soon passes 1.5x.
+    ``mad_z``: a robust gate against minibatch noise: the rise over the median of the
+    5 records before the rise began must also be ``mad_z`` robust standard deviations of
+    this run's batch-to-batch spread, :math:`\\sigma = 1.4826\\,\\mathrm{MAD}(d^2)/\\sqrt 6`
+    over the second differences :math:`d^2_t = y_t - 2y_{t-1} + y_{t-2}` of the last
+    ``mad_window`` calm records (outside spikes and their ringing). Second differences
+    cancel a smooth trend, so a full-batch loss has :math:`\\sigma \\approx 0` and the
+    gate only speaks where batches are noisy; 0 turns it off.
     """
 
     window: int = 50
@@ -81,6 +88,8 @@ class SpikeConfig:
     patience: int = 200
     nested_rise: float = 0.08
     settle: int = 20
+    mad_z: float = 12.0
+    mad_window: int = 30
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -130,6 +139,12 @@ class _SpikeState:
     after_left: int = 0  # records left in the aftermath of the last spike
     after_trough: float = math.inf
     after_base: float = math.nan
+    recent: list = field(default_factory=list)  # the last mad_window + 1 log-losses
+
+
+def _med(v: list[float]) -> float:
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 class SpikeDetector:
@@ -170,6 +185,7 @@ class SpikeDetector:
         a = max(2.0 / (c.window + 1), 1.0 / (s.n + 1))  # a plain mean until the EMA fills
         if s.n == 0:
             s.n, s.level, s.prev_y, s.rise_start_y, s.prev_step = 1, y, y, y, step
+            s.recent = [y]
             s.rise_start_step = step
             return None
         # rising-run bookkeeping
@@ -242,7 +258,8 @@ class SpikeDetector:
         is_jump = s.rise_len < 2 or prev_excess < thr / 3
         onset = step if is_jump else s.rise_start_step
         early = onset < c.settle and excess < c.jump  # within the early overshoot
-        if s.n >= c.warmup and excess >= thr and confirmed and not early:
+        if s.n >= c.warmup and excess >= thr and confirmed and not early \
+                and not self._noise_gate(y):
             alarm = Alarm(step=step, onset=onset, kind="spike", value=loss,
                           baseline=math.exp(base), score=excess / max(s.noise, 1e-12))
             s.excursion = asdict(Excursion(onset=onset, detected=step, baseline=math.exp(base),
@@ -372,6 +389,7 @@ class SpikeDetector:
             s.rise_len = int(rl_arr[fed - 1])
             s.rise_start_y = float(rsy_arr[fed - 1])
             s.rise_start_step = int(rss_arr[fed - 1])
+            s.recent = (s.recent + ys[:fed])[-(c.mad_window + 1):]  # calm records: _shift
         return fed
 
     def _alarms(self, excess: float, thr: float, rise_len: int, prev_y: float, base: float,
@@ -385,8 +403,30 @@ class SpikeDetector:
         onset = step if is_jump else rise_start_step
         return confirmed and not (onset < c.settle and excess < c.jump)
 
+    def _noise_gate(self, y: float) -> bool:
+        """Whether a rise to ``y`` is within this run's batch-to-batch spread (the
+        ``mad_z`` gate of :class:`SpikeConfig`), measured on the records before it."""
+        c, r = self.config, self._s.recent
+        if c.mad_z <= 0 or len(r) < 8:
+            return False
+        def spread(d: list[float], k: float) -> float:
+            d = sorted(d)
+            md = _med(d)
+            return 1.4826 * _med(sorted(abs(x - md) for x in d)) / math.sqrt(k)
+
+        # iid noise: first and second differences give the same sigma; a smooth trend
+        # (a fast fall at the start) inflates the first, not the second
+        sigma = min(spread([r[i] - r[i - 1] for i in range(1, len(r))], 2.0),
+                    spread([r[i] - 2 * r[i - 1] + r[i - 2] for i in range(2, len(r))], 6.0))
+        before = r[:max(1, len(r) - self._s.rise_len + 1)] if self._s.rise_len else r
+        ref = min(_med(sorted(before[-5:])), self._s.level)  # the level follows a fast fall
+        return y - ref < c.mad_z * sigma
+
     def _shift(self, y: float, step: int) -> None:
         self._s.prev2_y, self._s.prev_y, self._s.prev_step = self._s.prev_y, y, step
+        if self._s.excursion is None and self._s.after_left == 0:  # calm records only,
+            self._s.recent.append(y)  # like the other statistics: a spike and its ringing
+            del self._s.recent[:-(self.config.mad_window + 1)]  # are not batch noise
 
     def _close(self) -> None:
         self._s.excursions.append(self._s.excursion)

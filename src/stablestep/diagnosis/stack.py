@@ -37,12 +37,16 @@ Kinds, each measured against this run's own statistics:
   the finite :math:`L_t \dots L_{t+hold-1}` (more than half of them finite; NaN/Inf are the
   ``non-finite`` detector's) all but a fifth still at ``factor`` :math:`r_t` raise
   ``divergence`` (the loss jumped and stays high), with :math:`r_t = \max(b_t,` the median
-  of the ``hold`` losses before the onset) (the minimum of noisy minibatch medians alone is
+  of the 50 losses before the onset) (the minimum of noisy minibatch medians alone is
   too low a floor); otherwise a jump inside the first ``warmup`` records (a blow-up from
   step 0-1 that came back, ``factor`` above the highest loss before it) raises ``spike``.
   The onset is where the loss first left ``1.2`` :math:`b_t`. After an incident the rule
   waits until a loss is back under ``rearm`` :math:`b` (a rollback, an lr cut), then
-  watches again. Its incidents carry ``rule="jump"``.
+  watches again. A jump inside the first ``warmup`` records that already clears every
+  loss before it by ``factor`` (or climbs three records in a row to ``factor`` over every
+  loss before the rise) is raised at once as ``spike`` (its first step), and the
+  ``divergence`` follows ``hold`` records later if it stays (same onset: one incident for
+  the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``.
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
@@ -182,13 +186,31 @@ class JumpDetector:
                 i = len(h) - 1
                 while i > 1 and math.isfinite(h[i - 1][1]) and h[i - 1][1] > 1.2 * best:
                     i -= 1
-                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]
+                # the level before: the median of up to 50 records before the onset (a
+                # minibatch loss near 0 swings 10x: the walk back stops at a lucky batch,
+                # and the median of the few records before it is no level)
+                pre = [v for _, v in h[max(0, i - 50):i] if math.isfinite(v)]
                 ref = max(best, _median(pre)) if pre else best
                 # an early jump that comes back must clear every loss before it, the rise
                 # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
                 before = [v for _, v in h[max(0, i - c.hold):-1] if math.isfinite(v)]
+                top = max(before) if before else best
+                # the first high record of a blow-up in the first records that already
+                # clears every loss before it is raised at once (a spike, upgraded to a
+                # divergence if it stays): the alarm at the first step it can be seen
+                # (or a steady climb: three rising records in a row, ``factor`` over every
+                # loss before the rise began: a noisy first minibatch rises once or twice)
+                pre = [v for _, v in h[max(0, i - c.hold):i] if math.isfinite(v)]  # the rise's
+                last = [v for _, v in h[-4:]]
+                climb = (len(last) == 4 and all(math.isfinite(v) for v in last)
+                         and all(b > a for a, b in zip(last[:-1], last[1:], strict=False))
+                         and bool(pre) and loss >= c.factor * max(pre))
+                now = (k < c.warmup and not any(q.get("alarmed") for q in s["pending"])
+                       and (loss >= c.factor * top or climb))
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
-                                     "top": max(before) if before else best, "vals": []})
+                                     "top": top, "vals": [], "alarmed": now})
+                if now:
+                    out = ("spike", int(h[i][0]), loss, ref)
         for p in s["pending"]:
             p["vals"].append(loss)
         while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
@@ -204,7 +226,8 @@ class JumpDetector:
             if stays or early:
                 kind = "divergence" if stays else "spike"
                 peak = max(fv) if fv else math.nan
-                out = (kind, p["onset"], peak, p["best"])
+                if stays or not p.get("alarmed"):  # an early spike is raised once
+                    out = (kind, p["onset"], peak, p["best"])
                 s["armed"], s["pending"], s["ref"] = False, [], p["best"]
                 break
         return out
@@ -635,7 +658,8 @@ class DetectorStack:
 def replay(trace: Any, *, config: StackConfig | None = None) -> DetectorStack:
     """Feed a stored :class:`~stablestep.diagnosis.trace.Trace` through a fresh stack, record
     by record, exactly as the guard fed it live: ``loss``, ``grad_norm`` (where recorded),
-    non-finite marks (``trace.nonfinite_steps`` and ``grad_nonfinite > 0``) and ``g2v_rms``.
+    non-finite marks (``trace.nonfinite_steps`` and ``grad_nonfinite > 0``, the last
+    recorded value holding until the next) and ``g2v_rms``.
     Returns the stack (``.incidents``, ``.excursions``).
 
     Stretches of ordinary records (every detector learning, none raising) go through the
@@ -650,6 +674,11 @@ def replay(trace: Any, *, config: StackConfig | None = None) -> DetectorStack:
     gnf = trace.metric("grad_nonfinite")
     g2v = trace.metric(G2V_RMS)
     steps, losses = trace.steps.tolist(), trace.loss.tolist()
+    if gnf is not None:  # grad_nonfinite is recorded every state_every steps: between two
+        held = np.where(np.isfinite(gnf), gnf, np.nan)  # records the last one holds (one
+        idx = np.where(np.isfinite(held), np.arange(len(held)), -1)  # run of non-finite
+        idx = np.maximum.accumulate(idx)  # gradients is one incident, not one per record)
+        gnf = np.where(idx >= 0, held[np.maximum(idx, 0)], 0.0)
     n = len(steps)
     with np.errstate(invalid="ignore"):
         ok = np.isfinite(trace.loss) & (trace.loss > 0)

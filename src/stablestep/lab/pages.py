@@ -34,6 +34,22 @@ def _role(role: str) -> str:
     return f'<span class="{esc(role)}">{esc(role)}</span>'
 
 
+def verified_note(finding: dict) -> str:
+    """What the replay showed for a finding's remedies (``finding["verified"]``, written by
+    :func:`stablestep.lab.runner.verify_findings`), as one parenthesis: the remedies that
+    removed the incident, and the ones that did not; empty when nothing was replayed."""
+    vs = finding.get("verified") or []
+    control = next((v for v in vs if v["action"] == "control"), None)
+    if control is None:
+        return ""
+    if control["removed"]:
+        return " (replay: the incident did not recur unchanged; nothing to verify)"
+    ok = [v["summary"] for v in vs if v["action"] != "control" and v["removed"]]
+    bad = [v["summary"] for v in vs if v["action"] != "control" and not v["removed"]
+           and not v["summary"].startswith("not replayable")]
+    return " (" + "; ".join(ok + bad) + ")" if ok or bad else ""
+
+
 def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -> Path:
     """Write the report of a lab scenario run (a :class:`stablestep.lab.Scenario` and the
     :class:`stablestep.lab.runner.ScenarioOutcome` of running it)."""
@@ -55,6 +71,7 @@ def write_scenario_report(scenario: Any, outcome: Any, out: str | os.PathLike) -
                 remedy = f"{r.get('action')} = {remedy_value(str(r.get('action')), r.get('value'))}"
                 break
             if remedy:
+                remedy += verified_note(f)
                 break
         diverged = "-" if v.diverged_at is None else f"NaN at step {v.diverged_at}"
         rows.append([esc(v.label), _role(v.role), esc(fmt(v.final_loss)), esc(fmt_spikes(v.spikes)),

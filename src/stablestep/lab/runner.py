@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from stablestep.lab import scenarios
 from stablestep.lab.config import Variant
@@ -147,13 +148,44 @@ def _diagnose(store: str, run: str) -> list[dict] | None:
     return [f.to_dict() for f in diagnose(store, run=run)]
 
 
+VERIFY_HORIZON = 300
+"""Steps each remedy is replayed for (:func:`stablestep.lab.verify.verify_lab`)."""
+
+
+def verify_findings(config: Any, findings: list[dict] | None, *,
+                    horizon: int = VERIFY_HORIZON) -> None:
+    """Verify by replay the remedies of the first finding that has replayable ones (a lab
+    run is deterministic, so it can be replayed from before the onset with each remedy:
+    :func:`stablestep.lab.verify.verify_lab`), and write the outcome into that finding:
+    ``finding["verified"]`` is a list of ``{"action", "value", "removed", "incident_at",
+    "summary"}``, the unchanged control first (it must show the incident again for the
+    check to mean anything), e.g. ``"verified: set-eps 0.0015, no incident in the next
+    300 steps"``. Findings without replayable remedies are left as they are."""
+    from stablestep.lab.config import TrainConfig
+    from stablestep.lab.verify import REPLAYABLE, verify_lab
+
+    if not isinstance(config, TrainConfig):  # text stories: no replay (yet)
+        return
+    for f in findings or []:
+        rems = [r for r in f.get("remedies") or [] if r.get("action") in REPLAYABLE]
+        if not rems or f.get("mechanism") in ("gradient-outlier", "unknown"):
+            continue
+        vs = verify_lab(config, int(f["step"]), rems, horizon=horizon)
+        f["verified"] = [{"action": v.action, "value": v.value, "removed": v.removed,
+                          "incident_at": v.incident_at, "summary": v.summary} for v in vs]
+        return
+
+
 def run_variant(
-    scenario: Scenario, variant: Variant, *, store: str, quick: bool = False
+    scenario: Scenario, variant: Variant, *, store: str, quick: bool = False,
+    verify: bool = True,
 ) -> VariantOutcome:
     """Train ``variant`` under a Monitor writing run ``variant.name`` into ``store``.
 
     ``quick`` probes curvature four times less often (tests); the training itself is
-    unchanged, so the phenomenon is the same.
+    unchanged, so the phenomenon is the same. ``verify``: for the failing variant,
+    replay from before the first finding's onset with each of its remedies and say in the
+    finding which ones remove the incident (:func:`verify_findings`).
     """
     from stablestep.telemetry import Monitor
 
@@ -172,6 +204,9 @@ def run_variant(
     t0 = time.perf_counter()
     result = train(cfg, monitor=factory)
     seconds = time.perf_counter() - t0
+    findings = _diagnose(store, variant.name)
+    if verify and variant.role == "failing":
+        verify_findings(cfg, findings)
     return VariantOutcome(
         name=variant.name,
         label=variant.label,
@@ -180,7 +215,7 @@ def run_variant(
         spikes=(None if scenario.spike_factor is None
                 else spike_steps(result.losses, factor=scenario.spike_factor)),
         diverged_at=result.diverged_at,
-        findings=_diagnose(store, variant.name),
+        findings=findings,
         seconds=seconds,
     )
 
@@ -194,6 +229,7 @@ def run_scenario(
     report: bool = True,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    verify: bool = True,
 ) -> ScenarioOutcome:
     """Run ``scenario`` (a name or a :class:`Scenario`) into ``out/run.sqlite``.
 
@@ -201,6 +237,7 @@ def run_scenario(
     scenario wrote is replaced; any other only with ``overwrite`` (else
     ``FileExistsError``, before any training: :func:`prepare_out`). ``report``: also
     write ``out/report.html``. ``progress(done, total)`` is called after each variant.
+    ``verify``: verify the failing variant's remedies by replay (:func:`verify_findings`).
     """
     sc = scenarios.get(scenario) if isinstance(scenario, str) else scenario
     chosen = sc.variants if variants is None else tuple(sc.variant(v) for v in variants)
@@ -209,7 +246,8 @@ def run_scenario(
     t0 = time.perf_counter()
     outcome = ScenarioOutcome(name=sc.name, store=str(store), report=None)
     for i, v in enumerate(chosen, 1):
-        outcome.variants.append(run_variant(sc, v, store=str(store), quick=quick))
+        outcome.variants.append(run_variant(sc, v, store=str(store), quick=quick,
+                                            verify=verify))
         log.debug("%s: %s trained in %.1f s", sc.name, v.name, outcome.variants[-1].seconds)
         if progress is not None:
             progress(i, len(chosen))

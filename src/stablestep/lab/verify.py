@@ -9,6 +9,11 @@ reported as not replayable). A remedy is *verified* when the continuation has no
 :func:`stablestep.diagnosis.diagnose` after the snapshot, while the control has one::
 
     verified: set-eps 0.0015, no incident in the next 300 steps
+
+Outside the lab, :func:`verify_snapshot` does the same from a snapshot of
+:class:`stablestep.guard.Guard` (an entry of ``guard.state_dict()["snapshots"]``, taken
+before the incident) and the user's own ``train_step(t)`` closure, which must draw the batch
+of step ``t`` deterministically for the replays to be comparable.
 """
 
 from __future__ import annotations
@@ -57,6 +62,15 @@ def _apply(opt: Any, action: str, value: Any) -> None:
                 st = opt.state.get(p)
                 if st and "exp_avg_sq" in st and "max_exp_avg_sq" not in st:
                     st["max_exp_avg_sq"] = st["exp_avg_sq"].clone()
+
+
+def _summary(action: str, value: Any, at: int | None, horizon: int) -> str:
+    if action == "control":  # the replay must show the incident for the check to mean
+        return (f"replayed unchanged: no incident in the next {horizon} steps"
+                if at is None else f"replayed unchanged: the incident again at step {at}")
+    what = f"{action} {value:.3g}" if isinstance(value, float) else f"{action} {value}"
+    return (f"verified: {what}, no incident in the next {horizon} steps"
+            if at is None else f"not verified: {what}, incident again at step {at}")
 
 
 def _first_incident(losses: np.ndarray, start: int) -> int | None:
@@ -130,9 +144,62 @@ def verify_lab(config: Any, onset: int, remedies: list[Any], *, lead: int = 20,
             if not math.isfinite(seq[t]):
                 break
         at = _first_incident(seq, start)
-        what = "the run as is" if action == "control" else f"{action} {value}"
-        summary = (f"verified: {what}, no incident in the next {horizon} steps" if at is None
-                   else f"not verified: {what}, incident again at step {at}")
+        summary = _summary(action, value, at, horizon)
         out.append(Verification(action, value, at, horizon, summary))
         log.info(summary)
+    return out
+
+
+def _remedy(r: Any) -> tuple[str, Any]:
+    return (r["action"], r["value"]) if isinstance(r, dict) else (r.action, r.value)
+
+
+def verify_snapshot(model: Any, optimizer: Any, snapshot: Any, train_step: Any,
+                    remedies: list[Any], *, horizon: int = 300,
+                    history: Any = None) -> list[Verification]:
+    """Replay from a Guard snapshot, once unchanged (the control, first in the result) and
+    once per replayable remedy (``set-eps``, ``set-lr``, ``amsgrad`` on the optimizer's
+    param groups), ``horizon`` steps each, and say which remove the incident.
+
+    ``snapshot``: an entry of ``guard.state_dict()["snapshots"]`` (or the guard's
+    ``Snapshot``), restored with :func:`stablestep.guard.snapshot.restore` (model and
+    optimizer state; the param groups are the caller's). ``train_step(t) -> float`` runs
+    one training step ``t`` (batch ``t``, forward, backward, ``optimizer.step()``) and
+    returns its loss; it must draw the same batch for the same ``t``. ``history``: the
+    losses of the steps before the snapshot (e.g. the Monitor's stored ``loss``), so the
+    detectors start warm. Afterwards the model, the optimizer state and its param groups
+    are as they were before the call."""
+    from stablestep.guard import snapshot as S
+
+    snap = snapshot if isinstance(snapshot, S.Snapshot) else S.from_state(snapshot)
+    start = int(snap.step)
+    hist = np.asarray([] if history is None else history, dtype=float)[-start:]
+    start_at = hist.size
+    now = S.capture(-1, model, optimizer, {})
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    out: list[Verification] = []
+    try:
+        for action, value in [("control", None)] + [_remedy(r) for r in remedies]:
+            if action != "control" and action not in REPLAYABLE:
+                out.append(Verification(action, value, None, 0, f"not replayable: {action}"))
+                continue
+            S.restore(snap, model, optimizer)
+            for g, saved in zip(optimizer.param_groups, groups, strict=True):
+                g.update(saved)
+            if action != "control":
+                _apply(optimizer, action, value)
+            seq = np.r_[hist, np.full(horizon, np.nan)]
+            for k in range(horizon):
+                seq[start_at + k] = float(train_step(start + k))
+                if not math.isfinite(seq[start_at + k]):
+                    break
+            at = _first_incident(seq[: start_at + k + 1], start_at)
+            at = None if at is None else at - start_at + start
+            out.append(Verification(action, value, at, horizon,
+                                    _summary(action, value, at, horizon)))
+            log.info(out[-1].summary)
+    finally:
+        S.restore(now, model, optimizer)
+        for g, saved in zip(optimizer.param_groups, groups, strict=True):
+            g.update(saved)
     return out
