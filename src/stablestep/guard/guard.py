@@ -768,27 +768,12 @@ class _Handle:
 
 
 def _monitor_partials(monitor: Any) -> dict[str, torch.Tensor] | None:
-    """What a :class:`stablestep.Monitor` read at its last ``observe`` for the step being
-    decided, still on the device: ``grad_sq`` (squared gradient norm per tensor, 1-d),
-    ``loss`` (0-d, when it was given one) and on its detailed steps ``param_sq`` (squared
-    parameter norm per tensor, 1-d); ``None`` when the Monitor did not record this step
-    (``every`` > 1) or there is no Monitor. Not used under torch.distributed, where the
-    Monitor's partials are this rank's own (the guard all-reduces its own)."""
-    pending = getattr(monitor, "_pending", None)
-    if not isinstance(pending, dict) or pending.get("step") != getattr(monitor, "step", 0) - 1:
-        return None  # nothing read at the latest observe()
-    part = pending.get("part")
-    sums = getattr(part, "sums", None)
-    if not isinstance(sums, dict) or not isinstance(sums.get("grad_sq"), torch.Tensor):
-        return None
-    out = {"grad_sq": sums["grad_sq"]}
-    loss = getattr(part, "ranks", {}).get("loss")
-    if isinstance(loss, torch.Tensor):
-        out["loss"] = loss
-    detail = pending.get("detail")
-    if detail is not None and detail[2]:
-        out["param_sq"] = torch.stack(list(detail[2]))
-    return out
+    """The Monitor's device-side norms for the step being decided
+    (:meth:`stablestep.Monitor.device_partials`); ``None`` without a Monitor or when it did
+    not record this step. Not used under torch.distributed, where the Monitor's partials
+    are this rank's own (the guard all-reduces its own)."""
+    read = getattr(monitor, "device_partials", None)
+    return read() if callable(read) else None
 
 
 @torch.no_grad()

@@ -404,6 +404,30 @@ class Monitor:
             per_tensor=pending.get("per_tensor", False) or pending["detail"] is not None,
         )
 
+    def device_partials(self) -> dict[str, torch.Tensor] | None:
+        """What the latest :meth:`observe` read for the step about to be taken, still on
+        the device (no host read): ``grad_sq`` (squared gradient norm per tensor, 1-d),
+        ``loss`` (0-d, when ``observe`` was given one) and, on detailed steps, ``param_sq``
+        (squared parameter norm per tensor, 1-d). ``None`` when that ``observe`` recorded
+        nothing (``every`` > 1) or its step has been written already. The Guard reads its
+        norms here instead of computing them a second time. Under torch.distributed these
+        are this rank's own partial sums."""
+        pending = self._pending
+        if pending is None or pending.get("step") != self.step - 1:
+            return None
+        part = pending["part"]
+        grad_sq = part.sums.get("grad_sq")
+        if not isinstance(grad_sq, torch.Tensor):
+            return None
+        out = {"grad_sq": grad_sq}
+        loss = part.ranks.get("loss")
+        if isinstance(loss, torch.Tensor):
+            out["loss"] = loss
+        detail = pending["detail"]
+        if detail is not None and detail[2]:
+            out["param_sq"] = torch.stack(list(detail[2]))
+        return out
+
     def record_event(self, step: int, kind: str, data: dict | None = None) -> None:
         """Record an event (e.g. the guard's ``EVENT_GUARD`` actions) in the run and sinks
         (on rank 0; a no-op on other ranks)."""
