@@ -383,8 +383,8 @@ def classify(trace: Trace, inc: Incident) -> tuple[str, float, dict[str, Any]]:
         return "lr-too-high", 0.9, ev
     if ps is not None and pthr and ps >= 0.9 * pthr:
         # A blow-up before v_hat could go stale (t < 1/(1-b2) steps): the preconditioner
-        # did not grow, the lr itself is too large for the curvature (seed 003). Later,
-        # the same crossing is the adaptive edge of stability (seeds 000 and 001).
+        # did not grow, the lr itself is too large for the curvature (lr divergence). Later,
+        # the same crossing is the adaptive edge of stability (late explosion, periodic spikes).
         fresh_v = inc.onset < 1.0 / (1.0 - float(trace.hyper.get("beta2", 0.999) or 0.999))
         if adam is False or (inc.kind == "divergence" and ps > pthr and fresh_v
                              and fell < 10):  # (not after training well: a late explosion)

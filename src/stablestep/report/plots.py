@@ -15,8 +15,8 @@ or ``None`` when no run recorded the quantity. Panels:
 - :func:`lr_sharpness_panel`: :math:`\mathrm{lr}\cdot\lambda_{\max}(H)` against 2;
 - :func:`line_panel`: any metric (gradient norm, learning rate, ...);
 - :func:`bias_correction_panel`: Adam's :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` next to
-  real decays (seed 002);
-- :func:`interval_panel`: spikes per run and the median interval between them (seed 001).
+  real decays (the adam-decay story);
+- :func:`interval_panel`: spikes per run and the median interval between them (periodic spikes).
 """
 
 from __future__ import annotations
