@@ -80,7 +80,9 @@ def test_lr_cut_is_bounded_then_the_guard_asks_for_a_person():
     pr = problems.build(config)
     opt = make_optimizer(config, pr.model.parameters())
     guard = Guard(pr.model, opt, policy=GuardPolicy(min_lr_scale=0.25, max_rollbacks=4))
-    with pytest.raises(GuardError, match="after 4 rollbacks"):
+    # it gives up either after max_rollbacks or once the loss stays high with the lr at
+    # its floor, whichever the trajectory meets first; both ask for a person
+    with pytest.raises(GuardError, match="the run needs a person"):
         for _ in range(config.steps):
             opt.zero_grad()
             loss = pr.loss()
@@ -88,6 +90,7 @@ def test_lr_cut_is_bounded_then_the_guard_asks_for_a_person():
             if guard.check(loss):
                 opt.step()
     assert guard.lr_scale == 0.25  # never below the floor, however many rollbacks
+    assert 1 <= guard.counts["rollback"] <= 4
     assert all(r.data["lr_scale"] >= 0.25 for r in guard.records if r.action == "adapt")
 
 
