@@ -294,3 +294,17 @@ def test_unsupported_setups_say_so_in_one_line(tmp_path):
     plain = StablestepCallback(store=tmp_path / "k.db", run="p")
     with pytest.raises(ValueError, match="create the callback with guard="):
         plain.load_state_dict({"version": 1, "step": 3, "run": "r", "guard": {"step": 3}})
+
+
+def test_an_outlier_batch_is_skipped_by_the_shared_detector_stack(tmp_path):
+    x, y = _data(n=1024)
+    y = y.copy()
+    y[800:816] *= 1e3  # batch 50: finite, but its gradient is far out of the run's range
+    model = _model()
+    cb = StablestepCallback(store=tmp_path / "k.db", run="out", guard=True)
+    hist = _fit(model, x, y, cb, 1)
+    skips = [r for r in cb.guard.records if r.action == "skip"]
+    assert [(r.step, r.reason) for r in skips] == [(50, "gradient-outlier")]
+    assert skips[0].data["z"] > 0
+    assert hist.history["stablestep/guard_skip"] == [1.0]
+    assert cb.guard.counts["rollback"] == 0
