@@ -25,6 +25,14 @@ Keras does not hand gradients to callbacks; on detailed steps the gradient Adam 
 recovered exactly from two consecutive first moments,
 :math:`g_t = (m_t - \beta_1 m_{t-1}) / (1-\beta_1)` (after Keras' own clipping, before
 weight decay), and the update from the weights before and after the step.
+
+With ``guard=`` (torch backend only) a :class:`stablestep.guard.Guard` decides each step
+*before* Keras applies it: for the duration of ``fit`` the Keras optimizer's ``apply`` (which
+``apply_gradients`` and Keras' torch ``train_step`` call) is wrapped, so a refused step is
+never applied (weights, slots and ``iterations`` untouched), and ``on_train_end`` puts the
+method back. The Guard sees the Keras variables through two thin torch views
+(:class:`_KerasModuleView`, :class:`_KerasOptimizerView`) that share their tensors, so its
+snapshots and rollbacks copy Keras' own storage in place.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ import torch
 
 from stablestep.integrations._common import (
     LOG_PREFIX,
+    GuardReport,
+    guard_policy,
     make_parent,
     monitor_config,
     resolve_store,
@@ -147,6 +157,55 @@ class _EpochMax:
         """Nothing to close."""
 
 
+class _KerasModuleView(torch.nn.Module):
+    """What the Guard snapshots of a Keras model: every variable of the model (trainable and
+    not, e.g. BatchNorm's moving statistics) registered once, sharing Keras' torch storage
+    (``model.state_dict()`` lists each variable twice in functional models)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        for i, v in enumerate(model.variables):
+            self.register_parameter(f"v{i}", v.value)
+
+
+class _KerasOptimizerView(torch.optim.Optimizer):
+    """What the Guard sees of a Keras optimizer: one param group over the model's trainable
+    variables (Keras' torch parameters, whose ``.grad`` Keras' ``train_step`` fills) with
+    ``lr`` = the user's learning rate of this step, and, as the ``state`` of the first
+    parameter, every optimizer variable except the learning rate (``iterations``, moments,
+    velocities... sharing Keras' storage), so a snapshot holds them and a rollback restores
+    them in place. The group has no ``betas``: the Guard's Adam-only remedies (AMSGrad, eps)
+    would change this view, not Keras, so they stay off; its lr cut (``lr_scale``) is
+    applied by the callback. ``step()`` is never called."""
+
+    def __init__(self, optimizer: Any, variables: Sequence[Any]):
+        params = [v.value for v in variables]
+        super().__init__(params, {"lr": 0.0})
+        lr_var = optimizer._learning_rate
+        slots = {
+            f"slot{i}": v.value
+            for i, v in enumerate(optimizer.variables)
+            if v is not lr_var and isinstance(v.value, torch.Tensor)
+        }
+        if params:
+            self.state[params[0]] = slots
+
+    def step(self, closure: Any = None) -> None:  # pragma: no cover - never called
+        """Not used: Keras applies the update."""
+        raise RuntimeError("the Keras optimizer applies the update, not this view")
+
+
+class _Events:
+    """The Guard's ``monitor`` for events only: ``record_event`` writes into the run."""
+
+    def __init__(self, cb: StablestepCallback):
+        self.cb = cb
+
+    def record_event(self, step: int, kind: str, data: dict) -> None:
+        """Write one event into the store (and the sinks)."""
+        self.cb._recorder().event(step, kind, data)
+
+
 class StablestepCallback(keras.callbacks.Callback):
     """Record what Keras' Adam does, step by step, in a stablestep run store.
 
@@ -215,8 +274,39 @@ class StablestepCallback(keras.callbacks.Callback):
     (``eps_mode="tf"``, Keras' epsilon), ``keras_version``, ``keras_backend``.
     Resume with ``cb.load_state_dict(sd)`` before ``fit``; several ``fit`` calls with
     one callback continue one run. Each ``fit`` ends with everything written; :meth:`close`
-    after the last one closes the store and the sinks. There is no seatbelt here: the Guard
-    acts on torch optimizers, and Keras' are not.
+    after the last one closes the store and the sinks.
+
+    The seatbelt (torch backend): ``guard=True`` (default policy) or ``guard=GuardPolicy(...)``
+    adds a :class:`stablestep.guard.Guard` that decides each step *before* Keras applies it.
+    For the duration of each ``fit`` the optimizer's ``apply`` is wrapped (put back at
+    ``on_train_end``): the guard reads this batch's loss and the gradients Keras' torch
+    ``train_step`` left in the variables' ``.grad`` (before Keras' own clipping), and a refused
+    step (non-finite loss or gradient, outlier batch) is simply not applied: weights, moments
+    and ``iterations`` stay as they were. A rollback copies the last snapshot (on the CPU,
+    every ``snapshot_every`` steps: all model variables, all optimizer variables but the
+    learning rate, ``iterations`` included) back into Keras' variables in place; the data
+    goes on with the next batch. Keras' clock is ``iterations`` (optimizer steps taken), so
+    a skipped step does not advance a ``LearningRateSchedule`` and a rollback rewinds it by
+    the steps lost. The lr cut is ``guard.lr_scale``, applied to the learning rate (variable
+    or schedule) only inside the wrapped ``apply`` and restored right after, so the
+    optimizer's saved learning rate stays the user's. The guard's AMSGrad/eps remedies are
+    off here (they are written into torch param groups, which Keras does not read); its only
+    adaptation is the bounded lr cut, restored after calm steps. Cost per step: one host read
+    (loss, gradient norm, non-finite flag; the Guard's) plus reading the learning rate and
+    Keras' loss tracker; snapshots cost one CPU copy of model + optimizer variables.
+    Not supported with the guard: ``LossScaleOptimizer`` (mixed float16), gradient
+    accumulation (``gradient_accumulation_steps``), ``jit_compile=True``. Forward-pass
+    updates of non-trainable variables (BatchNorm's moving statistics) on a skipped batch
+    are Keras' and stay; a rollback restores them.
+
+    Every action is a ``logging`` line (logger ``stablestep.guard``), a ``guard`` event in
+    the store (``stablestep diagnose STORE`` shows it) and numbers in Keras' ``logs`` (batch
+    and epoch, hence ``History``): ``stablestep/guard_skip``, ``_clip``, ``_rollback``,
+    ``_adapt``, ``_restore`` (totals) and ``stablestep/guard_lr_scale``, the same keys as the
+    Lightning and HF callbacks. The ``lr`` recorded is the one applied (the guard's scale
+    included). Keras' running ``loss`` still includes a skipped batch's loss (so a NaN batch
+    makes the epoch's reported loss NaN, and ``TerminateOnNaN`` still stops the run). The
+    guard's state (counters, detectors, snapshots) is in :meth:`state_dict`.
 
     Args:
         config: a :class:`~stablestep.telemetry.config.MonitorConfig` (or a dict of run
@@ -233,6 +323,8 @@ class StablestepCallback(keras.callbacks.Callback):
             unless ``overwrite=True``, which replaces the old run.
         overwrite: replace a stored run of the same name instead of suffixing.
         log_metrics: names whose epoch maximum goes into Keras' ``logs`` (``()``: none).
+        guard: ``None`` (off), ``True`` (default policy) or a ``GuardPolicy``; torch
+            backend only.
     """
 
     def __init__(
@@ -243,10 +335,23 @@ class StablestepCallback(keras.callbacks.Callback):
         run: str | None = None,
         overwrite: bool = UNSET,
         log_metrics: Sequence[str] = LOGGED,
+        guard: Any = None,
         **settings: Any,
     ):
         super().__init__()
         self.config = monitor_config(config, overwrite=overwrite, **settings)
+        self._policy = guard_policy(guard)
+        if self._policy is not None and keras.backend.backend() != "torch":
+            raise ValueError(
+                f"guard: needs Keras' torch backend (this one is {keras.backend.backend()!r}); "
+                "set KERAS_BACKEND=torch before importing keras"
+            )
+        self.guard: Any = None  # the stablestep.guard.Guard, built at the first fit
+        self._guard_state: dict[str, Any] | None = None  # from load_state_dict
+        self._guarded: Any = None  # the Keras optimizer whose apply is wrapped now
+        self._guard_opt: Any = None  # the Keras optimizer the guard was built on
+        self._armed = False  # a batch of our fit is running: the wrapper decides
+        self._report = GuardReport()
         if self.config.curvature_every is not None:
             raise ValueError(
                 "curvature_every: the curvature probe needs a torch optimizer; Keras' is not one"
@@ -259,6 +364,7 @@ class StablestepCallback(keras.callbacks.Callback):
         self._rec: Recorder | None = None
         self._begin: tuple | None = None
         self._begin_batch: int | None = None
+        self._track: tuple | None = None  # the loss tracker before this batch (guard on)
         self._epoch: dict[str, float] = {}  # this epoch's maxima, for ``logs``
         self._logged: set[str] = set()
         self._warned_spe = False
@@ -280,8 +386,11 @@ class StablestepCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ keras hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
-        """Attach the recorder (the Monitor's) to this model's variables."""
+        """Attach the recorder (the Monitor's) to this model's variables; with ``guard=``,
+        build the guard and wrap the optimizer's ``apply`` for this ``fit``."""
         self._recorder()
+        if self._policy is not None:
+            self._attach_guard()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         """Start the epoch's maxima for ``logs``."""
@@ -295,12 +404,15 @@ class StablestepCallback(keras.callbacks.Callback):
         se = cfg.state_every
         detail = se is not None and (s % se == 0 or (s + k - 1) // se != s // se)
         self._begin_batch = batch
+        self._armed = self._guarded is not None
+        self._track = self._tracker() if self._armed else None  # this batch alone, for the guard
         if not (any((s + i) % cfg.every == 0 for i in range(k)) or detail):
             self._begin = None
             return
         opt = self.model.optimizer
         lr = _host(opt.learning_rate)  # the value this step will use (schedules: at t-1)
-        self._begin = (lr, self._tracker(), self._snapshot(opt) if detail else None)
+        tracker = self._track if self._armed else self._tracker()
+        self._begin = (lr, tracker, self._snapshot(opt) if detail else None)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Complete the record of this step (or execution of ``k`` steps) and hand it to the
@@ -309,12 +421,20 @@ class StablestepCallback(keras.callbacks.Callback):
         k = max(int(batch) - int(begin_batch) + 1, 1)
         s = self._step + k - 1  # the record is stored at the execution's last step
         self._step += k
+        self._armed = False
         begin, self._begin = self._begin, None
+        track, self._track = self._track, None
+        if self.guard is not None:
+            self._guard_logs(logs)
         if begin is None:
+            if track is not None:
+                self._batch_loss(track, logs)  # put Keras' running loss back
             return
         lr, tracker, snap = begin
         loss = self._batch_loss(tracker, logs)
         rec = self._recorder()
+        if self.guard is not None:
+            lr *= self.guard.lr_scale  # the lr applied
         host = {N.LR: lr}
         st = StepTensors(loss, [])  # Keras hands out no gradient: none on cheap steps
         if snap is not None:
@@ -342,19 +462,127 @@ class StablestepCallback(keras.callbacks.Callback):
             if name in self._epoch or name in self._logged:  # same keys every epoch
                 self._logged.add(name)
                 logs[f"{LOG_PREFIX}{name}"] = self._epoch.get(name, math.nan)
+        if self.guard is not None:
+            self._guard_logs(logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        """Write everything recorded; a later ``fit`` continues the same run."""
+        """Write everything recorded and put the optimizer's ``apply`` back; a later ``fit``
+        continues the same run (and the same guard)."""
+        self._detach_guard()
         if self._rec is not None:
             self._rec.flush()
 
     def close(self) -> None:
-        """Flush and close the store and the sinks (after the last ``fit``)."""
+        """Flush and close the store and the sinks (after the last ``fit``); with a guard,
+        log its summary."""
+        self._detach_guard()
+        if self.guard is not None:
+            self._guard_state = self.guard.state_dict()
+            self._report.detach()
+            self.guard.close()
+            self.guard = None
         if self._rec is not None:
             self._rec.close()
             self._run_name = self._rec.run_name
             self._resume_from = self._step
             self._rec = None
+
+    # ------------------------------------------------------------------- guard
+    def _attach_guard(self) -> None:
+        """Build the guard over views of this model and optimizer (again when ``compile``
+        gave the model a new optimizer, carrying its state) and wrap ``apply``."""
+        model, opt = self.model, self.model.optimizer
+        if opt is None:
+            raise ValueError("guard: the model has no optimizer (call model.compile first)")
+        if _inner(opt) is not opt:
+            raise ValueError(
+                "guard: keras.optimizers.LossScaleOptimizer (mixed float16) is not supported; "
+                "use float32 or bfloat16"
+            )
+        if (getattr(opt, "gradient_accumulation_steps", None) or 1) > 1:
+            raise ValueError("guard: gradient_accumulation_steps > 1 is not supported")
+        if getattr(model, "jit_compile", False):
+            raise ValueError("guard: jit_compile=True is not supported (compile with "
+                             "jit_compile=False)")
+        if not opt.built:
+            opt.build(model.trainable_variables)
+        if self.guard is not None and self._guard_opt is not opt:
+            self._guard_state = self.guard.state_dict()
+            self._report.detach()
+            self.guard.close()
+            self.guard = None
+        if self.guard is None:
+            from stablestep.guard import Guard
+
+            view = _KerasOptimizerView(opt, model.trainable_variables)
+            self.guard = Guard(
+                _KerasModuleView(model), view, policy=self._policy, monitor=_Events(self),
+                start_step=self._step,
+            )
+            self._guard_opt = opt
+            if self._guard_state is not None:
+                self.guard.load_state_dict(self._guard_state)
+                self._guard_state = None
+            self._report.attach(self.guard)
+        self._detach_guard()
+        original = type(opt).apply.__get__(opt)  # the class's method: never a stale wrapper
+
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            if not self._armed or self.guard is None:  # outside our fit's batches
+                return original(grads, trainable_variables)
+            self._armed = False
+            if not self._decide(opt):
+                return None  # refused: nothing applied
+            return self._apply_scaled(opt, original, grads, trainable_variables)
+
+        vars(opt)["apply"] = apply  # an instance attribute: bypasses Keras' tracking
+        self._guarded = opt
+
+    def _detach_guard(self) -> None:
+        """Put the optimizer's own ``apply`` back."""
+        if self._guarded is not None:
+            vars(self._guarded).pop("apply", None)
+            self._guarded = None
+        self._armed = False
+
+    def _decide(self, opt: Any) -> bool:
+        """``guard.check`` on this batch's loss (Keras' loss tracker, zeroed before the
+        batch, holds this batch alone) and the gradients in ``.grad``."""
+        view = self.guard.optimizer
+        view.param_groups[0]["lr"] = _host(opt.learning_rate)  # the user's, for lr jumps
+        tr = self._loss_tracker() if self._track is not None else None
+        if tr is not None:
+            loss: Any = tr.total.value.detach() / tr.count.value.detach()
+        else:  # no tracker: the loss detectors see nothing (a non-positive loss is ignored)
+            loss = 0.0
+        return self.guard.check(loss)
+
+    def _apply_scaled(self, opt: Any, original: Any, grads: Any, variables: Any) -> Any:
+        """Keras' ``apply`` with the learning rate times ``guard.lr_scale`` (the user's
+        learning rate put back right after)."""
+        scale = self.guard.lr_scale
+        if scale == 1.0:
+            return original(grads, variables)
+        lr = opt._learning_rate
+        if isinstance(lr, keras.Variable):
+            old = lr.value.detach().clone()
+            lr.assign(old * scale)
+            try:
+                return original(grads, variables)
+            finally:
+                lr.assign(old)
+        applied = _host(opt.learning_rate) * scale  # a schedule or callable, at this step
+        opt._learning_rate = lambda: applied
+        try:
+            return original(grads, variables)
+        finally:
+            opt._learning_rate = lr
+
+    def _guard_logs(self, logs: dict | None) -> None:
+        """The guard's totals and lr scale into Keras' ``logs``."""
+        self._report.new(self.guard)  # the Guard logs each action itself
+        if logs is not None:
+            logs.update(self._report.values(self.guard))
 
     # ---------------------------------------------------------------- recorder
     def _recorder(self) -> Recorder:
@@ -519,9 +747,15 @@ class StablestepCallback(keras.callbacks.Callback):
         return open_run(self.store, self.run_name)
 
     def state_dict(self) -> dict[str, Any]:
-        """State to resume this run (next step, run name, store); flushes first."""
+        """State to resume this run (next step, run name, store; with ``guard=``, the
+        guard's counters, detectors and snapshots: save with ``torch.save``); flushes first."""
         self.flush()
-        return {"version": 1, "step": self._step, "run": self.run_name, "store": self.store}
+        out = {"version": 1, "step": self._step, "run": self.run_name, "store": self.store}
+        if self.guard is not None:
+            out["guard"] = self.guard.state_dict()
+        elif self._guard_state is not None:
+            out["guard"] = self._guard_state
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run saved by :meth:`state_dict` (call before ``fit``): steps
@@ -530,6 +764,9 @@ class StablestepCallback(keras.callbacks.Callback):
             raise RuntimeError("load_state_dict() must be called before the callback records")
         if state.get("version") != 1:
             raise ValueError(f"unsupported callback state version: {state.get('version')!r}")
+        if state.get("guard") is not None and self._policy is None:
+            raise ValueError("the saved state has a guard: create the callback with guard=")
         self._step = int(state["step"])
         self._resume_from = self._step
         self._run_name = state["run"]
+        self._guard_state = state.get("guard")
