@@ -102,3 +102,34 @@ def test_non_finite_gradients_recorded_every_tenth_step_are_one_incident():
     tr = Trace(np.arange(n), loss, metrics={names.GRAD_NONFINITE: gnf})
     nf = [i for i in replay(tr).incidents if i.kind == "non-finite"]
     assert len(nf) == 1 and nf[0].step == 20
+
+
+def _blowup_with_marks(nan_loss_at: int | None = None, guard_at: int | None = None) -> Trace:
+    """SGD blown up at step 1 (loss 2 -> ~80 and staying), the parameters non-finite from
+    step 10 on, seen at each detailed step (10, 20, ... as the Monitor records them)."""
+    rng = np.random.default_rng(3)
+    n = 80
+    loss = np.concatenate([[2.0], 80.0 * np.exp(0.05 * rng.standard_normal(n - 1))])
+    marks = set(range(10, n, 10))
+    if nan_loss_at is not None:
+        loss[nan_loss_at] = np.nan
+        marks.add(nan_loss_at)
+    events = [] if guard_at is None else [
+        {"step": guard_at, "kind": "guard", "data": {"action": "skip", "reason": "non-finite"}}]
+    return Trace(steps=np.arange(n), loss=loss, nonfinite_steps=frozenset(marks),
+                 metrics={"lr": np.full(n, 12.0)},
+                 hyper={"kind": "sgd", "lr": 12.0, "momentum": 0.0}, events=events)
+
+
+def test_non_finite_state_after_a_blow_up_is_part_of_it_a_nan_loss_is_not():
+    """Non-finite parameters recorded at every detailed step after a blow-up are the
+    blow-up's (one finding, the step in its evidence), not one finding per record; a NaN
+    loss, or a step the guard acted on, stays a finding of its own."""
+    found = diagnose_trace(_blowup_with_marks())
+    assert [f.mechanism for f in found].count("lr-too-high") == 1
+    assert not any(f.kind == "non-finite" for f in found)
+    assert found[0].evidence.get("non_finite_at") == 10
+    nan_loss = diagnose_trace(_blowup_with_marks(nan_loss_at=45))
+    assert [f.step for f in nan_loss if f.kind == "non-finite"] == [45]
+    skipped = diagnose_trace(_blowup_with_marks(guard_at=30))
+    assert 30 in [f.step for f in skipped if f.kind == "non-finite"]

@@ -154,23 +154,42 @@ def half_precision(trace: Trace) -> bool | None:
     return any(str(d) in ("float16", "bfloat16", "half") for d in dts)
 
 
+def _state_only(trace: Trace, step: int, acted: set[int]) -> bool:
+    """Whether the non-finite mark at ``step`` is in the parameters or optimizer state
+    only (the Monitor's norms, recorded every ``state_every`` steps) with a finite loss and
+    no guard action there: what a blow-up leaves behind, recorded again at each detailed
+    step, not an event of its own."""
+    i = _index(trace, step)
+    return (step not in acted and 0 <= i < len(trace) and trace.steps[i] == step
+            and bool(np.isfinite(trace.loss[i])))
+
+
 def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
-    """Fold incidents that continue an lr-too-high regime into it: a later incident (any
-    kind) while the lr has not come down (>= 0.9 x the lr at the first onset) and the loss
-    stayed (median) at 1.2 x the first incident's baseline or more. ``explained``: sorted
-    ``(incident, mechanism, confidence, evidence)``; the folded ones' steps go to the
-    first's ``evidence["follow_on_alarms"]``."""
+    """Fold incidents that continue an lr-too-high regime into it: a later incident while
+    the lr has not come down (>= 0.9 x the lr at the first onset) and the loss stayed
+    (median) at 1.2 x the first incident's baseline or more. A non-finite incident folds
+    only where the loss stayed finite and the guard did not act (non-finite parameters or
+    state after the blow-up); a NaN/Inf loss is always its own finding. ``explained``:
+    sorted ``(incident, mechanism, confidence, evidence)``; the folded ones' steps go to
+    the first's ``evidence["follow_on_alarms"]``."""
     from dataclasses import replace
 
     lr = trace.metric(names.LR)
+    acted = {int(e["step"]) for e in trace.events if e.get("kind") == "guard"}
     out: list[tuple] = []
     for item in explained:
         inc = item[0]
-        if inc.kind == "non-finite":  # a NaN/Inf is its own event (the guard may have
-            out.append(item)            # skipped it), never a continuation of a regime
+        state_only = inc.kind == "non-finite" and _state_only(trace, inc.onset, acted)
+        if inc.kind == "non-finite" and not state_only:
+            out.append(item)  # a NaN/Inf loss or one the guard acted on is its own event
             continue
-        if out and out[-1][1] == "lr-too-high":
-            head = out[-1][0]
+        # the regime this continues: the last finding, or for non-finite state the last
+        # lr-too-high one (a NaN-loss finding between does not end the blow-up)
+        j = len(out) - 1
+        while state_only and j >= 0 and out[j][0].kind == "non-finite":
+            j -= 1
+        if j >= 0 and out[j][1] == "lr-too-high" and (state_only or j == len(out) - 1):
+            head = out[j][0]
             i0, i1 = _index(trace, head.onset), _index(trace, inc.onset)
             lr_ok = lr is None or not (np.nanmin(lr[i0:i1 + 1]) < 0.9 * lr[i0])
             seg = trace.loss[i0 + 1:i1]
@@ -178,8 +197,11 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
             seg = seg[np.isfinite(seg)]
             stayed = seg.size == 0 or float(np.median(seg)) >= 1.2 * base
             if lr_ok and stayed:
-                ev = out[-1][3]
+                ev = out[j][3]
                 ev.setdefault("follow_on_alarms", []).append(int(inc.detected))
+                if inc.kind == "non-finite":  # state only (see above): the loss is finite
+                    ev.setdefault("non_finite_at", int(inc.onset))
+                    continue
                 if not math.isfinite(inc.peak) or inc.peak > head.peak:
                     head = replace(head, peak=inc.peak, peak_step=inc.peak_step,
                                    recovered=False, kind="divergence")
@@ -187,7 +209,7 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
                     ev["recovered"] = False
                     if inc.kind == "non-finite" or inc.nonfinite_at is not None:
                         ev["non_finite_at"] = inc.nonfinite_at or inc.onset
-                out[-1] = (head, *out[-1][1:])
+                out[j] = (head, *out[j][1:])
                 continue
         out.append(item)
     return out
