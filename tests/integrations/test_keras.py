@@ -435,3 +435,31 @@ def test_fixed_run_name_twice_starts_a_suffixed_run_or_overwrites(tmp_path):
     assert names[0] == "fixed" and names[1] != "fixed" and names[1].startswith("fixed")
     assert names[2] == "fixed"
     assert sorted(list_runs(tmp_path / "k.db")) == sorted({"fixed", names[1]})
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="grads come from torch's .grad")
+def test_grad_norm_every_step_on_torch_is_the_applied_gradient(tmp_path):
+    """On the torch backend ``grad_norm`` is recorded at every step, not only detailed
+    ones: against plain SGD's own update, ``|w_{t+1} - w_t| / lr`` (a minibatch fit)."""
+    x, y = _data()
+    model = _model(keras.optimizers.SGD(0.05))
+
+    class Weights(keras.callbacks.Callback):
+        steps: list = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.w0 = [_np(v) for v in self.model.trainable_variables]
+
+        def on_train_batch_end(self, batch, logs=None):
+            w1 = [_np(v) for v in self.model.trainable_variables]
+            self.steps.append({"w0": self.w0, "w1": w1, "lr": 0.05})
+
+    ref = Weights()
+    cb = StablestepCallback(store=str(tmp_path / "s.db"), run="sgd", state_every=50)
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[ref, cb], verbose=0)
+    steps, gn = cb.read().series(N.GRAD_NORM)
+    assert steps.tolist() == list(range(len(ref.steps)))  # every step, not every 50th
+    want = [math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in zip(r["w0"], r["w1"],
+                                                                      strict=True))) / r["lr"]
+            for r in ref.steps]
+    np.testing.assert_allclose(gn, want, rtol=1e-4)

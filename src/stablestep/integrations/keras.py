@@ -436,7 +436,7 @@ class StablestepCallback(keras.callbacks.Callback):
         if self.guard is not None:
             lr *= self.guard.lr_scale  # the lr applied
         host = {N.LR: lr}
-        st = StepTensors(loss, [])  # Keras hands out no gradient: none on cheap steps
+        st = StepTensors(loss, self._torch_grads(k))
         if snap is not None:
             st, partial = self._detail(st, snap, lr)
             if partial is not None:  # host metrics only (k > 1 steps, or not Adam)
@@ -605,6 +605,17 @@ class StablestepCallback(keras.callbacks.Callback):
             self._resume_from = None
         return self._rec
     # ---------------------------------------------------------------- reading
+    def _torch_grads(self, k: int) -> list:
+        """This step's gradients where Keras leaves them: on the torch backend its
+        ``train_step`` fills each trainable variable's ``.grad`` (zeroed at the next step),
+        so ``grad_norm`` is recorded every step on the device like the torch Monitor's (an
+        outlier batch shows in it). Empty on other backends and for executions of ``k > 1``
+        steps (only the last step's gradient would be there)."""
+        if k != 1 or keras.backend.backend() != "torch":
+            return []
+        grads = [getattr(v.value, "grad", None) for v in self.model.trainable_variables]
+        return grads if any(g is not None for g in grads) else []
+
     def _loss_tracker(self) -> Any:
         tr = getattr(self.model, "_loss_tracker", None)
         if tr is None or not hasattr(tr, "total") or not hasattr(tr, "count"):
