@@ -127,3 +127,27 @@ def test_a_noisy_first_minibatch_is_not_a_blow_up(tmp_path):
     _mlp_run(store, "noisy", steps=80)
     early = [f for f in stablestep.diagnose(str(store)) if f.step < 20]
     assert not early, [(f.step, f.kind, f.mechanism) for f in early]
+
+
+def test_a_step_whose_gradients_were_cleared_does_not_crash_the_secant_tracker(tmp_path):
+    """The Lightning/HF callbacks skip a step the guard refuses by setting every ``p.grad =
+    None`` and letting ``optimizer.step()`` run; at a secant step (every 10) the Monitor's
+    post-step hook then saw no parameters against its snapshot and raised out of the
+    user's training loop (``Tensor list must have same number of elements``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with stablestep.Monitor(model, opt, store=str(tmp_path / "s.db"), run="r") as mon:
+        for step in range(25):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.observe(loss)
+            if step in (10, 20):  # secant steps: a skipped step, as the callbacks skip it
+                for p in model.parameters():
+                    p.grad = None
+            opt.step()
+    steps, _ = stablestep.open_run(str(tmp_path / "s.db"), "r").series("secant_curvature")
+    assert len(steps) >= 1, "the secant curvature is still measured on the steps that ran"
+    assert not {11, 21} & set(steps.tolist()), "no measurement along a step that did not run"
