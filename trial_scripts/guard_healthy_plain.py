@@ -5,10 +5,12 @@ tokens; Adam at lr 1e-3, 3e-3, 1e-2; batch 16 and 64; 300 steps each.
 Then a blow-up: lr x100 at step 150 must make the Guard act (optionally).
 Usage: python trial_scripts/guard_healthy_plain.py [blowup]
 """
-import sys
 import logging
+import sys
+
 import torch
 import torch.nn as nn
+
 import stablestep
 
 logging.basicConfig(level=logging.WARNING)

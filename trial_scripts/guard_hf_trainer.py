@@ -6,8 +6,10 @@ resume: train 40 steps with checkpointing, then resume to 80 from checkpoint-40.
 """
 import logging
 import sys
+
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
 from stablestep.guard import GuardPolicy
 from stablestep.integrations.transformers import StablestepCallback
 

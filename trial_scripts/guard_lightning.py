@@ -4,9 +4,11 @@ Usage: python trial_scripts/guard_lightning.py LR BS [blowup]   (blowup: lr x100
 """
 import logging
 import sys
+
 import lightning.pytorch as L
 import torch
 import torch.nn as nn
+
 from stablestep.guard import GuardPolicy
 from stablestep.integrations.lightning import StablestepCallback
 

@@ -6,10 +6,12 @@ Usage: python trial_scripts/nan_origin_gpt2.py STORE [guard]
 Expected: diagnose names transformer.h.1.attn (forward).
 """
 import sys
+
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
 import stablestep
 from stablestep import MonitorConfig
-from transformers import GPT2Config, GPT2LMHeadModel
 
 torch.manual_seed(0)
 cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,

@@ -4,8 +4,10 @@ Usage: python trial_scripts/nan_origin_mlp.py STORE [keep|nokeep] [guard|noguard
 Expected: `stablestep diagnose STORE` names `logger` (the LogLayer) as the birthplace.
 """
 import sys
+
 import torch
 import torch.nn as nn
+
 import stablestep
 from stablestep import MonitorConfig
 
