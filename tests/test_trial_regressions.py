@@ -151,3 +151,32 @@ def test_a_step_whose_gradients_were_cleared_does_not_crash_the_secant_tracker(t
     steps, _ = stablestep.open_run(str(tmp_path / "s.db"), "r").series("secant_curvature")
     assert len(steps) >= 1, "the secant curvature is still measured on the steps that ran"
     assert not {11, 21} & set(steps.tolist()), "no measurement along a step that did not run"
+
+
+def test_guard_summary_counts_the_steps_it_decided_whatever_the_first_steps_number(tmp_path):
+    """With ``start_step=1`` (the HF callback's numbering) 200 checks were reported as
+    "guard summary after 201 steps": ``steps`` was the next step's number. It counts the
+    checks, and keeps counting across a save -> load."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def train(guard, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if guard.check(loss):
+                opt.step()
+
+    g = Guard(model, opt, start_step=1)
+    train(g, 20)
+    assert g.summary()["steps"] == 20 and g.step == 21
+    state = g.state_dict()
+    g.close()
+    again = Guard(model, opt, start_step=21)
+    again.load_state_dict(state)
+    train(again, 5)
+    assert again.summary()["steps"] == 25 and again.step == 26
+    again.close()
