@@ -280,7 +280,12 @@ class Guard:
 
             log.info("guard step %d: where the NaN was born is unknown: %s", step, NOT_KEPT)
             return
-        watch.nonfinite(step, self.monitor.record_event, by="guard", new_incident=True)
+        # under torch.distributed the Monitor leaves the replay to the guard (every rank
+        # calls alike), so the ranks' replays can be gathered: the rank whose batch made it
+        distributed = self._d is not None and getattr(
+            getattr(self.monitor, "_rec", None), "world", 1) > 1
+        watch.nonfinite(step, self.monitor.record_event, by="guard", new_incident=True,
+                        gather=distributed)
 
     def _probe_loss(self) -> float | None:
         """The loss on the user's fixed batch (``curvature_loss``), or ``None`` without one;
