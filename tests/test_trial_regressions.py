@@ -180,3 +180,37 @@ def test_guard_summary_counts_the_steps_it_decided_whatever_the_first_steps_numb
     train(again, 5)
     assert again.summary()["steps"] == 25 and again.step == 26
     again.close()
+
+
+def test_replaying_a_model_that_returns_a_dict_says_nothing_to_the_user():
+    """Hugging Face models return a ModelOutput: torch warned "For backward hooks to be
+    called, module output should be a Tensor or a tuple of Tensors" into the user's
+    console on every NaN replay (an internal detail; the origin is still found)."""
+    import warnings
+
+    from stablestep.diagnosis.nan_origin import nan_origin
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"h": torch.log(self.fc(x))}  # NaN where fc(x) < 0
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+            self.head = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.body(x)["h"]).mean()
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        origin = nan_origin(model, lambda: model(x))
+    assert origin.forward_module == "body"
+    assert not [w for w in seen if "backward hooks" in str(w.message)], [str(w.message) for w in seen]

@@ -255,6 +255,10 @@ def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
         try:
             with warnings.catch_warnings():  # modules whose inputs need no grad: expected
                 warnings.filterwarnings("ignore", message="Full backward hook")
+                # modules returning a dict or a Hugging Face ModelOutput: torch calls no
+                # backward hook for them, and says so on every replay; the parameter
+                # hooks and the other modules still locate the gradient
+                warnings.filterwarnings("ignore", message="For backward hooks to be called")
                 replay(backward)
         except RuntimeError as err:  # a module whose output is modified in place cannot
             if "inplace" not in str(err).lower() and "BackwardHook" not in str(err):
