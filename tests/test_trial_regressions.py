@@ -213,4 +213,5 @@ def test_replaying_a_model_that_returns_a_dict_says_nothing_to_the_user():
         warnings.simplefilter("always")
         origin = nan_origin(model, lambda: model(x))
     assert origin.forward_module == "body"
-    assert not [w for w in seen if "backward hooks" in str(w.message)], [str(w.message) for w in seen]
+    said = [str(w.message) for w in seen]
+    assert not [m for m in said if "backward hooks" in m], said
