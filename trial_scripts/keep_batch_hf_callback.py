@@ -5,6 +5,7 @@ Expected (by the README's promise of keep_batch + the Guard): a nan-origin event
 transformer.h.1.attn. Prints what the store's nan-origin events say.
 """
 import logging
+import sys
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -41,7 +42,8 @@ model = GPT2LMHeadModel(cfg)
 out = "/tmp/trial/hf_keep"
 args = TrainingArguments(output_dir=out, per_device_train_batch_size=16, learning_rate=1e-3,
                          max_steps=30, report_to=[], save_strategy="no", use_cpu=True,
-                         disable_tqdm=True, logging_steps=10, max_grad_norm=0.0)
+                         disable_tqdm=True, logging_steps=10, max_grad_norm=0.0,
+                         gradient_accumulation_steps=int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 cb = StablestepCallback(run="r", guard=GuardPolicy(), overwrite=True,
                         config=MonitorConfig(keep_batch=True))
 Trainer(model=model, args=args, train_dataset=DS(), callbacks=[cb, Sabotage()]).train()
