@@ -127,3 +127,91 @@ def test_a_noisy_first_minibatch_is_not_a_blow_up(tmp_path):
     _mlp_run(store, "noisy", steps=80)
     early = [f for f in stablestep.diagnose(str(store)) if f.step < 20]
     assert not early, [(f.step, f.kind, f.mechanism) for f in early]
+
+
+def test_a_step_whose_gradients_were_cleared_does_not_crash_the_secant_tracker(tmp_path):
+    """The Lightning/HF callbacks skip a step the guard refuses by setting every ``p.grad =
+    None`` and letting ``optimizer.step()`` run; at a secant step (every 10) the Monitor's
+    post-step hook then saw no parameters against its snapshot and raised out of the
+    user's training loop (``Tensor list must have same number of elements``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with stablestep.Monitor(model, opt, store=str(tmp_path / "s.db"), run="r") as mon:
+        for step in range(25):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.observe(loss)
+            if step in (10, 20):  # secant steps: a skipped step, as the callbacks skip it
+                for p in model.parameters():
+                    p.grad = None
+            opt.step()
+    steps, _ = stablestep.open_run(str(tmp_path / "s.db"), "r").series("secant_curvature")
+    assert len(steps) >= 1, "the secant curvature is still measured on the steps that ran"
+    assert not {11, 21} & set(steps.tolist()), "no measurement along a step that did not run"
+
+
+def test_guard_summary_counts_the_steps_it_decided_whatever_the_first_steps_number(tmp_path):
+    """With ``start_step=1`` (the HF callback's numbering) 200 checks were reported as
+    "guard summary after 201 steps": ``steps`` was the next step's number. It counts the
+    checks, and keeps counting across a save -> load."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+
+    def train(guard, n):
+        for _ in range(n):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            if guard.check(loss):
+                opt.step()
+
+    g = Guard(model, opt, start_step=1)
+    train(g, 20)
+    assert g.summary()["steps"] == 20 and g.step == 21
+    state = g.state_dict()
+    g.close()
+    again = Guard(model, opt, start_step=21)
+    again.load_state_dict(state)
+    train(again, 5)
+    assert again.summary()["steps"] == 25 and again.step == 26
+    again.close()
+
+
+def test_replaying_a_model_that_returns_a_dict_says_nothing_to_the_user():
+    """Hugging Face models return a ModelOutput: torch warned "For backward hooks to be
+    called, module output should be a Tensor or a tuple of Tensors" into the user's
+    console on every NaN replay (an internal detail; the origin is still found)."""
+    import warnings
+
+    from stablestep.diagnosis.nan_origin import nan_origin
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return {"h": torch.log(self.fc(x))}  # NaN where fc(x) < 0
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Body()
+            self.head = torch.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.body(x)["h"]).mean()
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        origin = nan_origin(model, lambda: model(x))
+    assert origin.forward_module == "body"
+    said = [str(w.message) for w in seen]
+    assert not [m for m in said if "backward hooks" in m], said

@@ -112,3 +112,53 @@ def _roundtrip(rank, world, out):
     opt.zero_grad()
     torch.nn.functional.mse_loss(model(x), y).backward()
     opt.step()  # training goes on from the restored state
+
+
+class _LogOf(torch.nn.Module):
+    """``log(x + 10)``: NaN for an input below -10."""
+
+    def forward(self, x):
+        return torch.log(x + 10.0)
+
+
+def _origin_worker(rank, world, mode, store):
+    import stablestep
+    from stablestep import MonitorConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("logof", _LogOf())
+    model.add_module("fc", torch.nn.Linear(6, 1))
+    model = wrap(model, mode, world)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = data(n=16, seed=rank)
+    with stablestep.Monitor(model, opt, store=store, run="o",
+                            config=MonitorConfig(keep_batch=True)) as mon:
+        guard = Guard(model, opt, monitor=mon)
+        for t in range(6):
+            xb = x.clone()
+            if t == 3 and rank == 1:
+                xb[0, 0] = -100.0  # only rank 1's batch makes the NaN
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(xb), y)
+            loss.backward()
+            mon.observe(loss, batch=lambda xb=xb: torch.nn.functional.mse_loss(model(xb), y))
+            if guard.check(loss):
+                opt.step()
+        guard.close()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_the_nan_origin_is_the_replay_of_the_rank_whose_batch_made_it(tmp_path, mode):
+    """Under DDP the NaN of rank 1's batch reaches rank 0 through the gradient all-reduce;
+    rank 0 (the one that writes) replayed its own finite batch and recorded "the value did
+    not reproduce". The ranks' replays are gathered: the event names `module.logof`."""
+    import stablestep
+
+    store = str(tmp_path / "o.db")
+    launch(_origin_worker, mode, store)
+    origins = [e.data for e in stablestep.open_run(store, "o").events if e.kind == "nan-origin"]
+    assert len(origins) == 1 and origins[0]["origin"] == "found", origins
+    name = "module.logof" if mode == "ddp" else "logof"
+    assert origins[0]["forward_module"] == name and origins[0]["rank"] == 1
+    assert "rank 1" in origins[0]["text"]

@@ -299,3 +299,47 @@ def test_fixed_run_name_twice_starts_a_suffixed_run_or_overwrites(tmp_path):
         assert cb.state_dict()["monitor"]["run"] == cb.run_name  # what a checkpoint resumes
     assert names[0] == "fixed" and names[1] != "fixed" and names[1].startswith("fixed")
     assert names[2] == "fixed" and sorted(list_runs(store)) == sorted({"fixed", names[1]})
+
+
+class LogLayer(torch.nn.Module):
+    """``log(h + shift)``: NaN once ``shift`` is set negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, h):
+        return torch.log(h + self.shift)
+
+
+class LogOf(Tiny):
+    """Tiny with a LogLayer between its two linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.logger_ = LogLayer()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.logger_(self.net[1](self.net[0](x)))
+        return torch.nn.functional.mse_loss(self.net[2](h), y)
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_keep_batch_names_the_module_where_the_nan_was_born(tmp_path, guard):
+    """``MonitorConfig(keep_batch=True)`` through the callback: the step's batches are kept
+    and replayed through ``training_step``; before, the event said "batch not kept"."""
+    from stablestep.telemetry.config import MonitorConfig
+
+    class Poison(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 4:
+                with torch.no_grad():
+                    pl_module.logger_.shift.fill_(-2.0)
+
+    cb = StablestepCallback(store=str(tmp_path / "s.db"), run="k", guard=guard or None,
+                            config=MonitorConfig(keep_batch=True))
+    _trainer(cb, 6, extra=[Poison()]).fit(LogOf(), _loader())
+    origins = [e.data for e in cb.read().events if e.kind == "nan-origin"]
+    assert origins and origins[0]["origin"] == "found", origins
+    assert origins[0]["forward_module"] == "logger_", origins[0]

@@ -272,3 +272,25 @@ def test_two_processes_store_one_run_with_the_trainers_global_loss(tmp_path):
                                rtol=1e-4)
     assert N.LOSS_SPREAD in run.names()
     assert (tmp_path / "out" / "checkpoint-2" / "stablestep_callback.pt").exists()
+
+
+def test_keep_batch_names_the_module_where_the_nan_was_born(tmp_path):
+    """``MonitorConfig(keep_batch=True)`` through the callback: the step's micro-batch calls
+    are kept (the user has no ``observe`` to pass ``batch=`` to), so a NaN born in the
+    attention is named; before, the event said "batch not kept; pass keep_batch=True"."""
+    from stablestep.telemetry.config import MonitorConfig
+
+    class Overflow(transformers.TrainerCallback):  # q.k ~ 1e40: inf in the softmax
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.transformer.h[0].attn.c_attn.weight[:, :32] *= 1e20
+
+    cb = StablestepCallback(run="k", guard=True, config=MonitorConfig(keep_batch=True))
+    transformers.Trainer(model=_model(), args=_args(tmp_path, 5), train_dataset=Tokens(),
+                         callbacks=[cb, Overflow()]).train()
+    run = cb.read()
+    origins = [e.data for e in run.events if e.kind == "nan-origin"]
+    assert origins and origins[0]["origin"] == "found", origins
+    assert origins[0]["forward_module"] == "transformer.h.0.attn"
+    assert origins[0]["forward_module"] != "unknown" and len(origins) == 1  # replayed once

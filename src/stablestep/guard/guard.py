@@ -120,6 +120,7 @@ class Guard:
         self.bad_batches: list[Any] = []
         self.lr_scale = 1.0
         self._step = start_step
+        self._checks = 0  # check() calls so far (summary's "steps": not the step number)
         self._nonfinite_run = 0
         self._aeos: list[int] = []  # Adam spike steps since the last adaptation
         self._ladder = 0
@@ -158,6 +159,7 @@ class Guard:
         (any JSON-able value) names the batch in :attr:`bad_batches` if it is skipped."""
         step, p = self._step, self.policy
         self._step += 1
+        self._checks += 1
         check_state = (p.state_check_every is not None
                        and (step % p.state_check_every == 0 or self._nonfinite_run > 0))
         self._d = _dist()  # once per check: torch.distributed's query is not free
@@ -278,7 +280,12 @@ class Guard:
 
             log.info("guard step %d: where the NaN was born is unknown: %s", step, NOT_KEPT)
             return
-        watch.nonfinite(step, self.monitor.record_event, by="guard", new_incident=True)
+        # under torch.distributed the Monitor leaves the replay to the guard (every rank
+        # calls alike), so the ranks' replays can be gathered: the rank whose batch made it
+        distributed = self._d is not None and getattr(
+            getattr(self.monitor, "_rec", None), "world", 1) > 1
+        watch.nonfinite(step, self.monitor.record_event, by="guard", new_incident=True,
+                        gather=distributed)
 
     def _probe_loss(self) -> float | None:
         """The loss on the user's fixed batch (``curvature_loss``), or ``None`` without one;
@@ -527,7 +534,7 @@ class Guard:
                 skips.setdefault(r.reason, []).append(r.step)
         rb = [r for r in self.records if r.action == "rollback"]
         return {
-            "steps": self._step,
+            "steps": self._checks,
             "skipped": sum(len(v) for v in skips.values()),
             "skipped_by_reason": {k: len(v) for k, v in skips.items()},
             "skipped_steps": skips,
@@ -686,7 +693,8 @@ class Guard:
         eps and AMSGrad live in the optimizer's param groups and are saved with its
         state_dict; the lr there is always the user's own (the scale is applied only inside
         ``optimizer.step()``), so loading both never applies the scale twice."""
-        return {"step": self._step, "lr_scale": self.lr_scale, "counts": dict(self.counts),
+        return {"step": self._step, "checks": self._checks, "lr_scale": self.lr_scale,
+                "counts": dict(self.counts),
                 "records": [r.to_dict() for r in self.records],
                 "bad_batches": list(self.bad_batches),
                 "nonfinite_run": self._nonfinite_run, "aeos": list(self._aeos),
@@ -703,6 +711,7 @@ class Guard:
         """Restore from :meth:`state_dict` (the policy given to the constructor is kept).
         The lr scale is *set* to the saved one (never multiplied into the current one)."""
         self._step, self.lr_scale = int(state["step"]), float(state["lr_scale"])
+        self._checks = int(state.get("checks", state["step"]))  # older states: the step
         self.counts = dict(state["counts"])
         self.records = []
         for r in state["records"]:

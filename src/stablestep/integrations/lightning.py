@@ -129,6 +129,7 @@ class StablestepCallback(Callback):
         self.monitor: Monitor | None = None
         self._state: dict[str, Any] | None = None  # to continue at the next fit
         self._loss: torch.Tensor | None = None
+        self._batches: list[tuple[Any, int]] = []  # keep_batch: this step's micro-batches
         self._report = GuardReport()
         self._logged: dict[str, float] | None = None
 
@@ -170,7 +171,33 @@ class StablestepCallback(Callback):
                 self.guard.load_state_dict(self._state["guard"])
             self._report.attach(self.guard)
         self._loss = None
+        self._batches = []
         self._logged = None
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """keep_batch: keep a reference to the batch (on its device) until the step is taken;
+        at most ``accumulate_grad_batches`` of them."""
+        if self.config.keep_batch:
+            self._batches.append((batch, batch_idx))
+            del self._batches[:-max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))]
+
+    def _batch(self, pl_module: LightningModule) -> Callable[[], torch.Tensor] | None:
+        """keep_batch: a closure re-running ``training_step`` on this step's micro-batches
+        and returning their summed loss (for the NaN-origin replay)."""
+        kept, self._batches = self._batches, []
+        if not kept:
+            return None
+
+        def replay() -> torch.Tensor:
+            losses = []
+            for batch, idx in kept:
+                out = pl_module.training_step(batch, idx)
+                losses.append(out["loss"] if isinstance(out, dict) else out)
+            return torch.stack([x.reshape(()) for x in losses]).sum()
+
+        return replay
 
     def on_before_backward(
         self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor
@@ -188,7 +215,7 @@ class StablestepCallback(Callback):
         ):
             return
         loss, self._loss = self._loss, None
-        self.monitor.observe(loss)
+        self.monitor.observe(loss, batch=self._batch(pl_module))
         if self.monitor.run_name != self.run_name:  # the store suffixed a taken name
             self.run_name = self.monitor.run_name
         if self.guard is None:

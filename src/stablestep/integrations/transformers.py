@@ -131,6 +131,8 @@ class StablestepCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
+        self._inputs: list[tuple[Any, Any, dict[str, Any]]] = []  # keep_batch: the calls
+        self._replaying = False
         self._normalized = False
         self._report = GuardReport()
         self._pending_log = False
@@ -138,7 +140,7 @@ class StablestepCallback(TrainerCallback):
     def _capture(
         self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any
     ) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if self._replaying or not (module.training and torch.is_grad_enabled()):
             return
         loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -146,6 +148,28 @@ class StablestepCallback(TrainerCallback):
             # (all micro-batches; all processes with average_tokens_across_devices): a share
             self._normalized = kwargs.get("num_items_in_batch") is not None
             self._losses.append(loss.detach().reshape(()))
+            if self.config.keep_batch:  # a reference only, dropped at the next step
+                self._inputs.append((module, args, kwargs))
+
+    def _batch(self) -> Any:
+        """keep_batch: a closure re-running this step's micro-batch forwards and returning
+        the step's loss as :meth:`_step_loss` forms it (for the NaN-origin replay)."""
+        inputs, self._inputs = self._inputs, []
+        if not (self.config.keep_batch and inputs):
+            return None
+        normalized = self._normalized
+
+        def replay() -> torch.Tensor:
+            self._replaying = True  # the replay's forwards are not this step's losses
+            try:
+                outs = [m(*a, **kw) for m, a, kw in inputs]
+            finally:
+                self._replaying = False
+            losses = torch.stack([(o.get("loss") if isinstance(o, Mapping) else o.loss)
+                                  .reshape(()) for o in outs])
+            return losses.sum() if normalized else losses.mean()
+
+        return replay
 
     def _step_loss(self, args: Any) -> torch.Tensor | None:
         """This process's loss of the step (the Monitor averages it over processes).
@@ -213,8 +237,9 @@ class StablestepCallback(TrainerCallback):
         """``monitor.observe(loss)``: the gradients of this step are complete."""
         if self.monitor is None:
             return
+        batch = self._batch()
         loss = self._step_loss(args)
-        self.monitor.observe(loss)
+        self.monitor.observe(loss, batch=batch)
         self.run_name = self.monitor.run_name  # the store may have suffixed a taken name
         if self.guard is not None:
             if not self.guard.check(loss if loss is not None else 0.0):

@@ -255,6 +255,10 @@ def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
         try:
             with warnings.catch_warnings():  # modules whose inputs need no grad: expected
                 warnings.filterwarnings("ignore", message="Full backward hook")
+                # modules returning a dict or a Hugging Face ModelOutput: torch calls no
+                # backward hook for them, and says so on every replay; the parameter
+                # hooks and the other modules still locate the gradient
+                warnings.filterwarnings("ignore", message="For backward hooks to be called")
                 replay(backward)
         except RuntimeError as err:  # a module whose output is modified in place cannot
             if "inplace" not in str(err).lower() and "BackwardHook" not in str(err):
@@ -277,6 +281,25 @@ def nan_origin(model: nn.Module, step: Callable[[], torch.Tensor], *,
             model.load_state_dict(saved)
     log.info("nan origin: %s", out.summary())
     return out
+
+
+def _from_ranks(data: dict[str, Any]) -> dict[str, Any]:
+    """The replay result of the rank that reproduced the NaN: the first rank whose forward
+    went non-finite, else the first whose replayed loss or gradients did, else this
+    rank's own; with its ``rank`` (one ``all_gather_object``; every rank must call it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return data
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, {**data, "rank": dist.get_rank()})
+    found = [d for d in every if d and d.get("origin") == "found"]
+    for pick in ([d for d in found if d.get("forward_module") is not None],
+                 [d for d in found if not d.get("loss_finite", True)
+                  or d.get("backward_parameter") is not None]):
+        if pick:
+            return {**pick[0], "text": f"{pick[0]['text']} (on rank {pick[0]['rank']}'s batch)"}
+    return every[dist.get_rank()]
 
 
 class OriginWatch:
@@ -326,10 +349,17 @@ class OriginWatch:
         return self.nonfinite(step, record, by="monitor")
 
     def nonfinite(self, step: int, record: Callable[[int, str, dict], None], *,
-                  by: str, new_incident: bool = False) -> dict[str, Any] | None:
+                  by: str, new_incident: bool = False,
+                  gather: bool = False) -> dict[str, Any] | None:
         """Step ``step`` is non-finite: at the first step of an incident, replay the kept
         batch under :func:`nan_origin` and ``record(step, "nan-origin", data)``; returns
-        ``data`` (``None`` when this incident was already replayed)."""
+        ``data`` (``None`` when this incident was already replayed).
+
+        ``gather``: every rank of ``torch.distributed`` calls this alike (the Guard's
+        decision): each replays its own batch, and the ranks' results are gathered so the
+        recorded one is the rank whose batch made the NaN (under DDP a NaN on one rank's
+        batch reaches every rank through the gradient all-reduce, but only that rank's
+        replay reproduces it); ``data["rank"]`` names it."""
         if self.last_step == step or (self.in_incident and not new_incident):
             return None
         self.in_incident, self.last_step = True, step
@@ -351,6 +381,8 @@ class OriginWatch:
         if data["origin"] == "unknown":
             data["text"] = f"origin unknown: {data['reason']}"
         data["by"] = by
+        if gather:
+            data = _from_ranks(data)
         log.warning("step %d: where the NaN was born: %s", step, data["text"])
         record(step, N.EVENT_NAN_ORIGIN, data)
         return data

@@ -159,6 +159,12 @@ class SecantTracker:
         from stablestep.optim import inspect
 
         grads, self._grads = self._grads, None
+        if self._buf is None or len(params) != len(self._buf):
+            # the step ran on other tensors than the snapshot (e.g. every p.grad set to
+            # None: a step the guard refused in the Lightning/HF callbacks): no update to
+            # measure along, so this measurement is dropped
+            self._open_step = None
+            return
         with torch.no_grad():
             # buf = theta_t - theta_{t+1} = -u: the sign is applied to the dot products
             torch._foreach_sub_(self._buf, [local(p.detach()) for p in params])
