@@ -122,7 +122,7 @@ def test_overflow_is_non_finite_with_restore_point():
         assert _remedy(f, "restore").value == f.step - 1
         # an fp32 run (the Monitor records the dtypes): no precision advice (#11), the NaN's origin
         assert not any(r.action == "loss-scaling" for r in f.remedies)
-        assert _remedy(f, "find-origin")
+        assert "keep_batch" in str(_remedy(f, "find-origin").value)  # our replay, not anomaly mode
         assert not any(r.action in ("amsgrad", "set-lr") for r in f.remedies)
 
 

@@ -236,7 +236,7 @@ def test_fifo_and_directories_are_refused_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(SourceError, match="not a regular file"):
         load(str(fifo))
-    with pytest.raises(SourceError, match="neither TensorBoard event files nor a run.sqlite"):
+    with pytest.raises(SourceError, match="neither TensorBoard event files nor a run store"):
         load(str(tmp_path))
     with pytest.raises(SourceError, match="not a valid path"):
         load("log\x00.csv")
@@ -341,3 +341,15 @@ def test_small_and_large_csvs_read_the_same_by_either_parser(tmp_path, monkeypat
     np.testing.assert_array_equal(small.loss, large.loss)  # NaN where empty, as in pandas
     assert math.isnan(small.loss[120]) and 120 in small.nonfinite_steps
     np.testing.assert_array_equal(small.metric("lr"), large.metric("lr"))
+
+
+def test_a_callbacks_log_directory_is_read_as_its_store(tmp_path):
+    """The Lightning/HF/Keras callbacks write ``stablestep.db`` into their framework's log
+    directory; ``diagnose DIR`` reads it like a lab directory's ``run.sqlite``."""
+    from stablestep.telemetry.store import RunWriter
+
+    w = RunWriter(str(tmp_path / "stablestep.db"), "cb", config={})
+    for s in range(5):
+        w.add(s, {"loss": 1.0 / (s + 1)})
+    w.close()
+    assert load(str(tmp_path))[0].loss.tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]

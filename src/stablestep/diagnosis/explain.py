@@ -493,10 +493,13 @@ def _remedies(trace: Trace, mechanism: str, inc: Incident, ev: dict[str, Any]) -
                               "(torch.amp.GradScaler) or bf16 instead of fp16; expected: "
                               "overflowing steps are skipped instead of poisoning the weights"))
         else:
-            out.append(Remedy("find-origin", "torch.autograd.set_detect_anomaly(True)",
+            out.append(Remedy("find-origin", "MonitorConfig(keep_batch=True)",
                               "the run is not fp16/bf16 (or its dtypes were not recorded): "
-                              "replay from the restore step with anomaly detection to find "
-                              "the operation that made the first NaN; expected: its name"))
+                              "run again with keep_batch=True and observe(loss, batch=...); "
+                              "the Monitor replays the first non-finite step once with "
+                              "finiteness hooks (forward and backward, no always-on cost, "
+                              "unlike anomaly mode); expected: the module that made the "
+                              "first NaN, named in the next diagnosis"))
         eps = h.get("eps")
         if half and eps is not None and eps < 1e-7:
             out.append(Remedy("set-eps", 1e-7,

@@ -206,4 +206,5 @@ def get(name: str) -> Scenario:
     try:
         return _BUILDERS[name]()
     except KeyError:
-        raise KeyError(f"unknown scenario {name!r}; choose from {', '.join(_BUILDERS)}") from None
+        raise KeyError(f"unknown scenario {name!r}; choose from "
+                       f"{', '.join((*_BUILDERS, *TEXT))}") from None

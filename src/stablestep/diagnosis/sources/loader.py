@@ -62,7 +62,7 @@ def load(source: Any, *, run: str | None = None,
         if os.path.isdir(path):
             if not event_dirs(path):
                 raise SourceError(f"{path}: a directory with neither TensorBoard event files "
-                                  "nor a run.sqlite")
+                                  "nor a run store (run.sqlite or stablestep.db)")
             traces = read_tensorboard(path, infos=infos)
         else:
             traces = _read_file(path, infos)

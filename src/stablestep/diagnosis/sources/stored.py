@@ -52,12 +52,18 @@ def from_run(run: Any, *, source: str = "", infos: list[ReadInfo] | None = None)
     return trace
 
 
+STORE_FILES = ("run.sqlite", "stablestep.db")
+"""The store's file name inside a directory: the lab's output directory, and the Lightning,
+HF and Keras callbacks' default (their framework's log or output directory)."""
+
+
 def store_path(path: str) -> str | None:
-    """The store file of ``path``: itself if a SQLite file, ``DIR/run.sqlite`` for a lab
-    output directory, else ``None``."""
+    """The store file of ``path``: itself if a SQLite file, ``DIR/run.sqlite`` (a lab
+    output directory) or ``DIR/stablestep.db`` (a callback's log directory) for a
+    directory, else ``None``."""
     if os.path.isdir(path):
-        inner = os.path.join(path, "run.sqlite")
-        return inner if os.path.isfile(inner) else None
+        return next((p for p in (os.path.join(path, f) for f in STORE_FILES) if is_sqlite(p)),
+                    None)
     return path if is_sqlite(path) else None
 
 
