@@ -57,6 +57,16 @@ lr 12 blow-up, whose cause was not found in time). Post-hoc, default Monitor: F1
 median delay 1, mechanism 0.917 (the two Keras outliers are now found but named
 "unknown"), remedies fit 1.000; curvature on: F1 0.867, median delay 1, mechanism 0.889,
 remedies fit 1.000.
+
+After the merge of this round (the lead's changes, again with the held-out failures in view,
+so not blind either): non-finite parameters recorded at each detailed step after a blow-up
+fold into the blow-up's finding (the CNN SGD lr 12 run: 5 extra findings gone), and the Keras
+callback records the gradient norm every step on the torch backend (the two Keras outliers
+are now named). Default Monitor: F1 0.923 (36 found, 3 false alarms, 3 missed), median delay
+1, mechanism 0.972, remedies fit 1.000; curvature on: F1 0.923, mechanism 0.944. Still
+wrong: the Keras SGD jump (a noisy first batch takes the finding), two GPT-2 plateaus that
+rise about 3x and come slowly back, a second finding on an SGD CNN above its stable lr, and
+a CNN outlier with a false alarm 5 steps before it.
 """
 
 from __future__ import annotations
