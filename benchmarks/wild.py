@@ -290,7 +290,7 @@ def record(spec: Spec, store: str, *, curvature: bool = False) -> None:
             loss = _loss(spec, model, xb, yb)
             loss.backward()
             mon.observe(loss)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 break
             opt.step()
             if sched is not None:

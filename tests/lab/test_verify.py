@@ -53,7 +53,7 @@ def test_verify_from_a_guard_snapshot():
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
-        return float(loss)
+        return loss.item()
 
     losses = []
     for t in range(60):
@@ -61,7 +61,7 @@ def test_verify_from_a_guard_snapshot():
         opt.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
         loss.backward()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if guard.check(loss):
             opt.step()
     snaps = guard.state_dict()["snapshots"]
