@@ -247,16 +247,26 @@ def _attach_guard_actions(trace: Trace, findings: list[Finding]) -> None:
     the finding they belong to (``evidence["guard_actions"]``): the last finding at or
     before the action's step, else the first one. A run with guard actions and no finding
     keeps them in :attr:`Trace.events` only."""
-    acts = [e for e in trace.events if e.get("kind") == "guard"]
-    if not acts or not findings:
-        return
+    for owner, data in _owned_events(trace, findings, "guard"):
+        owner.evidence.setdefault("guard_actions", []).append(data)
+
+
+def _owned_events(trace: Trace, findings: list[Finding],
+                  kind: str) -> list[tuple[Finding, dict]]:
+    """The events of ``kind`` with the finding each belongs to (the last finding at or
+    before the event's step, else the first one) and its data (``step`` included)."""
+    evs = [e for e in trace.events if e.get("kind") == kind]
+    if not evs or not findings:
+        return []
     order = sorted(findings, key=lambda f: f.step)
-    for e in acts:
+    out = []
+    for e in evs:
         st = int(e["step"])
         owner = next((f for f in reversed(order) if f.step <= st), order[0])
         data = dict(e.get("data") or {})
         data.setdefault("step", st)
-        owner.evidence.setdefault("guard_actions", []).append(data)
+        out.append((owner, data))
+    return out
 
 
 def _attach_nan_origin(trace: Trace, findings: list[Finding]) -> None:
@@ -264,15 +274,7 @@ def _attach_nan_origin(trace: Trace, findings: list[Finding]) -> None:
     the Guard: :mod:`stablestep.telemetry.nan_origin`) into the evidence of the finding it
     belongs to (``evidence["nan_origin"]``, the first such event per finding): the last
     finding at or before the event's step, else the first one."""
-    evs = [e for e in trace.events if e.get("kind") == names.EVENT_NAN_ORIGIN]
-    if not evs or not findings:
-        return
-    order = sorted(findings, key=lambda f: f.step)
-    for e in evs:
-        st = int(e["step"])
-        owner = next((f for f in reversed(order) if f.step <= st), order[0])
-        data = dict(e.get("data") or {})
-        data.setdefault("step", st)
+    for owner, data in _owned_events(trace, findings, names.EVENT_NAN_ORIGIN):
         if "nan_origin" in owner.evidence:
             continue
         owner.evidence["nan_origin"] = data

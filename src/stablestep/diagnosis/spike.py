@@ -142,7 +142,10 @@ class _SpikeState:
     recent: list = field(default_factory=list)  # the last mad_window + 1 log-losses
 
 
-def _med(v: list[float]) -> float:
+def median(xs: Any) -> float:
+    """The median of a non-empty sequence (the mean of the two middle values for an even
+    count): the one definition the detectors, the stack and the guard use."""
+    v = sorted(xs)
     n = len(v)
     return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
@@ -410,16 +413,15 @@ class SpikeDetector:
         if c.mad_z <= 0 or len(r) < 8:
             return False
         def spread(d: list[float], k: float) -> float:
-            d = sorted(d)
-            md = _med(d)
-            return 1.4826 * _med(sorted(abs(x - md) for x in d)) / math.sqrt(k)
+            md = median(d)
+            return 1.4826 * median([abs(x - md) for x in d]) / math.sqrt(k)
 
         # iid noise: first and second differences give the same sigma; a smooth trend
         # (a fast fall at the start) inflates the first, not the second
         sigma = min(spread([r[i] - r[i - 1] for i in range(1, len(r))], 2.0),
                     spread([r[i] - 2 * r[i - 1] + r[i - 2] for i in range(2, len(r))], 6.0))
         before = r[:max(1, len(r) - self._s.rise_len + 1)] if self._s.rise_len else r
-        ref = min(_med(sorted(before[-5:])), self._s.level)  # the level follows a fast fall
+        ref = min(median(before[-5:]), self._s.level)  # the level follows a fast fall
         return y - ref < c.mad_z * sigma
 
     def _shift(self, y: float, step: int) -> None:

@@ -77,7 +77,7 @@ from stablestep.diagnosis.detectors import (
     PeriodicDetector,
     PrecursorDetector,
 )
-from stablestep.diagnosis.spike import Excursion, SpikeConfig, SpikeDetector
+from stablestep.diagnosis.spike import Excursion, SpikeConfig, SpikeDetector, median
 
 KINDS = ("non-finite", "gradient-outlier", "spike", "divergence", "periodic-spikes",
          "precursor")
@@ -167,7 +167,7 @@ class JumpDetector:
         s["hist"].append((step, loss))
         del s["hist"][:-keep]
         fin = [v for _, v in s["hist"][-c.smooth:] if math.isfinite(v)]
-        med = _median(fin) if fin else math.nan
+        med = median(fin) if fin else math.nan
         recent = [m for m in s["meds"][-c.smooth:] if math.isfinite(m)]
         s["meds"].append(med)
         del s["meds"][:-keep]
@@ -190,7 +190,7 @@ class JumpDetector:
                 # minibatch loss near 0 swings 10x: the walk back stops at a lucky batch,
                 # and the median of the few records before it is no level)
                 pre = [v for _, v in h[max(0, i - 50):i] if math.isfinite(v)]
-                ref = max(best, _median(pre)) if pre else best
+                ref = max(best, median(pre)) if pre else best
                 # an early jump that comes back must clear every loss before it, the rise
                 # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
                 before = [v for _, v in h[max(0, i - c.hold):-1] if math.isfinite(v)]
@@ -259,7 +259,7 @@ class JumpDetector:
         for k in range(k0):
             fin = [v for v in head[max(0, len(old_h) + k + 1 - sm):len(old_h) + k + 1]
                    if isfinite(v)]
-            med_arr[k] = _median(fin) if fin else math.nan
+            med_arr[k] = median(fin) if fin else math.nan
         if k0 < limit:
             w = np.sort(sliding_window_view(lvec, sm), axis=1)
             med_arr[k0:] = (w[:, sm // 2] if sm % 2
@@ -300,7 +300,7 @@ class JumpDetector:
         ``outlier_loss`` x (a gradient-outlier batch that also jumped the loss), else None."""
         prev = [v for _, v in self._s["hist"][-21:-1] if math.isfinite(v)]
         if len(prev) >= 5 and math.isfinite(loss):
-            m = _median(prev)
+            m = median(prev)
             if m > 0 and loss >= self.config.outlier_loss * m:
                 return m
         return None
@@ -319,12 +319,6 @@ class JumpDetector:
         s = copy.deepcopy(state)
         s["hist"] = [tuple(x) for x in s["hist"]]
         self._s = s
-
-
-def _median(xs: list[float]) -> float:
-    v = sorted(xs)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 @dataclass(frozen=True)

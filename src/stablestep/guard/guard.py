@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from stablestep.diagnosis.spike import median
 from stablestep.diagnosis.stack import DetectorStack
 from stablestep.guard import remedies as R
 from stablestep.guard import snapshot as S
@@ -314,7 +315,7 @@ class Guard:
         win = [v for s, v in self._losses if onset <= s <= step][-self.policy.stack.jump.hold:]
         if len(pre) < 10 or not win:
             return None
-        level = _median(pre)
+        level = median(pre)
         q = sorted(win)[len(win) // 5]
         if q < self.policy.stack.jump.factor * level:
             return {"window_q20": q, "level": level}
@@ -794,12 +795,6 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     low = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
     return list(torch._foreach_norm(tensors, 2, dtype=torch.float32) if low
                 else torch._foreach_norm(tensors))
-
-
-def _median(xs: list[float]) -> float:
-    v = sorted(xs)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def _brief(data: dict) -> str:
