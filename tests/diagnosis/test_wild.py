@@ -196,9 +196,9 @@ def test_benchmark_sets_are_disjoint():
     """The held-out set shares no seed and no setting with either tuning file: seeds, data
     generators, widths, learning rates, batch sizes (full batch aside), lr jumps and
     outlier scales and steps; and it has Keras runs and every kind of run."""
-    from benchmarks import wild_heldout, wild_tuning, wild_tuning2
+    from benchmarks import wild_heldout, wild_tuning, wild_tuning2, wild_tuning3
 
-    tuning = wild_tuning.RUNS + wild_tuning2.RUNS
+    tuning = wild_tuning.RUNS + wild_tuning2.RUNS + wild_tuning3.RUNS
     held = wild_heldout.RUNS
     assert len(held) >= 40
 
