@@ -195,7 +195,8 @@ def test_verified_remedies_in_the_lab():
 def test_benchmark_sets_are_disjoint():
     """The held-out set shares no seed and no setting with either tuning file: seeds, data
     generators, widths, learning rates, batch sizes (full batch aside), lr jumps and
-    outlier scales and steps; and it has Keras runs and every kind of run."""
+    outlier scales and steps; and it has every kind of run, at least 10 Keras runs and a
+    fifth healthy runs, full batch and minibatch."""
     from benchmarks import wild_heldout, wild_tuning, wild_tuning2, wild_tuning3
 
     tuning = wild_tuning.RUNS + wild_tuning2.RUNS + wild_tuning3.RUNS
@@ -222,3 +223,7 @@ def test_benchmark_sets_are_disjoint():
     assert kinds >= {"healthy", "blowup0", "jump", "plateau", "sgd-high", "aeos", "outlier"}
     keras_kinds = {r["kind"] for r in held if r.get("model") == "keras"}
     assert {"healthy", "blowup0", "jump", "outlier"} <= keras_kinds
+    assert sum(r.get("model") == "keras" for r in held) >= 10
+    healthy = [r for r in held if r["kind"] == "healthy"]  # both regimes, not a token few
+    assert len(healthy) >= len(held) // 5
+    assert {r["batch"] is None for r in healthy} == {True, False}
