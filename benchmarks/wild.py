@@ -502,6 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"set={args.set} curvature={'on' if args.curvature else 'off (default Monitor)'} "
           f"secant_every={args.secant_every or 'default'} "
           f"({time.perf_counter() - t0:.0f} s)")
+    if args.labels_only:  # nothing was diagnosed: no score to print
+        print(f"labels hold {res['runs'] - res['labels_not_holding']}/{res['runs']}")
+        return
     for k, v in res.items():
         print(f"  {k}: {v:.3g}" if isinstance(v, float) else f"  {k}: {v}")
     print(f"F1 {res['f1']:.3f} median_delay {res['median_delay']} mechanism "
