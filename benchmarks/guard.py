@@ -29,18 +29,17 @@ Healthy runs through the callbacks (``framework_corpus()``, seeds 1200+, disjoin
 both): 6 MLP/CNN runs through the Lightning callback and 4 HF GPT-2 runs through the Trainer
 callback, each without and with ``guard=True``; only stablestep is run there.
 
-Failure corpus: 9 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
-3 corrupted batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``),
-``periodic-spikes`` (seed 001), ``lr-too-high`` (seed 003, gradient descent at 2.5x the
-stable lr), ``lr-x100-stays-high`` (a minibatch MLP classifier whose Adam lr the schedule
-raises x100 at step 40: the loss goes to chance level, about 2x, and stays; reference: no
-lr jump; found by a new-user trial); the transformer stories ``attention-logits`` and ``output-logits`` (the lab's
-byte-level GPT, ``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1
-with it; references: qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a
-config, sdpa, AdamW at lr 1.0; reference lr 1e-3). A run *ends healthy* when its final
-whole-data loss is finite and at most 3x that of its healthy reference (healthy corpus:
-the ``none`` run; stories: the same data without the fault, or the story's fix) plus a
-floor of 1e-6 x the initial loss.
+Failure corpus: 9 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP, 3 corrupted
+batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``), ``periodic-spikes`` (seed 001),
+``lr-too-high`` (seed 003, gradient descent at 2.5x the stable lr), ``lr-x100-stays-high`` (a
+minibatch MLP classifier whose Adam lr the schedule raises x100 at step 40: the loss goes to chance
+level, about 2x, and stays; reference: no lr jump; found by a new-user trial); the transformer
+stories ``attention-logits`` and ``output-logits`` (the lab's byte-level GPT,
+``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1 with it; references:
+qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a config, sdpa, AdamW at lr 1.0;
+reference lr 1e-3). A run *ends healthy* when its final whole-data loss is finite and at most 3x
+that of its healthy reference (healthy corpus: the ``none`` run; stories: the same data without the
+fault, or the story's fix) plus a floor of 1e-6 x the initial loss.
 
 Columns: runs ending healthy (stories, healthy corpus), final loss against the reference
 (geometric mean of the ratio over finite runs), false actions on the healthy corpus (total,

@@ -175,6 +175,12 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
                 incidents[k] = replace(inc, kind="divergence", recovered=False)
                 spans[k] = (inc.onset, None)
                 continue
+        if d.kind == "divergence" and d.rule and any(
+                r.kind == "gradient-outlier" and d.onset < r.step <= d.onset + 10
+                and any(i.detected == r.step for i in incidents) for r in raised):
+            # the level rules' onset walked back into the batch noise before an outlier
+            # batch that jumped the loss (found at that batch): the batch's finding
+            continue
         if d.kind == "divergence" and not any(
                 e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs) \
                 and not framed(d):

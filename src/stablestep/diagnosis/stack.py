@@ -62,13 +62,12 @@ Kinds, each measured against this run's own statistics:
   ``z`` = ``level_z``: minibatch losses near 0 that swing 10x are no level shift), when the
   record is over the bar; ``stay`` records later, the finite losses of the window all but
   a fifth still over the bar raise ``divergence`` (value: the highest loss of the
-  window). After any jump-rule incident and after a stays-high one, the rule *watches*:
-  the next ``hold`` finite losses must be back (all but a fifth) under ``rearm`` x the
-  incident's baseline, else a ``stays-high`` divergence with the same onset (value: the fifth-lowest loss of the
-  window) is raised and the watch starts again. This is what tells the Guard that its
-  rollback and lr cut did not bring the loss back; in an unguarded run it repeats every
-  ``hold`` records while the loss stays high (``diagnose`` folds them into the one
-  divergence they share an onset with).
+  window). After any jump-rule incident and after a stays-high one, the rule *watches*: the next
+  ``hold`` finite losses must be back (all but a fifth) under ``rearm`` x the incident's baseline,
+  else a ``stays-high`` divergence with the same onset (value: the fifth-lowest loss of the window)
+  is raised and the watch starts again. This is what tells the Guard that its rollback and lr cut
+  did not bring the loss back; in an unguarded run it repeats every ``hold`` records while the loss
+  stays high (``diagnose`` folds them into the one divergence they share an onset with).
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
