@@ -29,16 +29,17 @@ Healthy runs through the callbacks (``framework_corpus()``, seeds 1200+, disjoin
 both): 6 MLP/CNN runs through the Lightning callback and 4 HF GPT-2 runs through the Trainer
 callback, each without and with ``guard=True``; only stablestep is run there.
 
-Failure corpus: 8 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP,
-3 corrupted batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``),
-``periodic-spikes`` (seed 001), ``lr-too-high`` (seed 003, gradient descent at 2.5x the
-stable lr); the transformer stories ``attention-logits`` and ``output-logits`` (the lab's
-byte-level GPT, ``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1
-with it; references: qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a
-config, sdpa, AdamW at lr 1.0; reference lr 1e-3). A run *ends healthy* when its final
-whole-data loss is finite and at most 3x that of its healthy reference (healthy corpus:
-the ``none`` run; stories: the same data without the fault, or the story's fix) plus a
-floor of 1e-6 x the initial loss.
+Failure corpus: 9 stories: ``nan-injection`` and ``outlier-batches`` (minibatch MLP, 3 corrupted
+batches), ``late-eps-explosion`` (seed 000, lab ``late-explosion``), ``periodic-spikes`` (seed 001),
+``lr-too-high`` (seed 003, gradient descent at 2.5x the stable lr), ``lr-x100-stays-high`` (a
+minibatch MLP classifier whose Adam lr the schedule raises x100 at step 40: the loss goes to chance
+level, about 2x, and stays; reference: no lr jump; found by a new-user trial); the transformer
+stories ``attention-logits`` and ``output-logits`` (the lab's byte-level GPT,
+``stablestep.lab.text``, at lr 1e-1 without qk-layernorm and at lr 3e-1 with it; references:
+qk-layernorm, lr 1e-1) and ``gpt2-lr1-blowup`` (HF GPT-2 from a config, sdpa, AdamW at lr 1.0;
+reference lr 1e-3). A run *ends healthy* when its final whole-data loss is finite and at most 3x
+that of its healthy reference (healthy corpus: the ``none`` run; stories: the same data without the
+fault, or the story's fix) plus a floor of 1e-6 x the initial loss.
 
 Columns: runs ending healthy (stories, healthy corpus), final loss against the reference
 (geometric mean of the ratio over finite runs), false actions on the healthy corpus (total,
@@ -380,8 +381,49 @@ def run_lab(config, method: str) -> dict:
     return {"final": pr.full_loss(), "first": first, "actions": m.actions, "guard": m._guard}
 
 
+def run_lr_x100(method: str, *, factor: float = 100.0, steps: int = 200, seed: int = 0,
+                jump_at: int = 40) -> dict:
+    """A classifier the lr of whose Adam the user's schedule raises ``factor`` x at step
+    ``jump_at`` (a new-user trial): 10 classes of non-negative 64-pixel images (integer
+    intensities, digits-like), an MLP with two ReLU layers, lr 1e-3, batch 32. At x100 the
+    loss goes from ~1.3 to chance level (ln 10) and stays: under the jump rule's 3x. The
+    final loss is on 512 training images."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(10, 64, generator=g) * 2
+    y = torch.randint(10, (2048,), generator=g)
+    x = ((protos[y] + torch.randn(2048, 64, generator=g)).clamp(min=0) * 4.0).round()
+    torch.manual_seed(seed + 1)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 10))
+    m = Method(method)
+    params = list(model.parameters())
+    opt = m.optimizer("adam", params, 1e-3, lambda lr, **c: torch.optim.Adam(params, lr=lr, **c))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: factor if t >= jump_at else 1.0)
+    m.attach(model, opt)
+    ev = torch.arange(512)
+
+    def full() -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x[ev]), y[ev]))
+
+    first = full()
+    for _ in range(steps):
+        i = torch.randint(len(x), (32,), generator=g)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+        loss.backward()
+        try:
+            if m.take(loss, model):
+                opt.step()
+        except Stopped:
+            break
+        sched.step()
+    return {"final": full(), "first": first, "actions": m.actions, "guard": m._guard}
+
+
 def stories() -> list[tuple[str, object, object]]:
-    """(name, run(method), healthy reference run) for the 5 failure stories."""
+    """(name, run(method), healthy reference run) for the 6 failure stories."""
     late = replace(scenarios.get("late-explosion").base(), steps=2000)
     per = replace(scenarios.get("periodic-spikes").base(), steps=1200)
     div = scenarios.get("lr-divergence").base()
@@ -395,6 +437,8 @@ def stories() -> list[tuple[str, object, object]]:
          lambda: run_lab(replace(per, amsgrad=True), "none")),
         ("lr-too-high", lambda m: run_lab(div, m),
          lambda: run_lab(replace(div, lr=1e-4), "none")),
+        ("lr-x100-stays-high", lambda m: run_lr_x100(m),
+         lambda: run_lr_x100("none", factor=1.0)),
     ]
 
 

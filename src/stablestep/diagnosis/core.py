@@ -162,6 +162,25 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
                                       baseline=v.baseline, recovered=False, jump=True))
             spans.append((d.onset, None))
             continue  # the loss grew far / jumped and stayed, but no spike alarm framed it
+        level_shift = d.kind == "divergence" and d.rule == "stays-high" and not any(
+            e.rule in ("jump", "stays-high") and e.onset == d.onset and e.step < d.step
+            for e in raised)  # the rule's own finding, not its watch after a jump
+        if level_shift or (d.kind == "divergence" and d.rule and d.step in rolled_back):
+            # a spike the spike detector saw recover (its peak far above where the loss
+            # settled) whose loss stays high over its level before: not coming back
+            k = next((n for n, inc in enumerate(incidents) if inc.kind == "spike"
+                      and inc.onset - 2 <= d.onset <= inc.peak_step + 22), None)
+            if k is not None:
+                inc = incidents[k]
+                incidents[k] = replace(inc, kind="divergence", recovered=False)
+                spans[k] = (inc.onset, None)
+                continue
+        if d.kind == "divergence" and d.rule and any(
+                r.kind == "gradient-outlier" and d.onset < r.step <= d.onset + 10
+                and any(i.detected == r.step for i in incidents) for r in raised):
+            # the level rules' onset walked back into the batch noise before an outlier
+            # batch that jumped the loss (found at that batch): the batch's finding
+            continue
         if d.kind == "divergence" and not any(
                 e.onset <= d.step and (e.end is None or d.step <= e.end) for e in excs) \
                 and not framed(d):

@@ -171,7 +171,11 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
     only where the loss stayed finite and the guard did not act (non-finite parameters or
     state after the blow-up); a NaN/Inf loss is always its own finding. ``explained``:
     sorted ``(incident, mechanism, confidence, evidence)``; the folded ones' steps go to
-    the first's ``evidence["follow_on_alarms"]``."""
+    the first's ``evidence["follow_on_alarms"]``. In full-batch training a later spike also
+    named lr-too-high folds even where the loss came back between (gradient descent above
+    its stable lr catapults again at the same lr: no new cause). An incident with an lr jump
+    at its onset (``evidence["lr_jump"]``) where the first had none is a new regime with its
+    own cause, not folded."""
     from dataclasses import replace
 
     lr = trace.metric(names.LR)
@@ -188,7 +192,11 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
         j = len(out) - 1
         while state_only and j >= 0 and out[j][0].kind == "non-finite":
             j -= 1
-        if j >= 0 and out[j][1] == "lr-too-high" and (state_only or j == len(out) - 1):
+        # an lr jump at this incident's onset is a cause of its own: a new regime
+        new_cause = len(item) > 3 and isinstance(item[3], dict) and "lr_jump" in item[3] \
+            and "lr_jump" not in out[j][3] if j >= 0 else False
+        if j >= 0 and out[j][1] == "lr-too-high" and (state_only or j == len(out) - 1) \
+                and not new_cause:
             head = out[j][0]
             i0, i1 = _index(trace, head.onset), _index(trace, inc.onset)
             lr_ok = lr is None or not (np.nanmin(lr[i0:i1 + 1]) < 0.9 * lr[i0])
@@ -196,7 +204,11 @@ def fold(trace: Trace, explained: list[tuple]) -> list[tuple]:
             base = head.baseline if head.baseline > 0 else math.inf
             seg = seg[np.isfinite(seg)]
             stayed = seg.size == 0 or float(np.median(seg)) >= 1.2 * base
-            if lr_ok and stayed:
+            # full-batch training at an unchanged lr above its stable one: the loss may come
+            # back between blow-ups, the cause (and the finding) is the same
+            again = (full_batch(trace) is True and item[1] == "lr-too-high"
+                     and inc.kind == "spike")
+            if lr_ok and (stayed or again):
                 ev = out[j][3]
                 ev.setdefault("follow_on_alarms", []).append(int(inc.detected))
                 if inc.kind == "non-finite":  # state only (see above): the loss is finite

@@ -46,7 +46,28 @@ Kinds, each measured against this run's own statistics:
   loss before it by ``factor`` (or climbs three records in a row to ``factor`` over every
   loss before the rise) is raised at once as ``spike`` (its first step), and the
   ``divergence`` follows ``hold`` records later if it stays (same onset: one incident for
-  the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``.
+  the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``. The
+  level ``r_t`` is also at least the median of the 20 records before the onset when there
+  are 10 (a loss that has been rising slowly: the run's level now): a window that is this
+  run's own minibatch noise is no jump.
+- ``divergence`` by the **stays-high** rule (``rule="stays-high"``, settings in
+  :class:`JumpConfig`), where the loss rose too little for the jump rule but does not come
+  back (Adam whose lr was raised x100 mid-run: the loss goes from 1.3 to chance level,
+  2.3, and stays): a record :math:`L_t \ge` ``rearm`` :math:`b_t` and ``rearm`` x the lowest
+  of the last ``smooth`` running medians opens a candidate with level :math:`\ell =
+  \max(b_t,` the median of the ``level`` records before the onset) (the level just before:
+  a loss still falling fast is far under the median of the 50 before) and bar
+  :math:`\ell \max(\text{rearm}, e^{z\sigma})`, :math:`\sigma` this run's batch-to-batch
+  spread of the log loss over the 50 records before (robust, from first differences;
+  ``z`` = ``level_z``: minibatch losses near 0 that swing 10x are no level shift), when the
+  record is over the bar; ``stay`` records later, the finite losses of the window all but
+  a fifth still over the bar raise ``divergence`` (value: the highest loss of the
+  window). After any jump-rule incident and after a stays-high one, the rule *watches*: the next
+  ``hold`` finite losses must be back (all but a fifth) under ``rearm`` x the incident's baseline,
+  else a ``stays-high`` divergence with the same onset (value: the fifth-lowest loss of the window)
+  is raised and the watch starts again. This is what tells the Guard that its rollback and lr cut
+  did not bring the loss back; in an unguarded run it repeats every ``hold`` records while the loss
+  stays high (``diagnose`` folds them into the one divergence they share an onset with).
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
@@ -115,8 +136,11 @@ class JumpConfig:
     running median (of ``smooth`` records), confirmed over ``hold`` records; a jump inside
     the first ``warmup`` records counts even if the loss comes back; ``rearm``: a loss
     must be back under ``rearm`` x the best before the rule watches again; ``outlier_loss``:
-    the loss jump that makes a gradient-outlier record a spike; ``enabled``: False turns the
-    rule off."""
+    the loss jump that makes a gradient-outlier record a spike; ``stay`` and ``level``: the
+    **stays-high** rule, a loss that rose ``rearm`` x over its level (the median of the
+    ``level`` records before the rise, at least the best), and ``level_z`` times this run's
+    batch-to-batch spread of the log loss, and stays there ``stay`` records (module
+    docstring); ``enabled``: False turns both rules off."""
 
     factor: float = 3.0
     hold: int = 10
@@ -124,37 +148,62 @@ class JumpConfig:
     smooth: int = 5
     rearm: float = 1.5
     outlier_loss: float = 3.0
+    stay: int = 20
+    level: int = 10
+    level_z: float = 2.0
     enabled: bool = True
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.level_z) and self.level_z >= 0):
+            raise ValueError(f"Invalid level_z: {self.level_z} (need >= 0)")
         for name in ("factor", "rearm", "outlier_loss"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 1):
                 raise ValueError(f"Invalid {name}: {v} (need > 1)")
-        for name in ("hold", "smooth"):
+        for name in ("hold", "smooth", "stay", "level"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Invalid {name}: {getattr(self, name)} (need >= 1)")
         if self.warmup < 0:
             raise ValueError(f"Invalid warmup: {self.warmup} (need >= 0)")
 
 
-class JumpDetector:
-    """The jump rule of :class:`DetectorStack` (module docstring), one record at a time.
+def _spread(hist: list[tuple[int, float]]) -> float:
+    r"""This run's batch-to-batch spread of the log loss over ``hist`` ``(step, loss)``: the
+    robust standard deviation of one record, :math:`1.4826\,\mathrm{MAD}(\Delta y)/\sqrt 2`
+    over the first differences of :math:`y = \log L` (a trend cancels out); 0 with fewer
+    than 5 differences."""
+    ys = [math.log(v) for _, v in hist if math.isfinite(v) and v > 0]
+    d = [b - a for a, b in zip(ys[:-1], ys[1:], strict=False)]
+    if len(d) < 5:
+        return 0.0
+    m = median(d)
+    return 1.4826 * median([abs(x - m) for x in d]) / math.sqrt(2.0)
 
-    ``update(step, loss)`` returns ``(kind, onset, value, baseline)`` or None."""
+
+class JumpDetector:
+    """The jump and stays-high rules of :class:`DetectorStack` (module docstring), one
+    record at a time.
+
+    ``update(step, loss)`` returns ``(kind, onset, value, baseline, rule)`` or None."""
 
     def __init__(self, config: JumpConfig) -> None:
         self.config = config
         self._s: dict[str, Any] = {"n": 0, "hist": [], "meds": [], "best": math.inf,
-                                   "pending": [], "armed": True, "ref": math.inf}
+                                   "pending": [], "armed": True, "ref": math.inf,
+                                   "lpend": [], "watch": None}
 
     def disarm(self, baseline: float) -> None:
         """Another rule raised a divergence: one regime, one incident."""
         s = self._s
-        s["armed"], s["pending"] = False, []
+        s["armed"], s["pending"], s["lpend"] = False, [], []
         s["ref"] = min(s["best"], baseline) if math.isfinite(baseline) else s["best"]
 
-    def update(self, step: int, loss: float) -> tuple[str, int, float, float] | None:
+    def _watch(self, onset: int, ref: float) -> None:
+        """Watch the next ``hold`` finite losses: back under ``rearm`` x ``ref``, or a
+        stays-high divergence (and watch again)."""
+        self._s["watch"] = {"onset": int(onset), "ref": float(ref), "vals": []}
+
+    def update(self, step: int, loss: float) -> tuple[str, int, float, float, str] | None:
         """Feed one record (``loss`` may be non-finite)."""
         c, s = self.config, self._s
         k = s["n"]
@@ -173,24 +222,42 @@ class JumpDetector:
         del s["meds"][:-keep]
         best = s["best"]
         out = None
+        w = s.get("watch")
+        if w is not None and math.isfinite(loss):
+            # after a jump (or a stays-high incident): back near the level within `hold`
+            # finite records (all but a fifth under rearm x), else the loss stays high
+            w["vals"].append(loss)
+            if len(w["vals"]) >= c.hold:
+                q = sorted(w["vals"])[len(w["vals"]) // 5]
+                s["watch"] = None
+                if q >= c.rearm * w["ref"]:
+                    out = ("divergence", w["onset"], q, w["ref"], "stays-high")
+                    self._watch(w["onset"], w["ref"])
         if not s["armed"]:
             if math.isfinite(loss) and loss < c.rearm * s["ref"]:
                 s["armed"] = True
-            return None
+            return out
         if k >= 1 and best > 0 and math.isfinite(best):
             low = min(recent) if recent else best
+            h = s["hist"]
             high = (math.isfinite(loss) and loss >= c.factor * best
                     and loss >= c.factor * low)
-            if high:
-                h = s["hist"]
-                i = len(h) - 1
+            raised = (math.isfinite(loss) and loss >= c.rearm * best
+                      and loss >= c.rearm * low)
+            i = len(h) - 1
+            if raised:
                 while i > 1 and math.isfinite(h[i - 1][1]) and h[i - 1][1] > 1.2 * best:
                     i -= 1
+            if high:
                 # the level before: the median of up to 50 records before the onset (a
                 # minibatch loss near 0 swings 10x: the walk back stops at a lucky batch,
-                # and the median of the few records before it is no level)
+                # and the median of the few records before it is no level), and of the 20
+                # before it when there are 10 (a loss that has been rising slowly: the
+                # run's level now, not its best)
                 pre = [v for _, v in h[max(0, i - 50):i] if math.isfinite(v)]
                 ref = max(best, median(pre)) if pre else best
+                if len(pre[-20:]) >= 10:
+                    ref = max(ref, median(pre[-20:]))
                 # an early jump that comes back must clear every loss before it, the rise
                 # included: minibatch losses of the first steps swing 2.5 -> 3.6 -> 8.8
                 before = [v for _, v in h[max(0, i - c.hold):-1] if math.isfinite(v)]
@@ -210,8 +277,21 @@ class JumpDetector:
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
                                      "top": top, "vals": [], "alarmed": now})
                 if now:
-                    out = ("spike", int(h[i][0]), loss, ref)
+                    out = ("spike", int(h[i][0]), loss, ref, "jump")
+                    self._watch(int(h[i][0]), ref)
+            if raised and not any(p["onset"] == int(h[i][0]) for p in s["lpend"]):
+                # stays-high: risen rearm x over the level just before (the median of the
+                # `level` records before the rise: a loss still falling fast has a level
+                # well under the median of the 50 before)
+                pre = [v for _, v in h[max(0, i - c.level):i] if math.isfinite(v)]
+                ref = max(best, median(pre)) if pre else best
+                bar = ref * max(c.rearm, math.exp(c.level_z * _spread(h[max(0, i - 50):i])))
+                if loss >= bar:
+                    s["lpend"].append({"onset": int(h[i][0]), "best": ref, "bar": bar,
+                                       "vals": []})
         for p in s["pending"]:
+            p["vals"].append(loss)
+        for p in s["lpend"]:
             p["vals"].append(loss)
         while s["pending"] and len(s["pending"][0]["vals"]) >= c.hold:
             p = s["pending"].pop(0)
@@ -227,8 +307,20 @@ class JumpDetector:
                 kind = "divergence" if stays else "spike"
                 peak = max(fv) if fv else math.nan
                 if stays or not p.get("alarmed"):  # an early spike is raised once
-                    out = (kind, p["onset"], peak, p["best"])
+                    out = (kind, p["onset"], peak, p["best"], "jump")
                 s["armed"], s["pending"], s["ref"] = False, [], p["best"]
+                s["lpend"] = []
+                self._watch(p["onset"], p["best"])
+                return out
+        while s["lpend"] and len(s["lpend"][0]["vals"]) >= c.stay:
+            p = s["lpend"].pop(0)
+            vals = p["vals"]
+            fv = [v for v in vals if math.isfinite(v)]
+            if len(fv) * 2 > len(vals) and sorted(fv)[len(fv) // 5] >= p["bar"]:
+                # the loss rose and stays rearm x over its level: not coming back
+                out = ("divergence", p["onset"], max(fv), p["best"], "stays-high")
+                s["armed"], s["pending"], s["lpend"], s["ref"] = False, [], [], p["best"]
+                self._watch(p["onset"], p["best"])
                 break
         return out
 
@@ -243,7 +335,8 @@ class JumpDetector:
         same selection (or the same ``0.5 * (a + b)``) from a sorted window, the best is a
         running minimum (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
         c, s = self.config, self._s
-        if not s["armed"] or s["pending"] or limit <= 0:
+        if (not s["armed"] or s["pending"] or s.get("lpend") or s.get("watch") is not None
+                or limit <= 0):
             return 0
         import numpy as np
         from numpy.lib.stride_tricks import sliding_window_view
@@ -281,8 +374,9 @@ class JumpDetector:
             mins = sliding_window_view(fin_meds[:limit - 1], sm).min(axis=1)
             low[k1:] = np.where(np.isinf(mins), best[k1:], mins)
         kk = s["n"] + np.arange(limit)
-        high = ((kk >= 1) & (best > 0) & np.isfinite(best) & (lvec >= c.factor * best)
-                & (lvec >= c.factor * low))
+        f = min(c.factor, c.rearm)  # a record high for the jump rule or raised for stays-high
+        high = ((kk >= 1) & (best > 0) & np.isfinite(best) & (lvec >= f * best)
+                & (lvec >= f * low))
         hit = np.flatnonzero(high)
         stop = int(hit[0]) if hit.size else limit
         if stop:
@@ -318,6 +412,8 @@ class JumpDetector:
         """Restore from :meth:`state_dict`."""
         s = copy.deepcopy(state)
         s["hist"] = [tuple(x) for x in s["hist"]]
+        s.setdefault("lpend", [])  # states saved before the stays-high rule
+        s.setdefault("watch", None)
         self._s = s
 
 
@@ -433,9 +529,9 @@ class DetectorStack:
                     out.append(StackIncident(step, "spike", step, loss, m, loss / m, "jump"))
             j = self._jump.update(step, loss)
             if j is not None and not any(i.kind == "divergence" for i in out):
-                kind, onset, value, base = j
+                kind, onset, value, base, rule = j
                 out.append(StackIncident(step, kind, onset, value, base,
-                                         value / base if base > 0 else math.inf, "jump"))
+                                         value / base if base > 0 else math.inf, rule))
             for i in out:
                 if i.kind == "divergence":
                     self._jump.disarm(i.baseline)
@@ -530,9 +626,11 @@ class DetectorStack:
         """Whether every detector would take the next ordinary record without a change of
         mode (no excursion or aftermath, no divergence fired, the jump rule armed with
         nothing pending): the state :func:`replay`'s fast path starts from."""
+        j = self._jump._s
         return (self._spike.quiet and self._div.quiet
-                and (not self.config.jump.enabled or (self._jump.watching
-                                                      and not self._jump._s["pending"])))
+                and (not self.config.jump.enabled
+                     or (self._jump.watching and not j["pending"] and not j.get("lpend")
+                         and j.get("watch") is None)))
 
     def _advance_quiet(self, steps: list[int], losses: list[float], loss_arr: Any,
                        glogs: list[float | None] | None,

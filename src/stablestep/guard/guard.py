@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from stablestep.diagnosis.spike import median
 from stablestep.diagnosis.stack import DetectorStack
 from stablestep.guard import remedies as R
 from stablestep.guard import snapshot as S
@@ -131,8 +130,7 @@ class Guard:
         self._snaps: list[S.Snapshot] = []
         self._lrs: list[tuple[int, float]] = []  # (step, user's lr of group 0), recent
         self._saved_lr: list[Any] = []
-        self._losses: list[tuple[int, float]] = []  # (step, finite loss), the last 64
-        self._after_jump: dict[str, Any] | None = None  # a jump rolled back: did it work?
+        self._rolled_onsets: list[int] = []  # onsets of level regimes rolled back (recent)
         self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
         self._d: Any = None  # torch.distributed when initialised (read once per check)
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
@@ -169,9 +167,6 @@ class Guard:
         state_bad = not math.isfinite(state_v)
         incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
         self._note_lr(step)
-        if math.isfinite(loss_v):
-            self._losses.append((step, loss_v))
-            del self._losses[:-64]
         kinds = {i.kind: i for i in incs}
         bid = step if batch_id is None else batch_id
         if bad and self._nonfinite_run == 0:  # before any skip or rollback changes the model
@@ -211,14 +206,7 @@ class Guard:
             return True
         if "spike" in kinds:
             self._last_trouble = step
-            sp = kinds["spike"]
-            if (getattr(sp, "rule", "") == "jump" and self._after_jump is None
-                    and "divergence" not in kinds):
-                # the loss jumped (x jump.factor over its best so far): watch whether it
-                # comes back near its best, as after a rollback (_still_high)
-                self._after_jump = {"step": step, "onset": int(sp.onset),
-                                    "ref": float(sp.baseline), "vals": [], "rolled": False}
-            self._on_spike(step, sp, gnorm)
+            self._on_spike(step, kinds["spike"], gnorm)
         div = kinds.get("divergence")
         if div is not None:
             self._last_trouble = step
@@ -231,33 +219,12 @@ class Guard:
                 if math.isfinite(probe) and probe < 2.0 * ref:
                     self._record(step, "hold", "divergence-not-on-probe-batch", data)
                     div = None
-            if div is not None and getattr(div, "rule", "") == "jump":
-                noise = self._jump_in_noise(div.onset, step)
-                if noise is not None:  # the window is not above this run's own level
-                    self._record(step, "hold", "jump-within-noise", {**data, **noise})
-                    div = None
             if div is not None and p.rollback:
-                if getattr(div, "rule", "") == "jump":  # jumped and stays: the lr is too high
-                    self._after_jump = {"step": step, "onset": div.onset,
-                                        "ref": float(div.baseline), "vals": [],
-                                        "rolled": True}
-                    lrj = self._lr_jump(div.onset, step)
-                    factor = (1.0 / lrj["factor"]) if lrj else p.lr_backoff
-                    data["cause"] = "lr-jump" if lrj else "loss-jump"
-                    if lrj:
-                        data["lr_jump"] = lrj
-                    elif div.onset < p.stack.jump.warmup:
-                        # blew up from the first updates: the lr is far past the edge, not
-                        # near it; cut to the bound at once (restored after calm steps)
-                        data["cause"] = "blow-up-from-start"
-                        factor = p.min_lr_scale / self.lr_scale
-                    self._rollback(step, "divergence", onset=div.onset, data=data,
-                                   lr_factor=factor)
+                if getattr(div, "rule", "") in ("jump", "stays-high"):
+                    self._level_divergence(step, div, data)
                 else:
                     self._rollback(step, "divergence", onset=div.onset, data=data)
                 return False
-        if self._after_jump is not None and self._still_high(step, loss_v):
-            return False
         self._maybe_restore(step)
         last = self._snaps[-1].step if self._snaps else None
         if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
@@ -303,61 +270,41 @@ class Guard:
             v = float(tt.item()) / d.get_world_size()
         return v
 
-    def _jump_in_noise(self, onset: int, step: int) -> dict[str, float] | None:
-        """Evidence that a jump-rule divergence is this run's own minibatch noise: the
-        last ``jump.hold`` losses since the onset (all but a fifth of them) are under
-        ``jump.factor`` times the median of the 20 losses before the onset, the run's
-        level rather than its best (minimum) running median, which noisy minibatch losses
-        near 0 push far down.
-        ``{"window_q20", "level"}`` then, else ``None`` (also with under 10 losses before
-        the onset: a blow-up from the first steps has no level to compare with)."""
-        pre = [v for s, v in self._losses if s < onset][-20:]
-        win = [v for s, v in self._losses if onset <= s <= step][-self.policy.stack.jump.hold:]
-        if len(pre) < 10 or not win:
-            return None
-        level = median(pre)
-        q = sorted(win)[len(win) // 5]
-        if q < self.policy.stack.jump.factor * level:
-            return {"window_q20": q, "level": level}
-        return None
-
-    def _still_high(self, step: int, loss_v: float) -> bool:
-        """After the loss jumped (a jump-rule spike: x ``jump.factor`` over its best so far)
-        or after a rollback for a jump: once ``jump.hold`` records have passed, the loss
-        must be back under ``jump.rearm`` times the best level the jump was measured
-        against (all but a fifth of those records; the level the stack waits for before it
-        watches again). If it stays high, the run is unstable: roll back to the snapshot
-        before the onset and cut the lr (to ``min_lr_scale`` at once for a jump in the
-        first ``jump.warmup`` steps, a blow-up from the start; else by ``lr_backoff``),
-        then watch again. With the lr already at ``min_lr_scale``: :class:`GuardError`
-        (the run needs a person). Returns whether this step was rolled back."""
-        aj, p = self._after_jump, self.policy
-        if math.isfinite(loss_v):
-            aj["vals"].append(loss_v)
-        if len(aj["vals"]) < p.stack.jump.hold:
-            return False
-        vals = sorted(aj["vals"])
-        q = vals[len(vals) // 5]
-        self._after_jump = None
-        if q < p.stack.jump.rearm * aj["ref"] or not p.rollback:
-            return False  # back near its best: the remedy worked (or no rollback wanted)
-        if self.lr_scale <= p.min_lr_scale:
+    def _level_divergence(self, step: int, div: Any, data: dict) -> None:
+        """The policy for the stack's level rules (``rule`` ``"jump"``: the loss jumped
+        ``jump.factor`` x over its best and stays; ``"stays-high"``: it rose ``jump.rearm`` x
+        over its level and stays, or is still that high ``jump.hold`` records after a jump
+        or a rollback): roll back to the snapshot before the onset and lower the lr, divided
+        by the lr jump seen at the onset (the cause), else times ``lr_backoff``, and to
+        ``min_lr_scale`` at once for an onset in the first ``jump.warmup`` steps (a blow-up
+        from the start). A regime the guard already rolled back that stays high is cut by
+        ``lr_backoff`` again; with the lr already at ``min_lr_scale``: :class:`GuardError`
+        (the run needs a person)."""
+        p = self.policy
+        again = div.onset in self._rolled_onsets  # this regime was rolled back already
+        if div.rule == "stays-high" and self.lr_scale <= p.min_lr_scale:
             raise GuardError(
-                f"step {step}: the loss stays {q / aj['ref']:.3g}x above its best "
-                f"({aj['ref']:.4g}) with the lr cut to {self.lr_scale:.4g}x "
+                f"step {step}: the loss stays {div.value / div.baseline:.3g}x above its level "
+                f"({div.baseline:.4g}) with the lr cut to {self.lr_scale:.4g}x "
                 "(min_lr_scale); the run needs a person")
-        self._last_trouble = step
-        cause = "stays-high-after-rollback" if aj.get("rolled", True) else "jumped-stays-high"
-        data = {"loss": loss_v, "baseline": aj["ref"], "window_q20": q,
-                "factor": q / aj["ref"], "cause": cause}
-        factor = p.lr_backoff
-        if aj["onset"] < p.stack.jump.warmup:
-            data["cause"] = f"{cause}, blow-up-from-start"
+        lrj = None if again else self._lr_jump(div.onset, step)
+        factor = (1.0 / lrj["factor"]) if lrj else p.lr_backoff
+        if again:
+            data["cause"] = "stays-high-after-rollback"
+        elif lrj:
+            data["cause"], data["lr_jump"] = "lr-jump", lrj
+        else:
+            data["cause"] = "loss-jump" if div.rule == "jump" else "stays-high"
+        if div.rule == "stays-high":
+            data["window_q20" if again else "level_q20"] = div.value
+        if not lrj and div.onset < p.stack.jump.warmup:
+            # blew up from the first updates: the lr is far past the edge, not near it;
+            # cut to the bound at once (restored after calm steps)
+            data["cause"] = ("stays-high-after-rollback, blow-up-from-start" if again
+                             else "blow-up-from-start")
             factor = p.min_lr_scale / self.lr_scale
-        self._after_jump = {"step": step, "onset": aj["onset"], "ref": aj["ref"], "vals": [],
-                            "rolled": True}
-        self._rollback(step, "divergence", onset=aj["onset"], data=data, lr_factor=factor)
-        return True
+        self._rolled_onsets = (self._rolled_onsets + [int(div.onset)])[-8:]
+        self._rollback(step, "divergence", onset=div.onset, data=data, lr_factor=factor)
 
     def _note_lr(self, step: int) -> None:
         """Keep the user's lr of the first param group for the last 64 checks (a float
@@ -702,9 +649,7 @@ class Guard:
                 "ladder": self._ladder, "last_adapt": self._last_adapt,
                 "last_outlier": self._last_outlier, "last_trouble": self._last_trouble,
                 "stack": self.stack.state_dict(), "lrs": [list(x) for x in self._lrs],
-                "losses": [list(x) for x in self._losses],
-                "after_jump": None if self._after_jump is None else {
-                    **self._after_jump, "vals": list(self._after_jump["vals"])},
+                "rolled_onsets": list(self._rolled_onsets),
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
 
@@ -727,9 +672,7 @@ class Guard:
         self._last_trouble = int(state.get("last_trouble", -1))
         self.stack.load_state_dict(state["stack"])
         self._lrs = [(int(a), float(b)) for a, b in state.get("lrs", [])]
-        self._losses = [(int(a), float(b)) for a, b in state.get("losses", [])]
-        aj = state.get("after_jump")
-        self._after_jump = None if aj is None else {**aj, "vals": list(aj["vals"])}
+        self._rolled_onsets = [int(x) for x in state.get("rolled_onsets", [])]
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 
     def close(self) -> None:

@@ -41,19 +41,18 @@ class GuardPolicy:
       model did not diverge (the batches did), and the guard records ``hold`` instead.
       ``snapshot_every`` calm steps a snapshot is taken (CPU copies,
       ``keep_snapshots`` kept). ``max_rollbacks``: raise :class:`GuardError` after this many
-      (``None``: never). A divergence of the stack's jump rule (``stack.jump``: the loss
-      jumped ``factor`` x over the best loss so far and stays there, from step 0 on) is
-      rolled back the same way and then adapted by the lr alone: divided by the lr jump
-      seen at the onset (the cause, named in the record's ``lr_jump``), else times
-      ``lr_backoff``, and straight to ``min_lr_scale`` for a jump in the first
-      ``stack.jump.warmup`` steps (a blow-up from the start); never under
-      ``min_lr_scale``. Such a divergence whose last ``stack.jump.hold`` losses are under
-      ``stack.jump.factor`` times the median of the 20 losses before its onset (the run's
-      own level: minibatch noise) is recorded as ``hold`` and not acted on. After a jump
-      (rolled back, or an early jump the stack calls a spike) the loss must be back under
-      ``stack.jump.rearm`` times its best within ``stack.jump.hold`` steps; if it stays
-      high, the guard rolls back and cuts the lr again, and at ``min_lr_scale`` raises
-      :class:`GuardError`.
+      (``None``: never). A divergence of the stack's level rules (``rule`` ``"jump"``: the
+      loss jumped ``stack.jump.factor`` x over its best loss so far and stays there, from
+      step 0 on; ``"stays-high"``: it rose ``stack.jump.rearm`` x over its level and stays
+      ``stack.jump.stay`` records, or it is still that high ``stack.jump.hold`` records after
+      a jump or a rollback) is rolled back the same way and then adapted by the lr alone:
+      divided by the lr jump seen at the onset (the cause, named in the record's
+      ``lr_jump``), else times ``lr_backoff``, and straight to ``min_lr_scale`` for an onset
+      in the first ``stack.jump.warmup`` steps (a blow-up from the start); never under
+      ``min_lr_scale``. A regime already rolled back that stays high is cut by
+      ``lr_backoff`` again, and with the lr at ``min_lr_scale`` the guard raises
+      :class:`GuardError`. What counts as high is the stack's (measured against the run's
+      own level: minibatch noise is not a jump), so ``diagnose`` reports the same incidents.
     - **recurring spikes** of Adam (``adapt_after`` spike incidents within
       ``adapt_window`` steps, none within ``stack.spike.window`` steps of a gradient outlier,
       none within ``adapt_cooldown`` steps of the last adaptation, none in the first
@@ -145,8 +144,7 @@ class GuardRecord:
     :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``,
     ``restore``, ``hold``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
     ``repeated-non-finite``, ``non-finite-state``, ``adaptive-edge-of-stability``,
-    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``,
-    ``jump-within-noise``) and ``data``: the
+    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``) and ``data``: the
     numbers behind it (plain floats/ints/strings)."""
 
     step: int
