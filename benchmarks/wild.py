@@ -88,7 +88,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks.* importable
 
-from benchmarks import wild_tuning, wild_tuning2, wild_tuning3  # noqa: E402
+from benchmarks import wild_tuning, wild_tuning2, wild_tuning3, wild_tuning4  # noqa: E402
 
 ANY_ONSET = ("aeos", "sgd-high")  # no onset by construction (label_holds: anywhere after 5)
 MECH = {"healthy": None, "blowup0": "lr-too-high", "jump": "lr-too-high",
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks import wild_heldout  # the blind set (module docstring)
         runs = wild_heldout.RUNS
     else:
-        runs = wild_tuning.RUNS + wild_tuning2.RUNS + wild_tuning3.RUNS
+        runs = wild_tuning.RUNS + wild_tuning2.RUNS + wild_tuning3.RUNS + wild_tuning4.RUNS
     specs = [Spec(**r) for r in runs]
     if args.only:
         specs = [s for s in specs if args.only in s.name]
