@@ -23,7 +23,7 @@ all-gather of the packed statistics, and rank 0 alone writes the store.
 The last line is the ratio monitored/unmonitored at the default cadence (goal <= 1.03):
 for the DDP case when it runs, else for the single process.
 
-    python benchmarks/monitor_overhead.py             # ~6 minutes on 2 idle CPU cores
+    python benchmarks/monitor_overhead.py             # 12-13 minutes on 2 busy CPU cores
     python benchmarks/monitor_overhead.py --periods 3 --ddp-periods 3  # quick look
     python benchmarks/monitor_overhead.py --case ddp  # the 2-rank DDP case only
 """
