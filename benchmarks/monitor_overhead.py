@@ -11,15 +11,20 @@ paired ratio variant/unmonitored.
 
 The 2-rank DDP case (``--case ddp``; run after the single-process case by default) does
 the same on 2 CPU processes joined by gloo, each with one thread and its own batches:
-DDP-wrapped unmonitored and monitored (default cadence) copies take turns step by step
-on every rank, and the ratio is taken from rank 0's step times. Under DDP a recorded
-step adds one small all-gather of the packed statistics; rank 0 alone writes the store.
+DDP-wrapped unmonitored and monitored (default cadence) copies take turns step by step,
+in rotating order, on every rank, for ``--ddp-periods`` periods (more than the single
+process: two processes on two shared cores are noisier). The ratio is the median over
+periods of rank 0's paired period ratios (DDP keeps the ranks in step); the quartiles of
+those ratios and the machine's load average are printed with it, so a noisy run shows.
+Under DDP each rank computes the statistics of about half of the (replicated) tensors
+(``stablestep.telemetry.recorder.owners``), a recorded step adds one small asynchronous
+all-gather of the packed statistics, and rank 0 alone writes the store.
 
 The last line is the ratio monitored/unmonitored at the default cadence (goal <= 1.03):
 for the DDP case when it runs, else for the single process.
 
-    python benchmarks/monitor_overhead.py             # ~3 minutes on 2 CPU cores
-    python benchmarks/monitor_overhead.py --periods 3 # quick look
+    python benchmarks/monitor_overhead.py             # 12-13 minutes on 2 busy CPU cores
+    python benchmarks/monitor_overhead.py --periods 3 --ddp-periods 3  # quick look
     python benchmarks/monitor_overhead.py --case ddp  # the 2-rank DDP case only
 """
 
@@ -107,13 +112,16 @@ def timed_periods(
     periods: int,
     period: int,
 ) -> dict[str, list[float]]:
-    """Mean step time per period for each variant; the variants take turns step by step,
-    in rotating order, on the same batch; period 0 is warm-up and not returned."""
-    out: dict[str, list[float]] = {k: [] for k in variants}
+    """Mean step time per period for each variant (and, under ``"<variant> cpu"``, the
+    process's CPU time per step: less sensitive to other processes than the wall clock);
+    the variants take turns step by step, in rotating order, on the same batch; period 0
+    is warm-up and not returned."""
     names = list(variants)
+    out: dict[str, list[float]] = {k: [] for n in names for k in (n, f"{n} cpu")}
 
-    def one_step(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+    def one_step(name: str, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         model, opt, mon = variants[name]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -121,28 +129,52 @@ def timed_periods(
         if mon is not None:
             mon.observe(loss)
         opt.step()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for k in range(periods + 1):
-        acc = dict.fromkeys(names, 0.0)
+        acc = dict.fromkeys(out, 0.0)
         for i in range(period):
             x, y = next(stream)
             r = (k * period + i) % len(names)
             for name in names[r:] + names[:r]:
-                acc[name] += one_step(name, x, y)
+                wall, cpu = one_step(name, x, y)
+                acc[name] += wall
+                acc[f"{name} cpu"] += cpu
         if k > 0:
-            for name in names:
-                out[name].append(acc[name] / period)
+            for key in out:
+                out[key].append(acc[key] / period)
     for _, _, mon in variants.values():
         if mon is not None:
             mon.close()
     return out
 
 
-def paired_ratio(periods: dict[str, list[float]], name: str) -> float:
+def period_ratios(periods: dict[str, list[float]], name: str, base: str = "unmonitored"
+                  ) -> list[float]:
+    """The paired ratio variant/unmonitored (``name``/``base``) of each period."""
+    return [a / b for a, b in zip(periods[name], periods[base], strict=True)]
+
+
+def paired_ratio(periods: dict[str, list[float]], name: str, base: str = "unmonitored"
+                 ) -> float:
     """Median over periods of the paired ratio variant/unmonitored."""
-    base = periods["unmonitored"]
-    return statistics.median(a / b for a, b in zip(periods[name], base, strict=True))
+    return statistics.median(period_ratios(periods, name, base))
+
+
+def report(periods: dict[str, list[float]]) -> float:
+    """Print the spread of the default cadence's period ratios and its CPU-time ratio;
+    returns its wall-clock ratio (the figure the goal is about)."""
+    if len(periods["default"]) > 1:
+        q1, _, q3 = statistics.quantiles(period_ratios(periods, "default"), n=4)
+        print(f"period ratios monitored/unmonitored: quartiles {q1:.3f} .. {q3:.3f}")
+    cpu = paired_ratio(periods, "default cpu", "unmonitored cpu")
+    print(f"ratio of process CPU time per step, monitored/unmonitored: {cpu:.3f}")
+    return paired_ratio(periods, "default")
+
+
+def load() -> str:
+    """The machine's 1-minute load average (other processes make timings noisy)."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def single(args: argparse.Namespace, store: Path) -> float:
@@ -162,16 +194,18 @@ def single(args: argparse.Namespace, store: Path) -> float:
         variants[name] = (model, opt, mon)
     n_params = sum(p.numel() for p in variants["unmonitored"][0].parameters())
     stream = batches(make_corpus(20_000), args.batch, T, seed=1)
+    before = load()
     periods = timed_periods(variants, stream, args.periods, args.period)
     print(
         f"model: {n_params / 1e6:.2f}M parameters, batch {args.batch}x{T} tokens, "
-        f"{args.threads} thread(s), {args.periods} periods of {args.period} steps per variant"
+        f"{args.threads} thread(s), {args.periods} periods of {args.period} steps per variant; "
+        f"load average {before} before, {load()} after"
     )
     for name in variants:
         print(f"{name:>24}: {statistics.median(periods[name]) * 1e3:8.1f} ms/step (median period)")
     print(f"ratio every-stat-every-step/unmonitored: "
           f"{paired_ratio(periods, 'every-stat-every-step'):.3f}")
-    ratio = paired_ratio(periods, "default")
+    ratio = report(periods)
     print(f"ratio monitored/unmonitored (default cadence): {ratio:.3f}")
     return ratio
 
@@ -192,7 +226,7 @@ def _ddp_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: s
             mon = Monitor(model, opt, store=out + ".db", run=name) if name == "default" else None
             variants[name] = (model, opt, mon)
         stream = batches(make_corpus(20_000), args.batch, T, seed=1 + rank)
-        periods = timed_periods(variants, stream, args.periods, args.period)
+        periods = timed_periods(variants, stream, args.ddp_periods, args.period)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(periods, f)
@@ -208,15 +242,17 @@ def ddp(args: argparse.Namespace, tmp: Path) -> float:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp / "ddp.json")
+    before = load()
     mp.start_processes(_ddp_rank, args=(2, port, args, out), nprocs=2, join=True,
                        start_method="fork")
     with open(out) as f:
         periods = json.load(f)
     print(f"2-rank DDP (gloo, 1 thread per rank, batch {args.batch} per rank), "
-          f"{args.periods} periods of {args.period} steps per variant")
-    for name in periods:
+          f"{args.ddp_periods} periods of {args.period} steps per variant; "
+          f"load average {before} before, {load()} after (2 ranks add ~2)")
+    for name in ("unmonitored", "default"):
         print(f"{name:>24}: {statistics.median(periods[name]) * 1e3:8.1f} ms/step (rank 0)")
-    ratio = paired_ratio(periods, "default")
+    ratio = report(periods)
     print(f"ratio monitored/unmonitored, 2-rank DDP (default cadence): {ratio:.3f}")
     return ratio
 
@@ -224,6 +260,8 @@ def ddp(args: argparse.Namespace, tmp: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--periods", type=int, default=8, help="timed periods per variant")
+    ap.add_argument("--ddp-periods", type=int, default=16,
+                    help="timed periods per variant in the 2-rank DDP case")
     ap.add_argument("--period", type=int, default=10, help="steps per period (= state_every)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 def _entry(rank: int, world: int, init: str, fn, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a collective issued on some ranks only fails within a minute instead of hanging
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         fn(rank, world, *args)
     finally:

@@ -89,7 +89,9 @@ class Monitor:
     Under ``torch.distributed`` (DDP, FSDP2 ``fully_shard``) run the same Monitor line on
     every rank: the stored numbers are global (loss averaged over ranks, norms and counts
     over all shards, maxima over ranks, quantiles from every rank's sample) and only rank
-    0 writes; ``loss_spread`` is the range of the per-rank losses. Hyperparameters are read
+    0 writes; ``loss_spread`` is the range of the per-rank losses. Under DDP each rank reads
+    about ``1/world`` of the replicated tensors (:func:`~stablestep.telemetry.recorder.owners`),
+    so the Monitor's cost per rank shrinks as ranks are added. Hyperparameters are read
     from ``optimizer.param_groups`` at every step, so ``optimizer.load_state_dict()``
     (which replaces the group dicts) is followed. Every rank must build the Monitor and
     call :meth:`observe` for every step (a recorded step is one collective); to watch a

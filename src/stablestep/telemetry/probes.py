@@ -338,6 +338,9 @@ def adam_partials(
     emax, gmax = [ninf] * k, [ninf] * k
     gap_num, gap_den = [], []
     samples: list[torch.Tensor] = []
+    # under torch.distributed the packed layout must be the same on every rank: the gap's
+    # entry is there when any tensor has AMSGrad state, counted here or not
+    amsgrad = any(a is not None and a.exp_avg_sq is not None for a in tensors)
     for i, a in enumerate(tensors):
         if a is None or weights[i] == 0 or a.v.numel() == 0:
             continue
@@ -371,8 +374,9 @@ def adam_partials(
     part.sums["g2v_sum"] = _vec(gsum, device)
     part.maxs["eff_max"] = _vec(emax, device)
     part.maxs["g2v_max"] = _vec(gmax, device)
-    if gap_den:
-        part.sums["gap"] = torch.stack([torch.stack(gap_num).sum(), torch.stack(gap_den).sum()])
+    if amsgrad:
+        part.sums["gap"] = torch.stack([torch.stack(gap_num or [zero]).sum(),
+                                        torch.stack(gap_den or [zero]).sum()])
     part.sample = (
         torch.cat([x.reshape(-1).to(device) for x in samples])
         if samples
