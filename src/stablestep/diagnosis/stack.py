@@ -140,7 +140,10 @@ class JumpConfig:
     **stays-high** rule, a loss that rose ``rearm`` x over its level (the median of the
     ``level`` records before the rise, at least the best), and ``level_z`` times this run's
     batch-to-batch spread of the log loss, and stays there ``stay`` records (module
-    docstring); ``enabled``: False turns both rules off."""
+    docstring); ``early_z``: the **early rise** rule, the median of records ``1..hold`` at
+    least ``rearm`` x the first loss and ``early_z`` of that window's batch spreads over
+    it in log units (a blow-up in the first steps that the ``factor`` rules miss: one
+    first loss is no level); ``enabled``: False turns the rules off."""
 
     factor: float = 3.0
     hold: int = 10
@@ -151,11 +154,14 @@ class JumpConfig:
     stay: int = 20
     level: int = 10
     level_z: float = 2.0
+    early_z: float = 4.0
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.level_z) and self.level_z >= 0):
-            raise ValueError(f"Invalid level_z: {self.level_z} (need >= 0)")
+        for name in ("level_z", "early_z"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"Invalid {name}: {v} (need >= 0)")
         for name in ("factor", "rearm", "outlier_loss"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 1):
@@ -197,6 +203,7 @@ class JumpDetector:
         s = self._s
         s["armed"], s["pending"], s["lpend"] = False, [], []
         s["ref"] = min(s["best"], baseline) if math.isfinite(baseline) else s["best"]
+        s["early_done"] = True  # the early-rise rule judges a start with no incident yet
 
     def _watch(self, onset: int, ref: float) -> None:
         """Watch the next ``hold`` finite losses: back under ``rearm`` x ``ref``, or a
@@ -205,6 +212,12 @@ class JumpDetector:
 
     def update(self, step: int, loss: float) -> tuple[str, int, float, float, str] | None:
         """Feed one record (``loss`` may be non-finite)."""
+        out = self._update(step, loss)
+        if out is not None:
+            self._s["early_done"] = True
+        return out
+
+    def _update(self, step: int, loss: float) -> tuple[str, int, float, float, str] | None:
         c, s = self.config, self._s
         k = s["n"]
         s["n"] += 1
@@ -237,6 +250,11 @@ class JumpDetector:
             if math.isfinite(loss) and loss < c.rearm * s["ref"]:
                 s["armed"] = True
             return out
+        if (k == c.hold and out is None and not s["lpend"] and not s.get("early_done")
+                and all(q.get("few") and not q.get("alarmed") for q in s["pending"])):
+            out = self._early_rise()  # (a rise over under 3 records, not yet judged)
+            if out is not None:
+                return out
         if k >= 1 and best > 0 and math.isfinite(best):
             low = min(recent) if recent else best
             h = s["hist"]
@@ -272,10 +290,18 @@ class JumpDetector:
                 climb = (len(last) == 4 and all(math.isfinite(v) for v in last)
                          and all(b > a for a, b in zip(last[:-1], last[1:], strict=False))
                          and bool(pre) and loss >= c.factor * max(pre))
+                # with under 3 records before the rise there is no level yet (one lucky
+                # first minibatch is no baseline): the alarm at once needs factor^2 over it
+                # (a blow-up from step 0 is 9x at its first step, or climbs)
+                few = i < 3
+                clear = loss >= (c.factor * c.factor if few else c.factor) * top
+                if few:  # and a climb must go on growing: factor over the rise's first record
+                    climb = climb and loss >= c.factor * h[i][1]
                 now = (k < c.warmup and not any(q.get("alarmed") for q in s["pending"])
-                       and (loss >= c.factor * top or climb))
+                       and (clear or climb))
                 s["pending"].append({"k": k, "onset": int(h[i][0]), "best": ref,
-                                     "top": top, "vals": [], "alarmed": now})
+                                     "top": top, "vals": [], "alarmed": now, "few": few,
+                                     "peak0": loss})
                 if now:
                     out = ("spike", int(h[i][0]), loss, ref, "jump")
                     self._watch(int(h[i][0]), ref)
@@ -286,7 +312,10 @@ class JumpDetector:
                 pre = [v for _, v in h[max(0, i - c.level):i] if math.isfinite(v)]
                 ref = max(best, median(pre)) if pre else best
                 bar = ref * max(c.rearm, math.exp(c.level_z * _spread(h[max(0, i - 50):i])))
-                if loss >= bar:
+                # a level needs records: under 6 before the rise (one lucky first
+                # minibatch; no spread yet) is none; the jump rule watches blow-ups from
+                # the start
+                if i >= 6 and loss >= bar:
                     s["lpend"].append({"onset": int(h[i][0]), "best": ref, "bar": bar,
                                        "vals": []})
         for p in s["pending"]:
@@ -303,6 +332,14 @@ class JumpDetector:
                      and sorted(fv)[len(fv) // 5] >= c.factor * p["best"])
             early = (p["k"] < c.warmup and bool(fv)
                      and max(fv) >= c.factor * p.get("top", p["best"]))
+            if early and p.get("few") and not p.get("alarmed"):
+                # a rise over under 3 records that came back: a spike only if it stands
+                # out of the loss that followed, beyond that window's own batch spread
+                # (a noisy first minibatch rises 3x and the next ones swing as much)
+                lvl = median(fv)
+                z = c.level_z * _spread([(0, v) for v in fv])
+                early = (lvl > 0 and p["peak0"] >= c.factor * lvl
+                         and math.log(p["peak0"] / lvl) >= z)
             if stays or early:
                 kind = "divergence" if stays else "spike"
                 peak = max(fv) if fv else math.nan
@@ -324,6 +361,30 @@ class JumpDetector:
                 break
         return out
 
+    def _early_rise(self) -> tuple[str, int, float, float, str] | None:
+        r"""The early-rise rule, once, at record ``hold``: with :math:`L_0` the first
+        loss and :math:`m` the median of records :math:`1..hold`, a spike (then watched)
+        when :math:`m \ge` ``rearm`` :math:`L_0` and
+        :math:`\log(m/L_0) \ge` ``early_z`` :math:`\sigma`, :math:`\sigma` the window's
+        batch-to-batch spread (:func:`_spread`): the loss rose in the first steps and
+        stayed up beyond its own noise. A lucky low first minibatch does not pass: the
+        batches after it swing as far."""
+        c, h = self.config, self._s["hist"]
+        if len(h) != c.hold + 1 or not (math.isfinite(h[0][1]) and h[0][1] > 0):
+            return None
+        top = h[0][1]
+        win = [(st, v) for st, v in h[1:] if math.isfinite(v)]
+        if len(win) * 2 <= c.hold:
+            return None
+        lvl = median([v for _, v in win])
+        if not (lvl >= c.rearm * top and math.log(lvl / top) >= c.early_z * _spread(win)):
+            return None
+        onset = next(st for st, v in win if v >= c.rearm * top)
+        s = self._s
+        s["armed"], s["ref"], s["pending"], s["lpend"] = False, top, [], []
+        self._watch(onset, top)
+        return ("spike", onset, max(v for _, v in win), top, "jump")
+
     def advance_quiet(self, steps: list[int], losses: list[float], limit: int,
                       loss_arr: Any = None) -> int:
         """The fast path of :meth:`update` for a stored trace (:func:`replay`): feed records
@@ -336,7 +397,7 @@ class JumpDetector:
         running minimum (``tests/diagnosis/test_replay_fast.py`` compares the states)."""
         c, s = self.config, self._s
         if (not s["armed"] or s["pending"] or s.get("lpend") or s.get("watch") is not None
-                or limit <= 0):
+                or limit <= 0 or s["n"] <= c.hold):  # the early-rise check: record by record
             return 0
         import numpy as np
         from numpy.lib.stride_tricks import sliding_window_view
