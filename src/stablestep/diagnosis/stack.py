@@ -49,7 +49,17 @@ Kinds, each measured against this run's own statistics:
   the diagnosis, alarmed at the first step). Its incidents carry ``rule="jump"``. The
   level ``r_t`` is also at least the median of the 20 records before the onset when there
   are 10 (a loss that has been rising slowly: the run's level now): a window that is this
-  run's own minibatch noise is no jump.
+  run's own minibatch noise is no jump. One first loss is no level: with under 3 records
+  before the rise, the alarm at once needs ``factor``:math:`^2` over them (or a climb that
+  grows ``factor`` x over its own first record), and a rise that came back is a spike only
+  if it stands ``factor`` x and ``level_z`` window spreads out of the median of the
+  ``hold`` records that followed (a lucky low first minibatch rises 3x at step 1 and the
+  next batches swing as far).
+- ``spike`` by the **early rise** rule (``rule="jump"``), once, at record ``hold`` when no
+  rule has raised yet: the median :math:`m` of records :math:`1..hold` is at least
+  ``rearm`` x the first loss :math:`L_0` and :math:`\log(m/L_0) \ge` ``early_z``
+  :math:`\sigma_w` (:math:`\sigma_w` the spread of that window): a blow-up in the first
+  steps that stays under ``factor`` x; the rule then watches, as after a jump.
 - ``divergence`` by the **stays-high** rule (``rule="stays-high"``, settings in
   :class:`JumpConfig`), where the loss rose too little for the jump rule but does not come
   back (Adam whose lr was raised x100 mid-run: the loss goes from 1.3 to chance level,
@@ -60,14 +70,15 @@ Kinds, each measured against this run's own statistics:
   :math:`\ell \max(\text{rearm}, e^{z\sigma})`, :math:`\sigma` this run's batch-to-batch
   spread of the log loss over the 50 records before (robust, from first differences;
   ``z`` = ``level_z``: minibatch losses near 0 that swing 10x are no level shift), when the
-  record is over the bar; ``stay`` records later, the finite losses of the window all but
-  a fifth still over the bar raise ``divergence`` (value: the highest loss of the
-  window). After any jump-rule incident and after a stays-high one, the rule *watches*: the next
-  ``hold`` finite losses must be back (all but a fifth) under ``rearm`` x the incident's baseline,
-  else a ``stays-high`` divergence with the same onset (value: the fifth-lowest loss of the window)
-  is raised and the watch starts again. This is what tells the Guard that its rollback and lr cut
-  did not bring the loss back; in an unguarded run it repeats every ``hold`` records while the loss
-  stays high (``diagnose`` folds them into the one divergence they share an onset with).
+  record is over the bar and at least 6 records precede the rise (a spread to measure); ``stay``
+  records later, the finite losses of the window all but a fifth still over the bar raise
+  ``divergence`` (value: the highest loss of the window). After any jump-rule incident and after
+  a stays-high one, the rule *watches*: the next ``hold`` finite losses must be back (all but a
+  fifth) under ``rearm`` x the incident's baseline, else a ``stays-high`` divergence with the
+  same onset (value: the fifth-lowest loss of the window) is raised and the watch starts again.
+  This is what tells the Guard that its rollback and lr cut did not bring the loss back; in an
+  unguarded run it repeats every ``hold`` records while the loss stays high (``diagnose`` folds
+  them into the one divergence they share an onset with).
 - ``spike`` at a gradient-outlier record whose loss left the median of the 20 records
   before by ``outlier_loss`` x or more (the jump rule's ``outlier_loss``).
 - ``periodic-spikes``: ``periodic.min_spikes`` spike alarms at intervals whose coefficient
