@@ -381,13 +381,11 @@ def run_lab(config, method: str) -> dict:
     return {"final": pr.full_loss(), "first": first, "actions": m.actions, "guard": m._guard}
 
 
-def run_lr_x100(method: str, *, factor: float = 100.0, steps: int = 200, seed: int = 0,
-                jump_at: int = 40) -> dict:
-    """A classifier the lr of whose Adam the user's schedule raises ``factor`` x at step
-    ``jump_at`` (a new-user trial): 10 classes of non-negative 64-pixel images (integer
-    intensities, digits-like), an MLP with two ReLU layers, lr 1e-3, batch 32. At x100 the
-    loss goes from ~1.3 to chance level (ln 10) and stays: under the jump rule's 3x. The
-    final loss is on 512 training images."""
+def classifier_problem(seed: int = 0):
+    """The lr x100 story's problem (also ``tests/guard/test_stays_high.py``): 10 classes of
+    non-negative 64-pixel images (integer intensities up to ~20, digits-like), 2048 of
+    them, and an MLP with two ReLU layers. Returns ``(x, y, model, g)``, ``g`` the
+    generator that drew the data, to draw the batches from."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand(10, 64, generator=g) * 2
     y = torch.randint(10, (2048,), generator=g)
@@ -396,6 +394,17 @@ def run_lr_x100(method: str, *, factor: float = 100.0, steps: int = 200, seed: i
     nn = torch.nn
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                           nn.Linear(64, 10))
+    return x, y, model, g
+
+
+def run_lr_x100(method: str, *, factor: float = 100.0, steps: int = 200, seed: int = 0,
+                jump_at: int = 40) -> dict:
+    """A classifier the lr of whose Adam the user's schedule raises ``factor`` x at step
+    ``jump_at`` (a new-user trial): 10 classes of non-negative 64-pixel images (integer
+    intensities, digits-like), an MLP with two ReLU layers, lr 1e-3, batch 32. At x100 the
+    loss goes from ~1.3 to chance level (ln 10) and stays: under the jump rule's 3x. The
+    final loss is on 512 training images."""
+    x, y, model, g = classifier_problem(seed)
     m = Method(method)
     params = list(model.parameters())
     opt = m.optimizer("adam", params, 1e-3, lambda lr, **c: torch.optim.Adam(params, lr=lr, **c))

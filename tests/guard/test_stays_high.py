@@ -20,17 +20,12 @@ JUMP_AT = 40
 
 
 def classifier_lr_x100(store, *, guarded: bool, seed: int = 0, steps: int = 160):
-    """10 classes of non-negative 64-pixel images (digits-like: integer intensities up to
-    ~20), an MLP with two ReLU layers, Adam at lr 1e-3, batch 32; the user's schedule
-    raises the lr x100 at step ``JUMP_AT``. Returns (guard or None, the batch losses)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.rand(10, 64, generator=g) * 2
-    y = torch.randint(10, (2048,), generator=g)
-    x = ((protos[y] + torch.randn(2048, 64, generator=g)).clamp(min=0) * 4.0).round()
-    torch.manual_seed(seed + 1)
-    nn = torch.nn
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 10))
+    """The benchmark's classifier (``benchmarks.guard.classifier_problem``), Adam at lr
+    1e-3, batch 32; the user's schedule raises the lr x100 at step ``JUMP_AT``. Returns
+    (guard or None, the batch losses)."""
+    from benchmarks.guard import classifier_problem
+
+    x, y, model, g = classifier_problem(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 100.0 if t >= JUMP_AT else 1.0)
     losses = []

@@ -184,12 +184,12 @@ class JumpConfig:
             raise ValueError(f"Invalid warmup: {self.warmup} (need >= 0)")
 
 
-def _spread(hist: list[tuple[int, float]]) -> float:
-    r"""This run's batch-to-batch spread of the log loss over ``hist`` ``(step, loss)``: the
+def _spread(losses: list[float]) -> float:
+    r"""This run's batch-to-batch spread of the log loss over ``losses`` (in order): the
     robust standard deviation of one record, :math:`1.4826\,\mathrm{MAD}(\Delta y)/\sqrt 2`
     over the first differences of :math:`y = \log L` (a trend cancels out); 0 with fewer
     than 5 differences."""
-    ys = [math.log(v) for _, v in hist if math.isfinite(v) and v > 0]
+    ys = [math.log(v) for v in losses if math.isfinite(v) and v > 0]
     d = [b - a for a, b in zip(ys[:-1], ys[1:], strict=False)]
     if len(d) < 5:
         return 0.0
@@ -207,7 +207,7 @@ class JumpDetector:
         self.config = config
         self._s: dict[str, Any] = {"n": 0, "hist": [], "meds": [], "best": math.inf,
                                    "pending": [], "armed": True, "ref": math.inf,
-                                   "lpend": [], "watch": None}
+                                   "lpend": [], "watch": None, "early_done": False}
 
     def disarm(self, baseline: float) -> None:
         """Another rule raised a divergence: one regime, one incident."""
@@ -261,7 +261,7 @@ class JumpDetector:
             if math.isfinite(loss) and loss < c.rearm * s["ref"]:
                 s["armed"] = True
             return out
-        if (k == c.hold and out is None and not s["lpend"] and not s.get("early_done")
+        if (k == c.hold and out is None and not s["lpend"] and not s["early_done"]
                 and all(q.get("few") and not q.get("alarmed") for q in s["pending"])):
             out = self._early_rise()  # (a rise over under 3 records, not yet judged)
             if out is not None:
@@ -322,7 +322,8 @@ class JumpDetector:
                 # well under the median of the 50 before)
                 pre = [v for _, v in h[max(0, i - c.level):i] if math.isfinite(v)]
                 ref = max(best, median(pre)) if pre else best
-                bar = ref * max(c.rearm, math.exp(c.level_z * _spread(h[max(0, i - 50):i])))
+                spread = _spread([v for _, v in h[max(0, i - 50):i]])
+                bar = ref * max(c.rearm, math.exp(c.level_z * spread))
                 # a level needs records: under 6 before the rise (one lucky first
                 # minibatch; no spread yet) is none; the jump rule watches blow-ups from
                 # the start
@@ -348,7 +349,7 @@ class JumpDetector:
                 # out of the loss that followed, beyond that window's own batch spread
                 # (a noisy first minibatch rises 3x and the next ones swing as much)
                 lvl = median(fv)
-                z = c.level_z * _spread([(0, v) for v in fv])
+                z = c.level_z * _spread(fv)
                 early = (lvl > 0 and p["peak0"] >= c.factor * lvl
                          and math.log(p["peak0"] / lvl) >= z)
             if stays or early:
@@ -387,14 +388,15 @@ class JumpDetector:
         win = [(st, v) for st, v in h[1:] if math.isfinite(v)]
         if len(win) * 2 <= c.hold:
             return None
-        lvl = median([v for _, v in win])
-        if not (lvl >= c.rearm * top and math.log(lvl / top) >= c.early_z * _spread(win)):
+        vals = [v for _, v in win]
+        lvl = median(vals)
+        if not (lvl >= c.rearm * top and math.log(lvl / top) >= c.early_z * _spread(vals)):
             return None
         onset = next(st for st, v in win if v >= c.rearm * top)
         s = self._s
         s["armed"], s["ref"], s["pending"], s["lpend"] = False, top, [], []
         self._watch(onset, top)
-        return ("spike", onset, max(v for _, v in win), top, "jump")
+        return ("spike", onset, max(vals), top, "jump")
 
     def advance_quiet(self, steps: list[int], losses: list[float], limit: int,
                       loss_arr: Any = None) -> int:
@@ -486,6 +488,7 @@ class JumpDetector:
         s["hist"] = [tuple(x) for x in s["hist"]]
         s.setdefault("lpend", [])  # states saved before the stays-high rule
         s.setdefault("watch", None)
+        s.setdefault("early_done", s["n"] > self.config.hold)  # (states from before the rule)
         self._s = s
 
 
