@@ -74,6 +74,32 @@ def test_inf_weight_behind_a_saturated_tanh_is_rolled_back():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_no_snapshot_holds_a_non_finite_parameter():
+    # a weight turns Inf just after a state check and a snapshot falls due before the next
+    # one: the snapshot must not keep it (it is the state read that lets a snapshot be
+    # taken), so one rollback, to a snapshot from before the Inf, mends the model
+    x, y = regression_data(n=64)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy=GuardPolicy(snapshot_every=15, state_check_every=10))
+    for t in range(90):
+        if t == 41:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("inf")
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if guard.check(loss):
+            opt.step()
+    rbs = [r for r in guard.records if r.action == "rollback"]
+    assert len(rbs) == 1, [(r.step, r.reason, r.data["to_step"]) for r in rbs]
+    assert rbs[0].reason == "non-finite-state" and rbs[0].data["to_step"] <= 41
+    assert 41 <= rbs[0].step <= 41 + 10
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    held = [s.model for s in guard._snaps]
+    assert all(torch.isfinite(v).all() for sd in held for v in sd.values())
+
+
 def test_lr_cut_is_bounded_then_the_guard_asks_for_a_person():
     # gradient descent at 25x the stable lr: halving to 1/4 (the floor) is not enough
     config = replace(scenarios.get("lr-divergence").base(), lr=1e-2, steps=300)

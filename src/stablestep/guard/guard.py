@@ -159,10 +159,22 @@ class Guard:
         step, p = self._step, self.policy
         self._step += 1
         self._checks += 1
-        check_state = (p.state_check_every is not None
-                       and (step % p.state_check_every == 0 or self._nonfinite_run > 0))
+        last = self._snaps[-1].step if self._snaps else None
+        snap_due = ((last is None or step - last >= p.snapshot_every)
+                    and not self.stack.in_excursion)
+        # what the state read covers: the parameters every state_check_every steps; the
+        # optimizer state too before a snapshot (so no snapshot holds a NaN or Inf) and
+        # while steps are non-finite. NaN/Inf in Adam's moments reaches the parameters at
+        # the next step (m / (sqrt(v) + eps) is NaN/Inf), all but v = +Inf with m finite,
+        # which freezes its coordinate: the read before the next snapshot finds that one.
+        state = None
+        if p.state_check_every is not None:
+            if snap_due or self._nonfinite_run > 0:
+                state = "full"
+            elif step % p.state_check_every == 0:
+                state = "params"
         self._d = _dist()  # once per check: torch.distributed's query is not free
-        loss_v, gnorm, state_v = self._signals(loss, check_state)
+        loss_v, gnorm, state_v = self._signals(loss, state)
         bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
         state_bad = not math.isfinite(state_v)
         incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
@@ -174,7 +186,9 @@ class Guard:
         if state_bad and p.rollback:
             self._rollback(step, "non-finite-state", onset=step,
                            data={"loss": _num(loss_v), "grad_norm": _num(gnorm),
-                                 "state_norm": _num(state_v)})
+                                 "state_norm": _num(state_v),
+                                 "checked": ("parameters and optimizer state"
+                                             if state == "full" else "parameters")})
             return False
         if bad:
             self._nonfinite_run += 1
@@ -226,8 +240,10 @@ class Guard:
                     self._rollback(step, "divergence", onset=div.onset, data=data)
                 return False
         self._maybe_restore(step)
-        last = self._snaps[-1].step if self._snaps else None
-        if (last is None or step - last >= p.snapshot_every) and not self.stack.in_excursion:
+        if (snap_due and not self.stack.in_excursion
+                and (state == "full" or p.state_check_every is None)):
+            # taken only after a full state read found everything finite (above): a
+            # rollback target never holds the NaN it is meant to undo
             probe = self._probe_loss()
             extra = {} if probe is None or not math.isfinite(probe) else {"probe_loss": probe}
             # the oldest snapshot's CPU buffers are reused (no allocation every snapshot)
@@ -505,10 +521,12 @@ class Guard:
         return self._params[0].device if self._params else torch.device("cpu")
 
     def _signals(self, loss: torch.Tensor | float,
-                 check_state: bool) -> tuple[float, float, float]:
-        """(loss, gradient norm, norm of parameters and optimizer state, or 0.0 when not
-        checked) in one host read. Under torch.distributed they are all-reduced (loss and
-        replicated gradients: mean over ranks; FSDP2 shards: squared norms summed over ranks).
+                 check_state: str | None) -> tuple[float, float, float]:
+        """(loss, gradient norm, state norm) in one host read. The state norm covers the
+        parameters (``check_state="params"``), the parameters and the optimizer state
+        (``"full"``), or nothing (``None``: 0.0). Under torch.distributed they are
+        all-reduced (loss and replicated gradients: mean over ranks; FSDP2 shards: squared
+        norms summed over ranks).
         With a Monitor that just read this step (not distributed), its loss and per-tensor
         squared gradient norms, still on the device, are reused (no second gradient norm),
         and on its detailed steps its parameter norms too; they go into the same read."""
@@ -539,7 +557,7 @@ class Guard:
                 vectors.append(pend["param_sq"])
             else:
                 params = [q.data for q in self._params]
-            st = _norms(params + self._state_tensors())
+            st = _norms(params + (self._state_tensors() if check_state == "full" else []))
             scalars += st
             n_state = len(st)
         parts = []
@@ -582,12 +600,14 @@ class Guard:
         return out
 
     def _signals_dist(self, loss: torch.Tensor | float,
-                      check_state: bool) -> tuple[float, float, float]:
+                      check_state: str | None) -> tuple[float, float, float]:
         """:meth:`_signals` under torch.distributed: one all-reduce, then one host read."""
         d = self._d
         tensors: list[torch.Tensor] = []
         if check_state:
-            tensors = [local(q.detach()) for q in self._params] + self._state_tensors()
+            tensors = [local(q.detach()) for q in self._params]
+            if check_state == "full":
+                tensors += self._state_tensors()
         grads = [q.grad.detach() for q in self._params if q.grad is not None]
         # FSDP2 gradients are DTensor shards: this rank's part, squared norms summed
         shard = [local(g) for g in grads if is_sharded(g)]

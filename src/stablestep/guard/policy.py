@@ -27,8 +27,14 @@ class GuardPolicy:
 
     - **non-finite** loss or gradients: skip the step (``skip_nonfinite``), so no NaN
       reaches Adam's moments; ``max_nonfinite_run`` in a row roll back. Parameters or
-      optimizer state non-finite (checked every ``state_check_every`` steps, from one norm
-      per tensor in the same host sync): roll back at once (skipping cannot mend them).
+      optimizer state non-finite: roll back at once (skipping cannot mend them). Read as one
+      norm per tensor in the same host sync: the parameters every ``state_check_every``
+      steps, and the parameters and optimizer state before every snapshot (a snapshot is
+      taken only when they are all finite, so a rollback target never holds a NaN). A NaN
+      or Inf in Adam's moments reaches the parameters at the next step
+      (:math:`\hat m / (\sqrt{\hat v} + \epsilon)` is NaN or Inf), all but
+      :math:`v = +\infty` with :math:`m` finite, which freezes its coordinate and is found
+      by the read before the next snapshot. ``None``: no state read (snapshots unchecked).
     - **gradient-outlier** (one batch's gradient norm ``stack.outlier.z`` of *this run's*
       standard deviations above its running mean): ``outlier_action`` ``"skip"`` the step,
       ``"clip"`` its gradient to :math:`\exp(\mu + \text{clip\_z}\,\sigma)`, or ``None``
