@@ -663,12 +663,28 @@ def healthy(res: dict, ref: dict) -> bool:
 
 
 # ------------------------------------------------------------------------ overhead
-def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20,
-             with_monitor: bool = False) -> dict:
-    """Per method: median over interleaved (plain, method) segment pairs of the ratio of
-    mean step times, on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4.
-    ``with_monitor``: both sides carry a :class:`stablestep.Monitor` (default settings), so
-    the ratio is what the guard adds to a monitored step (it reuses the Monitor's norms)."""
+TAKES = ("stablestep", "zclip", "olmo-skip", "lightning-spike")  # a check, Adam unchanged
+
+
+def overhead(methods: tuple[str, ...], cycles: int = 6, seg_steps: int = 20,
+             with_monitor: bool = False) -> dict[str, dict[str, float]]:
+    """Step-time cost per method on a 0.56M-parameter MLP, batch 128, torch Adam lr 1e-4:
+    ``{"ratio", "q1", "q3", "null"}``.
+
+    Timing design: segments of ``seg_steps`` steps, plain (P) and with the method (M), in
+    cycles P M M P (the order cancels a drift within a cycle); a cycle's ratio is its M
+    time over its P time, and ``ratio`` is the median over ``cycles`` cycles (``q1``,
+    ``q3``: quartiles). A method that only checks between backward and step (``TAKES``:
+    the user's optimizer unchanged) is timed on *one* run, its check made on M segments and
+    left out on P segments, so both sides have the same tensors at the same addresses; a
+    method that replaces or changes the optimizer needs a run of its own beside a plain
+    run. ``null`` is the same design with M made plain (the one run: P segments only;
+    two runs: a second plain run): what the measurement gives for no cost at all. Two
+    separately built runs of the same model differ by up to about 2% in step time on this
+    CPU, so a method timed on runs of its own carries that bias; ``null`` shows it.
+    ``with_monitor``: every run carries a :class:`stablestep.Monitor` (default settings),
+    so the ratio is what the method adds to a monitored step (the guard reuses the
+    Monitor's norms)."""
     import tempfile
 
     torch.manual_seed(0)
@@ -693,36 +709,67 @@ def overhead(methods: tuple[str, ...], segments: int = 6, seg_steps: int = 20,
         return model, opt, m, mon
 
     gen = torch.Generator().manual_seed(2)
-    out = {}
-    for method in methods:
-        runs = {False: make("none"), True: make(method)}
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for i in range(2 * segments + 2):
-            b = i % 2 == 1
-            model, opt, m, mon = runs[b]
-            per = []
-            for _ in range(seg_steps):
-                idx = torch.randint(len(x), (128,), generator=gen)
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                loss = ((model(x[idx]) - y[idx]) ** 2).mean()
-                loss.backward()
-                if mon is not None:
-                    mon.observe(loss)
+
+    def segment(run, check: bool) -> float:
+        model, opt, m, mon = run
+        per = []
+        for _ in range(seg_steps):
+            idx = torch.randint(len(x), (128,), generator=gen)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = ((model(x[idx]) - y[idx]) ** 2).mean()
+            loss.backward()
+            if mon is not None:
+                mon.observe(loss)
+            ok = True
+            if check:
                 try:
                     ok = m.take(loss, model, count=False)
                 except Stopped:
                     ok = False
-                if ok:
-                    opt.step()
-                per.append(time.perf_counter() - t0)
-            if i >= 2:
-                times[b].append(statistics.fmean(per))
-        for _, _, _, mon in runs.values():
+            if ok:
+                opt.step()
+            per.append(time.perf_counter() - t0)
+        return statistics.fmean(per)
+
+    def design(plain, other, check: bool) -> list[float]:
+        for _ in range(2):  # warm-up cycle
+            segment(plain, False)
+            segment(other, check)
+        ratios = []
+        for _ in range(cycles):
+            p1 = segment(plain, False)
+            m1, m2 = segment(other, check), segment(other, check)
+            p2 = segment(plain, False)
+            ratios.append((m1 + m2) / (p1 + p2))
+        return ratios
+
+    out = {}
+    null_one = null_two = None
+    for method in methods:
+        runs = []
+        if method in TAKES:
+            run = make(method)
+            runs.append(run)
+            ratios = design(run, run, True)
+            if null_one is None:
+                null_one = statistics.median(design(run, run, False))
+            null = null_one
+        else:
+            plain, run = make("none"), make(method)
+            runs += [plain, run]
+            ratios = design(plain, run, True)
+            if null_two is None:
+                other = make("none")
+                runs.append(other)
+                null_two = statistics.median(design(plain, other, True))
+            null = null_two
+        for *_, mon in runs:
             if mon is not None:
                 mon.close()
-        out[method] = statistics.median(
-            [bb / aa for aa, bb in zip(times[False], times[True], strict=True)])
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        out[method] = {"ratio": statistics.median(ratios), "q1": q[0], "q3": q[2],
+                       "null": null}
     return out
 
 
@@ -751,14 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(args.methods)
     if args.overhead_only:
         methods = tuple(m for m in methods if m != "none") or ("stablestep",)
-        ov = overhead(methods, segments=24)
+        ov = overhead(methods, cycles=24)
         for m in methods:
-            print(f"{m:16s} step-time ratio against plain torch Adam {ov[m]:.3f}")
+            o = ov[m]
+            print(f"{m:16s} step-time ratio against plain torch Adam {o['ratio']:.3f} "
+                  f"(quartiles {o['q1']:.3f}..{o['q3']:.3f}; no-cost control {o['null']:.3f}"
+                  f"{', same run' if m in TAKES else ', runs of its own'})")
         if "stablestep" in methods:
-            mon = overhead(("stablestep",), segments=24, with_monitor=True)["stablestep"]
-            print(f"Monitor + Guard against the Monitor alone (norms reused) {mon:.3f}")
-        print(f"guarded/unguarded step time ratio (median of interleaved pairs): "
-              f"{ov.get('stablestep', math.nan):.3f}")
+            o = overhead(("stablestep",), cycles=24, with_monitor=True)["stablestep"]
+            print(f"Monitor + Guard against the Monitor alone (norms reused) {o['ratio']:.3f} "
+                  f"(quartiles {o['q1']:.3f}..{o['q3']:.3f}; no-cost control {o['null']:.3f})")
+        print(f"guarded/unguarded step time ratio (median of interleaved cycles): "
+              f"{ov['stablestep']['ratio'] if 'stablestep' in ov else math.nan:.3f}")
         return 0
     col = {m: {"story_ok": 0, "healthy_ok": 0, "ratios": [], "actions": 0, "acted_runs": 0,
                "guard_kinds": {}} for m in methods}
@@ -839,7 +890,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {spec['framework']:9s} {spec['kind']:8s} {spec['opt']:13s} "
                   f"b{spec['batch']:<4d} lr {spec['lr']:<6g} final {ref['final']:.3g} -> "
                   f"{r['final']:.3g}  actions: {r['actions'] or 'none'}", flush=True)
-    ov = overhead(methods)
+    n_cycles = 6
+    ov = overhead(methods, cycles=n_cycles)
     print(f"\n{'method':16s} {'stories ok':>10s} {'healthy ok':>10s} {'loss/ref':>9s} "
           f"{'false actions':>14s} {'overhead':>9s}")
     for m in methods:
@@ -848,15 +900,19 @@ def main(argv: list[str] | None = None) -> int:
             if c["ratios"] else math.nan
         fa = "-" if m in UNCOUNTED else f"{c['actions']} ({c['acted_runs']} runs)"
         print(f"{m:16s} {c['story_ok']:>7d}/{n_stories} {c['healthy_ok']:>7d}/{n_h} "
-              f"{gm:9.3f} {fa:>14s} {ov[m]:9.3f}")
+              f"{gm:9.3f} {fa:>14s} {ov[m]['ratio']:9.3f}")
     if "stablestep" in col and col["stablestep"]["guard_kinds"]:
         print(f"stablestep records on the healthy corpus: {col['stablestep']['guard_kinds']}")
     if fw["n"]:
         print(f"stablestep through the callbacks: {fw['ok']}/{fw['n']} healthy, false actions "
               f"{fw['actions']} ({fw['acted']} runs); records {fw['kinds'] or 'none'}")
     print(f"elapsed {time.perf_counter() - t0:.0f}s")
-    ratio = ov.get("stablestep", math.nan)
-    print(f"guarded/unguarded step time ratio (median of interleaved pairs): {ratio:.3f}")
+    nulls = sorted({round(o["null"], 3) for o in ov.values()})
+    print(f"overhead: median of {n_cycles} interleaved P M M P cycles; a no-cost control gives "
+          f"{', '.join(f'{v:.3f}' for v in nulls)} (methods checking between backward and "
+          f"step: {', '.join(m for m in methods if m in TAKES)}, timed on one run)")
+    ratio = ov["stablestep"]["ratio"] if "stablestep" in ov else math.nan
+    print(f"guarded/unguarded step time ratio (median of interleaved cycles): {ratio:.3f}")
     return 0
 
 

@@ -17,14 +17,16 @@ from stablestep.lab.train import make_optimizer
 from tests.guard.conftest import mlp, regression_data
 
 
-def _blobs(seed: int, n: int = 512, dim: int = 32, classes: int = 10):
-    """A digits-like classification set: noisy class prototypes, 10% flipped labels."""
+def _blobs(seed: int, n: int = 512, dim: int = 32, classes: int = 10, flip: float = 0.1):
+    """A digits-like classification set: noisy class prototypes, ``flip`` of the labels
+    flipped."""
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn(classes, dim, generator=g)
     y = torch.randint(classes, (n,), generator=g)
     x = protos[y] + 1.5 * torch.randn(n, dim, generator=g)
-    flip = torch.rand(n, generator=g) < 0.1
-    y = torch.where(flip, torch.randint(classes, (n,), generator=g), y)
+    if flip:
+        f = torch.rand(n, generator=g) < flip
+        y = torch.where(f, torch.randint(classes, (n,), generator=g), y)
     return x, y
 
 
@@ -200,3 +202,59 @@ def test_a_harder_data_phase_is_held_when_the_fixed_probe_batch_says_so(probe):
         assert hold.data["probe_loss"] < 2 * hold.data["probe_loss_at_snapshot"]
     else:
         assert ("rollback", "divergence") in acts  # without a probe batch, the loss decides
+
+
+def _restarts_run(lr: float, seed: int, steps: int, guard_policy: GuardPolicy | None = None):
+    """A classifier trained with Adam under SGDR (CosineAnnealingWarmRestarts, T_0=100): by
+    the later restarts its loss is near 0, and each restart lifts it 10-60x for a while."""
+    x, y = _blobs(seed=seed, n=1024, flip=0.0)
+    torch.manual_seed(seed)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100,
+                                                                 eta_min=lr * 1e-3)
+    guard = Guard(model, opt, policy=guard_policy)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        i = torch.randint(len(x), (32,), generator=g)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+        loss.backward()
+        if guard.check(loss):
+            opt.step()
+        sched.step()
+    with torch.no_grad():
+        final = float(torch.nn.functional.cross_entropy(model(x), y))
+    return guard, final
+
+
+def test_warm_restarts_are_held_not_rolled_back():
+    # the restarts bring the lr back to where the run trained: the loss rising after each
+    # is the schedule, not a divergence to undo (without the exception: rollbacks, the lr
+    # cut to 1/16 and a GuardError "the run needs a person" at the fourth restart)
+    guard, final = _restarts_run(1e-2, seed=2, steps=500)
+    s = guard.summary()
+    assert s["rollbacks"] == 0 and s["adaptations"] == [] and s["lr_scale"] == 1.0, s
+    holds = [r for r in guard.records if r.action == "hold"]
+    assert holds and all(r.reason == "lr-schedule-restart" for r in holds)
+    assert all(r.data["lr_jump"]["factor"] >= 2 and r.data["progress_lost"] < 0.5
+               for r in holds)
+    assert final < 0.05
+    # with the exception off, the same run is rolled back until the guard gives up (the
+    # rule is what holds it)
+    try:
+        off, _ = _restarts_run(1e-2, seed=2, steps=400,
+                               guard_policy=GuardPolicy(restart_tolerance=None))
+        acted = off.summary()["rollbacks"] >= 1
+    except GuardError:
+        acted = True
+    assert acted
+
+
+def test_restart_tolerance_is_validated():
+    for bad in (0, -1.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="restart_tolerance"):
+            GuardPolicy(restart_tolerance=bad)
+    assert GuardPolicy(restart_tolerance=None).restart_tolerance is None

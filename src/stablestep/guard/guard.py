@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -129,6 +131,9 @@ class Guard:
         self._last_trouble = -1  # last step with a spike, divergence or rollback
         self._snaps: list[S.Snapshot] = []
         self._lrs: list[tuple[int, float]] = []  # (step, user's lr of group 0), recent
+        self._lr_peaks: list[tuple[int, float]] = []  # (step, highest lr so far), on change
+        self._first: list[float] = []  # the first finite losses (the run's starting level)
+        self._recent: deque[float] = deque(maxlen=10)  # the last finite losses
         self._saved_lr: list[Any] = []
         self._rolled_onsets: list[int] = []  # onsets of level regimes rolled back (recent)
         self._hooks: dict[int, Callable[[GuardRecord], None]] = {}
@@ -177,6 +182,10 @@ class Guard:
         loss_v, gnorm, state_v = self._signals(loss, state)
         bad = not (math.isfinite(loss_v) and math.isfinite(gnorm))
         state_bad = not math.isfinite(state_v)
+        if math.isfinite(loss_v):
+            if len(self._first) < 5:
+                self._first.append(loss_v)
+            self._recent.append(loss_v)
         incs = self.stack.update(step, loss_v, grad_norm=gnorm, nonfinite=bad or state_bad)
         self._note_lr(step)
         kinds = {i.kind: i for i in incs}
@@ -232,6 +241,17 @@ class Guard:
                 data.update(probe_loss=_num(probe), probe_loss_at_snapshot=ref)
                 if math.isfinite(probe) and probe < 2.0 * ref:
                     self._record(step, "hold", "divergence-not-on-probe-batch", data)
+                    div = None
+            if div is not None and p.rollback and p.restart_tolerance is not None:
+                restart = self._restart()
+                lost = self._progress_lost(div.baseline)
+                if restart is not None and lost < p.restart_tolerance:
+                    # the user's schedule brought the lr back to where this run trained
+                    # before (a warm restart, a cyclic lr): the loss rises and comes back
+                    # as the lr anneals; held while it gives back under restart_tolerance
+                    # of the run's progress
+                    data.update(cause="lr-restart", lr_jump=restart, progress_lost=lost)
+                    self._record(step, "hold", "lr-schedule-restart", data)
                     div = None
             if div is not None and p.rollback:
                 if getattr(div, "rule", "") in ("jump", "stays-high"):
@@ -323,12 +343,45 @@ class Guard:
         self._rollback(step, "divergence", onset=div.onset, data=data, lr_factor=factor)
 
     def _note_lr(self, step: int) -> None:
-        """Keep the user's lr of the first param group for the last 64 checks (a float
+        """Keep the user's lr of the first param group for the last 256 checks (a float
         read; a tensor lr is not synced, so no lr jump is named with one)."""
         lr = self.optimizer.param_groups[0].get("lr")
         if isinstance(lr, (int, float)):
             self._lrs.append((step, float(lr)))
-            del self._lrs[:-64]
+            del self._lrs[:-256]
+            if not self._lr_peaks or lr > self._lr_peaks[-1][1]:
+                self._lr_peaks.append((step, float(lr)))
+                del self._lr_peaks[:-256]
+
+    def _restart(self) -> dict[str, Any] | None:
+        """``{"step", "from", "to", "factor"}`` when the user's lr now is at least 2x its
+        lowest of the last 256 checks and at most 1.05x the highest lr before that low: the
+        schedule brought the lr back up to where this run trained already (a warm restart,
+        a cyclic schedule; not a new, higher lr); else None."""
+        lrs = self._lrs
+        if len(lrs) < 2:
+            return None
+        now = lrs[-1][1]
+        k = min(range(len(lrs)), key=lambda i: lrs[i][1])
+        low_step, low = lrs[k]
+        if not (low > 0 and now >= 2.0 * low):
+            return None
+        before = [lr for st, lr in self._lr_peaks if st < low_step]
+        if not before or now > 1.05 * before[-1]:
+            return None
+        up = next(st for st, lr in lrs[k:] if lr >= 2.0 * low)
+        return {"step": up, "from": low, "to": now, "factor": now / low}
+
+    def _progress_lost(self, level: float) -> float:
+        r"""The share of the run's progress a rise has given back:
+        :math:`(\tilde L_{now} - L_{level}) / (\tilde L_{start} - L_{level})`, with
+        :math:`\tilde L_{start}` the median of the first 5 finite losses and
+        :math:`\tilde L_{now}` that of the last 10 (``inf`` when the run made no progress
+        or a value is missing)."""
+        if not (self._first and self._recent and math.isfinite(level)):
+            return math.inf
+        start, now = statistics.median(self._first), statistics.median(self._recent)
+        return (now - level) / (start - level) if start > level else math.inf
 
     def _lr_jump(self, onset: int, step: int, *, lead: int = 5,
                  min_factor: float = 2.0) -> dict[str, Any] | None:
@@ -471,7 +524,7 @@ class Guard:
         rec = GuardRecord(step=step, action=action, reason=reason, data=data)
         self.records.append(rec)
         self.counts[action] = self.counts.get(action, 0) + 1
-        log.log(logging.INFO if action == "skip" else logging.WARNING,
+        log.log(logging.INFO if action in ("skip", "hold") else logging.WARNING,
                 "guard step %d: %s (%s) %s", step, action, reason, _brief(data))
         if self.monitor is not None:
             self.monitor.record_event(step, names.EVENT_GUARD, rec.to_dict())
@@ -669,6 +722,8 @@ class Guard:
                 "ladder": self._ladder, "last_adapt": self._last_adapt,
                 "last_outlier": self._last_outlier, "last_trouble": self._last_trouble,
                 "stack": self.stack.state_dict(), "lrs": [list(x) for x in self._lrs],
+                "lr_peaks": [list(x) for x in self._lr_peaks], "first": list(self._first),
+                "recent": list(self._recent),
                 "rolled_onsets": list(self._rolled_onsets),
                 "snapshots": [S.to_state(s) for s in self._snaps],
                 "policy": self.policy.to_dict()}
@@ -692,6 +747,9 @@ class Guard:
         self._last_trouble = int(state.get("last_trouble", -1))
         self.stack.load_state_dict(state["stack"])
         self._lrs = [(int(a), float(b)) for a, b in state.get("lrs", [])]
+        self._lr_peaks = [(int(a), float(b)) for a, b in state.get("lr_peaks", [])]
+        self._first = [float(v) for v in state.get("first", [])]
+        self._recent = deque((float(v) for v in state.get("recent", [])), maxlen=10)
         self._rolled_onsets = [int(x) for x in state.get("rolled_onsets", [])]
         self._snaps = [S.from_state(s) for s in state["snapshots"]]
 

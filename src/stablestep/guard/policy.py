@@ -8,6 +8,7 @@ rollback), and Adam's adaptive edge of stability (repeated self-recovering spike
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -65,6 +66,14 @@ class GuardPolicy:
       ``stack.spike.window`` steps, while the run's noise is still being learnt): adapt
       (``adapt``).
       A single spike is never acted on.
+    - **the user's lr schedule**: a divergence whose onset follows an lr jump back to no
+      more than 1.05x the highest lr the run trained at before (a warm restart, a cyclic
+      schedule: not a new, higher lr) is recorded as ``hold`` (``lr-schedule-restart``),
+      not rolled back, while the loss has given back under ``restart_tolerance`` of the
+      run's progress, :math:`(\tilde L_{now} - L_{level}) / (\tilde L_{start} -
+      L_{level})` (medians of the first 5 and the last 10 losses; the level before the
+      rise): after a warm restart the loss rises and comes back as the lr anneals. Past
+      it, or non-finite, the guard acts as for any divergence. ``None``: no exception.
 
     Adaptation walks ``remedies`` (``"amsgrad"``, ``"eps"``: needs the guard's
     ``curvature_loss``, ``"lr"``: the guard's lr scale times ``lr_backoff``, or less when the
@@ -93,6 +102,7 @@ class GuardPolicy:
     lr_backoff: float = 0.5
     min_lr_scale: float = 1.0 / 16
     restore_after: int | None = 500
+    restart_tolerance: float | None = 0.5
     stack: StackConfig = field(default_factory=StackConfig)
 
     def __post_init__(self) -> None:
@@ -114,6 +124,12 @@ class GuardPolicy:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or value < low):
                 raise ValueError(f"Invalid {name}: {value!r} (need an int >= {low} or None)")
+        if self.restart_tolerance is not None and not (
+                isinstance(self.restart_tolerance, (int, float))
+                and not isinstance(self.restart_tolerance, bool)
+                and 0 < self.restart_tolerance and math.isfinite(self.restart_tolerance)):
+            raise ValueError(f"Invalid restart_tolerance: {self.restart_tolerance!r} (need a "
+                             "number > 0 or None)")
         if not 0 < self.lr_backoff < 1:
             raise ValueError(f"Invalid lr_backoff: {self.lr_backoff} (need 0 < lr_backoff < 1)")
         if not 0 < self.min_lr_scale <= 1:
@@ -150,7 +166,8 @@ class GuardRecord:
     :attr:`Guard.step`), ``action`` (``skip``, ``clip``, ``rollback``, ``adapt``,
     ``restore``, ``hold``), ``reason`` (``non-finite``, ``gradient-outlier``, ``divergence``,
     ``repeated-non-finite``, ``non-finite-state``, ``adaptive-edge-of-stability``,
-    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``) and ``data``: the
+    ``after-rollback``, ``healthy``, ``divergence-not-on-probe-batch``,
+    ``lr-schedule-restart``) and ``data``: the
     numbers behind it (plain floats/ints/strings)."""
 
     step: int
