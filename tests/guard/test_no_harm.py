@@ -14,26 +14,13 @@ from stablestep.guard import Guard, GuardError, GuardPolicy
 from stablestep.guard.guard import skip_batches
 from stablestep.lab import problems, scenarios
 from stablestep.lab.train import make_optimizer
-from tests.guard.conftest import mlp, regression_data
-
-
-def _blobs(seed: int, n: int = 512, dim: int = 32, classes: int = 10, flip: float = 0.1):
-    """A digits-like classification set: noisy class prototypes, ``flip`` of the labels
-    flipped."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(classes, dim, generator=g)
-    y = torch.randint(classes, (n,), generator=g)
-    x = protos[y] + 1.5 * torch.randn(n, dim, generator=g)
-    if flip:
-        f = torch.rand(n, generator=g) < flip
-        y = torch.where(f, torch.randint(classes, (n,), generator=g), y)
-    return x, y
+from tests.guard.conftest import blobs, mlp, regression_data, warm_restarts_run
 
 
 @pytest.mark.parametrize("batch, lr", [(8, 1e-3), (32, 3e-2), (32, 1e-3)])
 def test_noisy_minibatch_training_gets_no_rollback_or_adaptation(batch, lr):
     # the new user's report: default policy, MLP classifier, batch 32, Adam 1e-3 / 3e-2
-    x, y = _blobs(seed=batch)
+    x, y = blobs(seed=batch)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, 10))
@@ -204,37 +191,11 @@ def test_a_harder_data_phase_is_held_when_the_fixed_probe_batch_says_so(probe):
         assert ("rollback", "divergence") in acts  # without a probe batch, the loss decides
 
 
-def _restarts_run(lr: float, seed: int, steps: int, guard_policy: GuardPolicy | None = None):
-    """A classifier trained with Adam under SGDR (CosineAnnealingWarmRestarts, T_0=100): by
-    the later restarts its loss is near 0, and each restart lifts it 10-60x for a while."""
-    x, y = _blobs(seed=seed, n=1024, flip=0.0)
-    torch.manual_seed(seed)
-    nn = torch.nn
-    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                          nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100,
-                                                                 eta_min=lr * 1e-3)
-    guard = Guard(model, opt, policy=guard_policy)
-    g = torch.Generator().manual_seed(seed + 1)
-    for _ in range(steps):
-        i = torch.randint(len(x), (32,), generator=g)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
-        loss.backward()
-        if guard.check(loss):
-            opt.step()
-        sched.step()
-    with torch.no_grad():
-        final = float(torch.nn.functional.cross_entropy(model(x), y))
-    return guard, final
-
-
 def test_warm_restarts_are_held_not_rolled_back():
     # the restarts bring the lr back to where the run trained: the loss rising after each
     # is the schedule, not a divergence to undo (without the exception: rollbacks, the lr
     # cut to 1/16 and a GuardError "the run needs a person" at the fourth restart)
-    guard, final = _restarts_run(1e-2, seed=2, steps=500)
+    guard, final = warm_restarts_run(1e-2, seed=2, steps=500)
     s = guard.summary()
     assert s["rollbacks"] == 0 and s["adaptations"] == [] and s["lr_scale"] == 1.0, s
     holds = [r for r in guard.records if r.action == "hold"]
@@ -245,7 +206,7 @@ def test_warm_restarts_are_held_not_rolled_back():
     # with the exception off, the same run is rolled back until the guard gives up (the
     # rule is what holds it)
     try:
-        off, _ = _restarts_run(1e-2, seed=2, steps=400,
+        off, _ = warm_restarts_run(1e-2, seed=2, steps=400,
                                guard_policy=GuardPolicy(restart_tolerance=None))
         acted = off.summary()["rollbacks"] >= 1
     except GuardError:

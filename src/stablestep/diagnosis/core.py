@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from stablestep.diagnosis import infer
 from stablestep.diagnosis.detectors import Excursion, PeriodicConfig, SpikeConfig
 from stablestep.diagnosis.explain import Incident, classify, remedies
 from stablestep.diagnosis.findings import Finding, Remedy
@@ -110,6 +111,11 @@ def diagnose_trace(trace: Trace, *, config: DiagnoseConfig | None = None) -> lis
     """Findings for one normalised trace, ordered by step."""
     cfg = config or DiagnoseConfig()
     excs, nf_steps, raised = _replay(trace, cfg)
+    # a divergence raised while the user's schedule has the lr back up where the run
+    # trained, that gave back under half the run's progress, is the schedule (a warm
+    # restart): not an incident (the Guard holds on the same test, infer.held_by_schedule)
+    raised = [i for i in raised if i.kind != "divergence"
+              or infer.held_by_schedule(trace, i.step, i.baseline) is None]
     div_steps = [i.step for i in raised if i.kind == "divergence"]
     incidents: list[Incident] = []
     consumed_nf: set[int] = set()

@@ -17,6 +17,10 @@ No Hessian-vector product is needed for any of these; each reads the trace aroun
   exceed ``median + noise_k`` robust sigmas of the 50 records before, and a pair whose
   gradient norm jumps 6 robust sigmas from normal in one step (an outlier batch: its
   :math:`\Delta g` is the batch difference, not :math:`Hu`) is left out.
+- :func:`lr_restart` and :func:`progress_lost`: a divergence raised while the user's
+  schedule has brought the lr back up to where the run trained (a warm restart, a cyclic
+  lr) that has given back under :data:`RESTART_TOLERANCE` of the run's progress is the
+  schedule, not an incident (:func:`held_by_schedule`); the Guard holds on the same test.
 - What the stack's warm-up once hid (a blow-up from step 0-1, a jump that then *stays*
   high against the best loss so far, an outlier batch that jumped the loss) is now the
   detector stack's jump rule (:class:`stablestep.diagnosis.stack.JumpConfig`), so the Guard
@@ -26,6 +30,8 @@ No Hessian-vector product is needed for any of these; each reads the trace aroun
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +42,74 @@ from stablestep.telemetry import names
 
 SECANT_TRUST = 0.5  # q above half the bound, out of the noise (tuning runs: 0.75 missed a 28/38)
 NOISE_K = 8.0  # robust sigmas of q on healthy records (benchmarks/secant.py measures them)
+
+
+RESTART_WINDOW = 256  # records back in which the lr's low before a restart is looked for
+RESTART_TOLERANCE = 0.5  # share of the run's progress a rise after a restart may give back
+
+
+def lr_restart(steps: Sequence[int], lrs: Sequence[float],
+               highest_before: Callable[[int], float | None]) -> dict[str, Any] | None:
+    """``{"step", "from", "to", "factor"}`` when the lr now (``lrs[-1]``; ``steps``/``lrs``:
+    the last :data:`RESTART_WINDOW` records up to now, oldest first) is at least 2x its
+    lowest in that window and at most 1.05x ``highest_before(step of that low)`` (the
+    highest lr of the records before it, ``None`` if none): the schedule brought the lr
+    back up to where the run trained already (a warm restart, a cyclic lr; not a new,
+    higher lr). ``step`` is the first record at 2x the low. Else None."""
+    if len(lrs) < 2 or not (math.isfinite(lrs[-1]) and lrs[-1] > 0):
+        return None
+    now = float(lrs[-1])
+    ok = [k for k, v in enumerate(lrs) if math.isfinite(v) and v > 0]
+    k = min(ok, key=lambda i: lrs[i])
+    low = float(lrs[k])
+    if now < 2.0 * low:
+        return None
+    top = highest_before(int(steps[k]))
+    if top is None or not math.isfinite(top) or now > 1.05 * top:
+        return None
+    up = next(int(steps[i]) for i in ok if i >= k and lrs[i] >= 2.0 * low)
+    return {"step": up, "from": low, "to": now, "factor": now / low}
+
+
+def progress_lost(first: Sequence[float], recent: Sequence[float], level: float) -> float:
+    r"""The share of the run's progress a rise has given back,
+    :math:`(\tilde L_{now} - L_{level}) / (\tilde L_{start} - L_{level})`, with
+    :math:`\tilde L_{start}` the median of ``first`` (the run's first 5 finite losses) and
+    :math:`\tilde L_{now}` that of ``recent`` (its last 10); ``inf`` when the run made no
+    progress or a value is missing."""
+    if not (first and recent and math.isfinite(level)):
+        return math.inf
+    start, now = statistics.median(first), statistics.median(recent)
+    return (now - level) / (start - level) if start > level else math.inf
+
+
+def held_by_schedule(trace: Trace, step: int, level: float,
+                     tolerance: float = RESTART_TOLERANCE) -> dict[str, Any] | None:
+    """For a divergence the stack raised at ``step`` over ``level``: the lr restart and the
+    progress lost (``{"lr_jump", "progress_lost"}``) when :func:`lr_restart` holds there
+    and the rise gave back under ``tolerance`` of the progress (the Guard's ``hold`` on
+    the same numbers), else None."""
+    lr = trace.metric(names.LR)
+    if lr is None:
+        return None
+    j = _index(trace, step)
+    if j >= len(trace):
+        return None
+    lo = max(0, j - RESTART_WINDOW + 1)
+    steps = trace.steps
+
+    def highest_before(st: int) -> float | None:
+        prev = lr[: _index(trace, st)]
+        prev = prev[np.isfinite(prev)]
+        return float(prev.max()) if prev.size else None
+
+    lrj = lr_restart(steps[lo: j + 1].tolist(), lr[lo: j + 1].tolist(), highest_before)
+    if lrj is None:
+        return None
+    loss = trace.loss
+    fin = np.flatnonzero(np.isfinite(loss[: j + 1]))
+    lost = progress_lost(loss[fin[:5]].tolist(), loss[fin[-10:]].tolist(), level)
+    return {"lr_jump": lrj, "progress_lost": lost} if lost < tolerance else None
 
 
 def _index(trace: Trace, step: int) -> int:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
+from stablestep.diagnosis.infer import RESTART_WINDOW, lr_restart, progress_lost
 from stablestep.diagnosis.stack import DetectorStack
 from stablestep.guard import remedies as R
 from stablestep.guard import snapshot as S
@@ -132,7 +132,7 @@ class Guard:
         self._snaps: list[S.Snapshot] = []
         self._lrs: list[tuple[int, float]] = []  # (step, user's lr of group 0), recent
         self._lr_peaks: list[tuple[int, float]] = []  # (step, highest lr so far), on change
-        self._first: list[float] = []  # the first finite losses (the run's starting level)
+        self._first: list[float] = []  # the first 5 finite losses (the starting level)
         self._recent: deque[float] = deque(maxlen=10)  # the last finite losses
         self._saved_lr: list[Any] = []
         self._rolled_onsets: list[int] = []  # onsets of level regimes rolled back (recent)
@@ -243,8 +243,9 @@ class Guard:
                     self._record(step, "hold", "divergence-not-on-probe-batch", data)
                     div = None
             if div is not None and p.rollback and p.restart_tolerance is not None:
-                restart = self._restart()
-                lost = self._progress_lost(div.baseline)
+                restart = lr_restart([st for st, _ in self._lrs], [lr for _, lr in self._lrs],
+                                     self._highest_lr_before)
+                lost = progress_lost(self._first, self._recent, div.baseline)
                 if restart is not None and lost < p.restart_tolerance:
                     # the user's schedule brought the lr back to where this run trained
                     # before (a warm restart, a cyclic lr): the loss rises and comes back
@@ -348,40 +349,10 @@ class Guard:
         lr = self.optimizer.param_groups[0].get("lr")
         if isinstance(lr, (int, float)):
             self._lrs.append((step, float(lr)))
-            del self._lrs[:-256]
+            del self._lrs[:-RESTART_WINDOW]
             if not self._lr_peaks or lr > self._lr_peaks[-1][1]:
                 self._lr_peaks.append((step, float(lr)))
                 del self._lr_peaks[:-256]
-
-    def _restart(self) -> dict[str, Any] | None:
-        """``{"step", "from", "to", "factor"}`` when the user's lr now is at least 2x its
-        lowest of the last 256 checks and at most 1.05x the highest lr before that low: the
-        schedule brought the lr back up to where this run trained already (a warm restart,
-        a cyclic schedule; not a new, higher lr); else None."""
-        lrs = self._lrs
-        if len(lrs) < 2:
-            return None
-        now = lrs[-1][1]
-        k = min(range(len(lrs)), key=lambda i: lrs[i][1])
-        low_step, low = lrs[k]
-        if not (low > 0 and now >= 2.0 * low):
-            return None
-        before = [lr for st, lr in self._lr_peaks if st < low_step]
-        if not before or now > 1.05 * before[-1]:
-            return None
-        up = next(st for st, lr in lrs[k:] if lr >= 2.0 * low)
-        return {"step": up, "from": low, "to": now, "factor": now / low}
-
-    def _progress_lost(self, level: float) -> float:
-        r"""The share of the run's progress a rise has given back:
-        :math:`(\tilde L_{now} - L_{level}) / (\tilde L_{start} - L_{level})`, with
-        :math:`\tilde L_{start}` the median of the first 5 finite losses and
-        :math:`\tilde L_{now}` that of the last 10 (``inf`` when the run made no progress
-        or a value is missing)."""
-        if not (self._first and self._recent and math.isfinite(level)):
-            return math.inf
-        start, now = statistics.median(self._first), statistics.median(self._recent)
-        return (now - level) / (start - level) if start > level else math.inf
 
     def _lr_jump(self, onset: int, step: int, *, lead: int = 5,
                  min_factor: float = 2.0) -> dict[str, Any] | None:
@@ -399,6 +370,11 @@ class Guard:
                 if lr >= min_factor * med:
                     return {"step": st, "from": med, "to": lr, "factor": lr / med}
         return None
+
+    def _highest_lr_before(self, step: int) -> float | None:
+        """The highest user lr of the checks before ``step`` (None if none)."""
+        before = [lr for st, lr in self._lr_peaks if st < step]
+        return before[-1] if before else None
 
     def _skip(self, step: int, reason: str, data: dict, batch_id: Any) -> None:
         self.bad_batches.append(batch_id)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from stablestep.diagnosis.infer import RESTART_TOLERANCE
 from stablestep.diagnosis.stack import StackConfig
 
 REMEDIES = ("amsgrad", "eps", "lr")
@@ -102,7 +103,7 @@ class GuardPolicy:
     lr_backoff: float = 0.5
     min_lr_scale: float = 1.0 / 16
     restore_after: int | None = 500
-    restart_tolerance: float | None = 0.5
+    restart_tolerance: float | None = RESTART_TOLERANCE
     stack: StackConfig = field(default_factory=StackConfig)
 
     def __post_init__(self) -> None:
