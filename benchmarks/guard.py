@@ -586,9 +586,17 @@ def framework_corpus(base_seed: int = 1200) -> list[dict]:
     return out
 
 
-def run_framework(spec: dict, guarded: bool) -> dict:
+def run_framework(spec: dict, guarded: bool, scheduler=None) -> dict:
     """One framework-corpus run, with the stablestep callback (``guard=True`` when
-    ``guarded``, else no guard); final whole-data loss and the guard's actions."""
+    ``guarded``, else no guard); final whole-data loss, the guard's actions and the
+    training loss of every step (``losses``).
+
+    An lr schedule, as users set one: for a Lightning run ``scheduler(optimizer)`` gives the
+    ``lr_scheduler`` entry that ``configure_optimizers`` returns (a dict with ``scheduler``
+    and ``interval``; with ``monitor`` the module logs the epoch's mean training loss as
+    ``train_loss``); for a Hugging Face run the spec's ``hf_schedule`` (``TrainingArguments``
+    fields: ``lr_scheduler_type``, ``lr_scheduler_kwargs``, ``warmup_steps``) replaces the
+    Trainer's default linear decay."""
     import logging
     import tempfile
 
@@ -601,6 +609,7 @@ def run_framework(spec: dict, guarded: bool) -> dict:
     with torch.no_grad():
         first = float(_loss(kind, model, x[ev], y[ev]))
     tmp = tempfile.mkdtemp(prefix="guard-bench-")
+    losses: list[float] = []
     if spec["framework"] == "lightning":
         import lightning as L
 
@@ -610,12 +619,22 @@ def run_framework(spec: dict, guarded: bool) -> dict:
             def __init__(self):
                 super().__init__()
                 self.net = model
+                self.log_loss = False
 
             def training_step(self, batch, batch_idx):
-                return _loss(kind, self.net, *batch)
+                loss = _loss(kind, self.net, *batch)
+                losses.append(float(loss.detach()))
+                if self.log_loss:  # the metric a ReduceLROnPlateau entry monitors
+                    self.log("train_loss", loss, on_step=False, on_epoch=True)
+                return loss
 
             def configure_optimizers(self):
-                return _build_opt(spec["opt"], list(self.net.parameters()), spec["lr"])
+                opt = _build_opt(spec["opt"], list(self.net.parameters()), spec["lr"])
+                if scheduler is None:
+                    return opt
+                entry = scheduler(opt)
+                self.log_loss = isinstance(entry, dict) and "monitor" in entry
+                return {"optimizer": opt, "lr_scheduler": entry}
 
         cb = StablestepCallback(store=f"{tmp}/s.db", run="r", guard=True if guarded else None)
         loader = torch.utils.data.DataLoader(
@@ -638,12 +657,16 @@ def run_framework(spec: dict, guarded: bool) -> dict:
                 return {"input_ids": x[i], "labels": x[i]}
 
         transformers.logging.set_verbosity_error()
+        model.register_forward_hook(
+            lambda mod, args, out: losses.append(float(out.loss.detach())) if mod.training
+            else None)
         cb = StablestepCallback(store=f"{tmp}/s.db", run="r", guard=True if guarded else None)
         args = transformers.TrainingArguments(
             output_dir=f"{tmp}/out", max_steps=spec["steps"],
             per_device_train_batch_size=spec["batch"], learning_rate=spec["lr"],
             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            use_cpu=True, seed=spec["seed"], data_seed=spec["seed"])
+            use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
+            **spec.get("hf_schedule", {}))
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Seqs(),
                                        callbacks=[cb])
         trainer.remove_callback(transformers.PrinterCallback)  # its end-of-train dict
@@ -653,7 +676,7 @@ def run_framework(spec: dict, guarded: bool) -> dict:
         final = float(_loss(kind, model, x[ev], y[ev]))
     g = cb.guard
     acts = sum(v for k, v in g.counts.items() if k not in ("spike", "hold")) if g else 0
-    return {"final": final, "first": first, "actions": acts, "guard": g}
+    return {"final": final, "first": first, "actions": acts, "guard": g, "losses": losses}
 
 
 def healthy(res: dict, ref: dict) -> bool:
