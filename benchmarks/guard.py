@@ -808,6 +808,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the step-time overhead (more segments, about a minute): the "
                          "guard alone against the plain step, and a monitored step with "
                          "and without the guard")
+    ap.add_argument("--cycles", type=int, default=24,
+                    help="P M M P cycles per ratio with --overhead (the quartiles of the "
+                         "cycle ratios span about +-5%% on a shared CPU: more cycles, a "
+                         "tighter median)")
     ap.add_argument("--corpus-seed", type=int, default=900,
                     help="first seed of the healthy corpus (500: corpus A, 900: corpus B)")
     ap.add_argument("--quick", action="store_true",
@@ -821,14 +825,14 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(args.methods)
     if args.overhead_only:
         methods = tuple(m for m in methods if m != "none") or ("stablestep",)
-        ov = overhead(methods, cycles=24)
+        ov = overhead(methods, cycles=args.cycles)
         for m in methods:
             o = ov[m]
             print(f"{m:16s} step-time ratio against plain torch Adam {o['ratio']:.3f} "
                   f"(quartiles {o['q1']:.3f}..{o['q3']:.3f}; no-cost control {o['null']:.3f}"
                   f"{', same run' if m in TAKES else ', runs of its own'})")
         if "stablestep" in methods:
-            o = overhead(("stablestep",), cycles=24, with_monitor=True)["stablestep"]
+            o = overhead(("stablestep",), cycles=args.cycles, with_monitor=True)["stablestep"]
             print(f"Monitor + Guard against the Monitor alone (norms reused) {o['ratio']:.3f} "
                   f"(quartiles {o['q1']:.3f}..{o['q3']:.3f}; no-cost control {o['null']:.3f})")
         print(f"guarded/unguarded step time ratio (median of interleaved cycles): "

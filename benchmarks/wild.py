@@ -59,9 +59,20 @@ the tuning runs:
   runs), commit 3495234, after the jump rule stopped taking one first loss for a level
   (judged on the tuning runs: ``--set tuning`` F1 0.972 -> 0.992): default Monitor **F1
   1.000** (42 found, 0 false alarms, 0 missed), median delay 1, mechanism 1.000, remedies
-  fit 1.000; curvature on: F1 1.000, median delay 1, mechanism 1.000, remedies fit 1.000.
+  fit 1.000; curvature on: F1 1.000, median delay 1, mechanism 1.000, remedies fit 1.000;
+- fifth round (``wild_heldout.py``, 60 runs, 17 Keras, 44 incidents and 16 healthy runs;
+  GPT-2 on real text, 4-block GPT-2s, batches up to 256, runs up to 560 steps), commit
+  f67ce5d (after the schedule-restart rule, which none of its runs exercises): default
+  Monitor **F1 0.977** (43 found, 1 false alarm, 1 missed), median delay 1, mechanism
+  0.977, remedies fit 1.000; curvature on: the same. What it got wrong: a lucky low first
+  minibatch again (batch 18, losses 0.111 0.177 0.228 0.2 0.31: lr-too-high at step 1, a
+  false alarm); a full-batch Adam run labelled for the adaptive edge of stability whose
+  first step really overshoots 4.9x (0.235 -> 1.15 -> 0.228): named lr-too-high at step 1,
+  the AEoS spikes found from step 462 (the step-1 finding takes the match: one mechanism
+  wrong); a GPT-2 "garbage document" batch at 2.2x its neighbours, missed.
 
-Tuning runs (the first four files), same commit: F1 0.992, median delay 1, mechanism 1.000,
+Tuning runs, all five files (217 runs), at f67ce5d: F1 0.994, median delay 1, mechanism
+1.000, remedies fit 1.000. Tuning runs (the first four files), at 3495234: F1 0.992, median delay 1, mechanism 1.000,
 remedies fit 1.000; still missed there: a GPT-2 whose loss rises 2.5x in its first 3 steps
 and is back under 1.5x within 10 (``s425``), and a full-batch SGD CNN above its stable lr
 with one 2.2x blip (``s229``).
