@@ -72,10 +72,10 @@ the tuning runs:
   wrong); a GPT-2 "garbage document" batch at 2.2x its neighbours, missed.
 
 Tuning runs, all five files (217 runs), at f67ce5d: F1 0.994, median delay 1, mechanism
-1.000, remedies fit 1.000. Tuning runs (the first four files), at 3495234: F1 0.992, median delay 1, mechanism 1.000,
-remedies fit 1.000; still missed there: a GPT-2 whose loss rises 2.5x in its first 3 steps
-and is back under 1.5x within 10 (``s425``), and a full-batch SGD CNN above its stable lr
-with one 2.2x blip (``s229``).
+1.000, remedies fit 1.000. Tuning runs (the first four files), at 3495234: F1 0.992,
+median delay 1, mechanism 1.000, remedies fit 1.000; still missed there: a GPT-2 whose
+loss rises 2.5x in its first 3 steps and is back under 1.5x within 10 (``s425``), and a
+full-batch SGD CNN above its stable lr with one 2.2x blip (``s229``).
 """
 
 from __future__ import annotations
