@@ -97,3 +97,50 @@ def test_a_saved_state_keeps_its_snapshots_when_the_guard_reuses_their_buffers()
     live = guard._snaps[-1]  # a copy of step 30's state, never an alias of the model
     assert not any(live.model[k].data_ptr() == v.data_ptr()
                    for k, v in model.state_dict().items())
+
+
+def test_save_load_continue_identically_across_warm_restarts():
+    # the schedule-restart hold reads the lr history, the first and the recent losses:
+    # all of it goes into the state, so a resume holds (and never acts) where the
+    # uninterrupted run does
+    from tests.guard.conftest import blobs
+
+    x, y = blobs(seed=2, n=1024, flip=0.0)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(len(x), (32,), generator=g) for _ in range(420)]
+
+    def objects():
+        torch.manual_seed(2)
+        nn = torch.nn
+        model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                              nn.Linear(128, 10))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=100,
+                                                                     eta_min=1e-5)
+        return model, opt, sched, Guard(model, opt)
+
+    def run(model, opt, sched, guard, steps):
+        for t in steps:
+            i = batches[t]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+            loss.backward()
+            if guard.check(loss):
+                opt.step()
+            sched.step()
+
+    a = objects()
+    run(*a, range(0, 290))
+    blob = _save(*a)
+    run(*a, range(290, 420))
+    b = objects()
+    for obj, sd in zip(b, torch.load(io.BytesIO(blob), weights_only=False), strict=True):
+        obj.load_state_dict(sd)
+    run(*b, range(290, 420))
+    ga, gb = a[3], b[3]
+    assert [r.to_dict() for r in ga.records] == [r.to_dict() for r in gb.records]
+    assert ga.counts.get("rollback", 0) == 0
+    assert any(r.action == "hold" and r.reason == "lr-schedule-restart" and r.step > 290
+               for r in ga.records)  # the resumed part holds at a restart
+    for p, q in zip(a[0].parameters(), b[0].parameters(), strict=True):
+        assert torch.equal(p, q)
